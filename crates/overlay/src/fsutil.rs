@@ -1,0 +1,188 @@
+//! File helpers: sparse-aware copies, hole punching, temporary outputs.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A file written under a temporary name next to its destination, renamed
+/// into place by `commit` and removed on drop otherwise.
+pub(crate) struct TempOutput {
+    pub(crate) file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl TempOutput {
+    pub(crate) fn create(dest: &Path) -> io::Result<TempOutput> {
+        let name = dest.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "destination has no file name")
+        })?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tmp = dest.with_file_name(format!(
+            ".{}.partial-{}-{}-{}",
+            name.to_string_lossy(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            nanos
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        Ok(TempOutput {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    pub(crate) fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Renames the file into place.
+    pub(crate) fn commit(mut self, sync: bool) -> io::Result<()> {
+        if sync {
+            self.file.sync_all()?;
+        }
+        std::fs::rename(&self.tmp, &self.dest)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempOutput {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Copies `len` bytes of `src` into `dst` at the same offsets, skipping holes
+/// and leaving them as holes; `dst` must be empty.
+pub(crate) fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    dst.set_len(len)?;
+    let fd = src.as_raw_fd();
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: plain syscall on a file descriptor we own.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(()), // no data after pos
+                _ => copy_range_plain(src, dst, pos, len),
+            };
+        }
+        let data = (data as u64).min(len);
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
+        if hole <= data {
+            break;
+        }
+        copy_range(src, dst, data, hole)?;
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Copies `[start, end)` with copy_file_range, falling back to read/write.
+fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
+    let mut off_in = start as libc::loff_t;
+    let mut off_out = start as libc::loff_t;
+    while (off_in as u64) < end {
+        let want = ((end - off_in as u64) as usize).min(1 << 30);
+        // SAFETY: valid descriptors and offset pointers.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP) => {
+                    copy_range_plain(src, dst, off_in as u64, end)
+                }
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source file shrank while being copied",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Copies `[start, end)` by reading and writing, leaving zero blocks as holes.
+fn copy_range_plain(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = start;
+    while pos < end {
+        let n = ((end - pos) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], pos)?;
+        if !crate::codec::is_zero(&buf[..n]) {
+            dst.write_all_at(&buf[..n], pos)?;
+        }
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Makes `[offset, offset + len)` read as zeros, punching a hole if possible.
+pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (len as usize).min(1 << 20)];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = ((offset + len - pos) as usize).min(zeros.len());
+        file.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads up to `buf.len()` bytes at `offset` from a file of `size` bytes;
+/// bytes past the end read as zero.
+pub(crate) fn read_padded(file: &File, size: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let avail = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    file.read_exact_at(&mut buf[..avail], offset)?;
+    buf[avail..].fill(0);
+    Ok(())
+}

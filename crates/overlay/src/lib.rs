@@ -1,0 +1,32 @@
+//! VM overlays: the disk and memory state of an app's launch VM that differ
+//! from its base VM, deduplicated, delta-encoded and compressed.
+//!
+//! - [`create_overlay`] builds an overlay from base and launch images.
+//! - [`inspect`] explains an overlay without its base; [`verify`] checks it
+//!   against a base.
+//! - [`apply_overlay`] rebuilds the launch images; [`Applier`] does the same
+//!   segment by segment, as they arrive.
+//!
+//! The file format (version [`FORMAT_VERSION`]) is documented in [`format`].
+//! Pure Rust: no QEMU, no network.
+
+mod apply;
+pub mod codec;
+mod create;
+pub mod format;
+mod fsutil;
+mod inspect;
+
+pub use apply::{
+    apply_overlay, apply_overlay_from_reader, read_manifest, Applier, ApplyConfig, ApplyOutput,
+    ApplyOverlayError,
+};
+pub use codec::Codec;
+pub use create::{
+    create_overlay, create_overlay_to_writer, CreateConfig, CreateOverlayError, OverlayStats,
+};
+pub use format::{FormatError, Hash, Header, Image, Manifest, FORMAT_VERSION};
+pub use inspect::{
+    chunk_stats, info, inspect, verify, BaseImages, ChunkStats, InspectOverlayError, KindStats,
+    OverlayInfo, VerifyOverlayError,
+};

@@ -1,0 +1,187 @@
+mod common;
+
+use cloudlet_overlay::{
+    apply_overlay, apply_overlay_from_reader, create_overlay, inspect, read_manifest, verify,
+    Applier, ApplyOverlayError, BaseImages, Codec, VerifyOverlayError,
+};
+use common::{overlay_path, random_vm, Vm};
+use proptest::prelude::*;
+
+fn roundtrip(vm: &Vm, codec: Codec) {
+    vm.write();
+    let ov = overlay_path(vm.dir.path());
+    let stats = create_overlay(&vm.create_config(codec), &ov).unwrap();
+    assert_eq!(stats.overlay_bytes, std::fs::metadata(&ov).unwrap().len());
+    let out = apply_overlay(&ov, &vm.apply_config()).unwrap();
+    assert_eq!(out.device_state, vm.device_state);
+    vm.check_output();
+    let info = inspect(&ov).unwrap();
+    assert_eq!(info.chunks, stats.chunks);
+    assert_eq!(info.launch_hash, stats.launch_hash);
+    vm.clear_output();
+    let file = std::fs::File::open(&ov).unwrap();
+    let out = apply_overlay_from_reader(std::io::BufReader::new(file), &vm.apply_config()).unwrap();
+    assert_eq!(out.device_state, vm.device_state);
+    vm.check_output();
+    vm.clear_output();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn apply_of_create_is_launch(
+        seed in any::<u64>(),
+        disk in 1usize..160,
+        mem in 0usize..160,
+        grow in 0usize..8,
+        tail in prop_oneof![Just(0usize), 1usize..4096],
+        codec in prop_oneof![
+            Just(Codec::XorZstd { level: 3 }),
+            Just(Codec::Zstd { level: 1 }),
+            Just(Codec::Store),
+        ],
+    ) {
+        let vm = random_vm(seed, disk, mem, grow, tail);
+        roundtrip(&vm, codec);
+    }
+}
+
+#[test]
+fn dedup_kinds_are_found() {
+    let mut vm = random_vm(7, 64, 64, 0, 0);
+    vm.launch_disk = vm.base_disk.clone();
+    vm.launch_mem = vm.base_mem.clone();
+    let cs = common::CS;
+    // A base disk block in memory (page cache), zeros, a duplicate, an edit.
+    let block: Vec<u8> = (0..cs).map(|i| (i * 7 + 1) as u8).collect();
+    vm.base_disk[3 * cs..4 * cs].copy_from_slice(&block);
+    vm.launch_disk[3 * cs..4 * cs].copy_from_slice(&block);
+    vm.launch_mem[5 * cs..6 * cs].copy_from_slice(&block);
+    vm.base_mem[6 * cs..7 * cs].fill(0x55);
+    vm.launch_mem[6 * cs..7 * cs].fill(0);
+    let fresh: Vec<u8> = (0..cs).map(|i| (i * 13 % 251) as u8).collect();
+    vm.launch_mem[8 * cs..9 * cs].copy_from_slice(&fresh);
+    vm.launch_mem[9 * cs..10 * cs].copy_from_slice(&fresh);
+    vm.launch_disk[10 * cs..11 * cs].copy_from_slice(&fresh);
+    let mut edited = vm.base_mem[20 * cs..21 * cs].to_vec();
+    edited[100] ^= 0xff;
+    if edited == fresh || edited.iter().all(|&b| b == 0) {
+        edited[200] ^= 0x0f;
+    }
+    vm.launch_mem[20 * cs..21 * cs].copy_from_slice(&edited);
+    vm.write();
+    let ov = overlay_path(vm.dir.path());
+    let stats = create_overlay(&vm.create_config(Codec::default()), &ov).unwrap();
+    assert_eq!(stats.chunks.ref_base_disk.chunks, 1, "{stats:?}");
+    assert_eq!(stats.chunks.zero.chunks, 1, "{stats:?}");
+    assert_eq!(stats.chunks.ref_self.chunks, 2, "{stats:?}");
+    assert_eq!(stats.chunks.delta.chunks, 1, "{stats:?}");
+    assert_eq!(stats.chunks.literal.chunks, 1, "{stats:?}");
+    apply_overlay(&ov, &vm.apply_config()).unwrap();
+    vm.check_output();
+    let base = BaseImages {
+        disk: vm.path("base.disk"),
+        mem: vm.path("base.mem"),
+    };
+    verify(&ov, &base).unwrap();
+}
+
+#[test]
+fn wrong_base_is_refused() {
+    let vm = random_vm(11, 32, 32, 0, 0);
+    vm.write();
+    let ov = overlay_path(vm.dir.path());
+    create_overlay(&vm.create_config(Codec::default()), &ov).unwrap();
+    // Change a base chunk that the launch left alone.
+    let mut other = vm.base_mem.clone();
+    let i = (0..32)
+        .find(|&i| {
+            let r = i * common::CS..(i + 1) * common::CS;
+            vm.base_mem[r.clone()] == vm.launch_mem[r]
+        })
+        .expect("an unchanged chunk");
+    other[i * common::CS] ^= 1;
+    std::fs::write(vm.path("base.mem"), &other).unwrap();
+    let err = apply_overlay(&ov, &vm.apply_config()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ApplyOverlayError::LaunchImageHashMismatch { .. }
+                | ApplyOverlayError::BaseChunkMismatch { .. }
+                | ApplyOverlayError::ChunkHashMismatch { .. }
+        ),
+        "{err}"
+    );
+    assert!(vm.out_is_empty());
+    let base = BaseImages {
+        disk: vm.path("base.disk"),
+        mem: vm.path("base.mem"),
+    };
+    let err = verify(&ov, &base).unwrap_err();
+    assert!(
+        matches!(err, VerifyOverlayError::BaseMismatch { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn applier_takes_segments_in_any_order() {
+    let vm = random_vm(3, 100, 100, 2, 0);
+    vm.write();
+    let ov = overlay_path(vm.dir.path());
+    let mut config = vm.create_config(Codec::default());
+    config.segment_size = 2 * common::CS as u32;
+    create_overlay(&config, &ov).unwrap();
+    let bytes = std::fs::read(&ov).unwrap();
+    let (_h, m) = read_manifest(&mut &bytes[..]).unwrap();
+    let n = m.segments.len() as u32;
+    assert!(n > 2, "want several segments, got {n}");
+    let seg = |i: u32| {
+        let r = m.segment_range(i).unwrap();
+        bytes[r.start as usize..r.end as usize].to_vec()
+    };
+
+    // Missing segment: finish refuses, nothing left behind.
+    let a = Applier::new(m.clone(), &vm.apply_config()).unwrap();
+    for i in 1..n {
+        a.apply_segment(i, &seg(i)).unwrap();
+    }
+    let err = a.finish().unwrap_err();
+    assert!(
+        matches!(err, ApplyOverlayError::MissingSegments { ref missing } if missing == &[0]),
+        "{err}"
+    );
+    assert!(vm.out_is_empty());
+
+    // Duplicate segment.
+    let a = Applier::new(m.clone(), &vm.apply_config()).unwrap();
+    a.apply_segment(1, &seg(1)).unwrap();
+    let err = a.apply_segment(1, &seg(1)).unwrap_err();
+    assert!(
+        matches!(err, ApplyOverlayError::DuplicateSegment { segment: 1 }),
+        "{err}"
+    );
+    drop(a);
+    assert!(vm.out_is_empty());
+
+    // Reverse order works.
+    let a = Applier::new(m.clone(), &vm.apply_config()).unwrap();
+    for i in (0..n).rev() {
+        a.apply_segment(i, &seg(i)).unwrap();
+    }
+    let out = a.finish().unwrap();
+    assert_eq!(out.device_state, vm.device_state);
+    vm.check_output();
+}
+
+#[test]
+fn mismatched_sizes_are_refused() {
+    let mut vm = random_vm(5, 8, 8, 0, 0);
+    vm.launch_mem.truncate(4 * common::CS);
+    vm.write();
+    let ov = overlay_path(vm.dir.path());
+    let err = create_overlay(&vm.create_config(Codec::default()), &ov).unwrap_err();
+    assert!(err.to_string().starts_with("Launch memory"), "{err}");
+    assert!(!ov.exists());
+}
