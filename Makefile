@@ -1,0 +1,49 @@
+# cloudlet: one entry point for people and CI.
+#
+#   make demo    the main job: a local cloudlet provisions and moves a real app
+#   make test    everything CI runs: format, lint, the whole test suite
+#
+# Both install what they need on Debian (as root) first.
+
+CARGO        ?= cargo
+GUEST_TARGET := x86_64-unknown-linux-gnu
+GUEST_DIR    := target/guest/$(GUEST_TARGET)/release
+GUEST_BINS   := cloudlet-agent kvstore translator
+export CLOUDLET_AGENT := $(CURDIR)/$(GUEST_DIR)/cloudlet-agent
+
+.PHONY: all deps guest build test lint fmt demo bench clean
+
+all: build
+
+## System packages (Debian). Skipped when everything is already there.
+deps:
+	@./scripts/install-deps.sh
+
+## Static binaries that run inside the guest (agent and example apps).
+guest:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release \
+	  --target $(GUEST_TARGET) --target-dir target/guest \
+	  $(addprefix -p ,$(GUEST_BINS))
+	strip $(addprefix $(GUEST_DIR)/,$(GUEST_BINS))
+
+build: guest
+	$(CARGO) build --release --bins
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: deps guest lint
+	$(CARGO) test --workspace -- --test-threads=2
+
+demo: deps build
+	./scripts/demo.sh
+
+bench: deps build
+	$(CARGO) run --release -p cloudlet-bench --bin restore-bench
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,217 @@
+//! The guest agent protocol, version 1.
+//!
+//! The host and the agent inside a guest talk over a virtio-serial port named
+//! [`PORT_NAME`]. Each message is one line of JSON terminated by `\n`.
+//!
+//! ```text
+//!  host                                   guest agent
+//!   | -- {"id":7,"op":{"ping":{}}}\n -------> |
+//!   | <------ {"id":7,"ok":{"pong":{..}}}\n -- |
+//! ```
+//!
+//! The host picks the ids. A host that connects to a port that an earlier host
+//! used may find a half-written line from that session in the pipe: it sends a
+//! `ping` with a fresh id and discards every line until the matching reply
+//! (the same idea as qemu-ga's `guest-sync`).
+//!
+//! Compatibility rule: fields are only ever added, with `#[serde(default)]`;
+//! an agent answers an operation it does not know with an error, never by
+//! closing the port. [`PROTOCOL_VERSION`] rises when a change is not additive.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol. Reported by the agent in [`Reply::Pong`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port the agent listens on.
+pub const PORT_NAME: &str = "org.cloudlet.agent.0";
+
+/// Longest line either side accepts (file chunks are sent base64-encoded).
+pub const MAX_LINE: usize = 4 * 1024 * 1024;
+
+/// Largest payload of a single [`Op::PutFile`] chunk, before base64.
+pub const PUT_CHUNK: usize = 1024 * 1024;
+
+/// A request from the host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Request {
+    pub id: u64,
+    pub op: Op,
+}
+
+/// What the host asks the agent to do.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Liveness check; also used to resynchronise the line stream.
+    Ping {},
+    /// Run a command. With `background`, the agent starts it in its own
+    /// session and answers with its pid at once; otherwise it waits (at most
+    /// `timeout_ms`) and answers with the exit status and captured output.
+    Exec {
+        argv: Vec<String>,
+        #[serde(default)]
+        env: Vec<(String, String)>,
+        #[serde(default)]
+        cwd: Option<String>,
+        #[serde(default)]
+        background: bool,
+        /// For background commands: file that receives stdout and stderr.
+        #[serde(default)]
+        log: Option<String>,
+        #[serde(default = "default_exec_timeout")]
+        timeout_ms: u64,
+    },
+    /// Write a chunk of a file. `offset == 0` creates or truncates it.
+    PutFile {
+        path: String,
+        offset: u64,
+        /// Base64 (standard alphabet, padded).
+        data: String,
+        #[serde(default = "default_mode")]
+        mode: u32,
+    },
+    /// Answer once something accepts TCP connections on `127.0.0.1:port`
+    /// (and, if `http_path` is set, answers an HTTP GET for it with a status
+    /// below 500), or fail after `timeout_ms`.
+    WaitPort {
+        port: u16,
+        #[serde(default)]
+        http_path: Option<String>,
+        timeout_ms: u64,
+    },
+    /// Take on a new identity after a restore: mix `seed` and bytes from the
+    /// hardware RNG (virtio-rng) into the kernel's pool and force a reseed of
+    /// its CRNG, set the hostname, and write `vm_id` to
+    /// `/run/cloudlet/vm-id`.
+    SetIdentity {
+        vm_id: String,
+        hostname: String,
+        /// Hex, at least 32 bytes, fresh from the host's CSPRNG.
+        seed: String,
+    },
+    /// Flush filesystems and drop clean caches (before a snapshot).
+    Sync {
+        #[serde(default)]
+        drop_caches: bool,
+        #[serde(default)]
+        fstrim: bool,
+    },
+    /// Power the guest off.
+    Poweroff {},
+}
+
+fn default_exec_timeout() -> u64 {
+    60_000
+}
+fn default_mode() -> u32 {
+    0o644
+}
+
+/// The agent's answer to one [`Request`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub id: u64,
+    #[serde(flatten)]
+    pub result: ResponseResult,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseResult {
+    Ok(Reply),
+    Err(String),
+}
+
+/// Successful replies, one shape per operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Pong {
+        protocol: u32,
+        agent_version: String,
+        uptime_ms: u64,
+        hostname: String,
+        vm_id: Option<String>,
+    },
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        stdout: String,
+        stderr: String,
+    },
+    Started {
+        pid: u32,
+    },
+    Written {
+        bytes: u64,
+    },
+    PortReady {
+        waited_ms: u64,
+    },
+    IdentitySet {
+        /// Bytes mixed in from the hardware RNG.
+        hwrng_bytes: usize,
+        /// Whether the kernel accepted the forced CRNG reseed.
+        reseeded: bool,
+    },
+    Synced {},
+    PoweringOff {},
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_through_json() {
+        let r = Request {
+            id: 3,
+            op: Op::Exec {
+                argv: vec!["/bin/true".into()],
+                env: vec![],
+                cwd: None,
+                background: true,
+                log: Some("/tmp/x".into()),
+                timeout_ms: 5,
+            },
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
+    }
+
+    #[test]
+    fn response_shape_is_stable() {
+        let r = Response {
+            id: 1,
+            result: ResponseResult::Ok(Reply::Started { pid: 42 }),
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"id":1,"ok":{"started":{"pid":42}}}"#);
+        let e = Response {
+            id: 2,
+            result: ResponseResult::Err("No such file".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"id":2,"err":"No such file"}"#
+        );
+    }
+
+    #[test]
+    fn defaults_fill_missing_fields() {
+        let r: Request = serde_json::from_str(r#"{"id":9,"op":{"exec":{"argv":["ls"]}}}"#).unwrap();
+        match r.op {
+            Op::Exec {
+                timeout_ms,
+                background,
+                ..
+            } => {
+                assert_eq!(timeout_ms, 60_000);
+                assert!(!background);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

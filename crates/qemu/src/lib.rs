@@ -1,0 +1,25 @@
+//! The QEMU driver: the only crate of cloudlet that spawns QEMU.
+//!
+//! - [`spec`]: a VM as a value and its QEMU command line;
+//! - [`qmp`]: an async QMP client (typed helpers, events, timeouts);
+//! - [`vm`]: one QEMU process: boot, restore, pause, save, kill, exit watch;
+//! - [`snapshot`]: saved VMs on disk (device state + RAM file + disk top);
+//! - [`agent`]: the host side of the guest agent protocol;
+//! - [`accel`]: KVM where a probe boot shows it works, else TCG.
+
+pub mod accel;
+pub mod agent;
+pub mod files;
+pub mod image;
+pub mod qmp;
+pub mod snapshot;
+pub mod spec;
+pub mod vm;
+
+pub use agent::{AgentClient, AgentError, ExecOutput};
+pub use qmp::{QmpClient, QmpError, QmpEvent};
+pub use snapshot::{
+    read_snapshot, restore_snapshot, save_snapshot, RestoreTarget, SnapshotError, SnapshotState,
+};
+pub use spec::{Accel, MachineConfig, PortForward, VmSpec};
+pub use vm::{RestoreVmError, SaveVmError, StartVmError, Vm, VmExit};

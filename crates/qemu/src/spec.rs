@@ -1,0 +1,231 @@
+//! What a VM is, as a value: [`VmSpec`], and how it becomes a QEMU command
+//! line.
+//!
+//! Two QEMU processes built from equal specs have equal machines, which is
+//! what save/restore and migration need: only the host-side paths and port
+//! forwards may differ between the saving and the restoring side.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Which accelerator runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Software emulation: works everywhere.
+    #[default]
+    Tcg,
+    /// Hardware virtualization, where a probe boot shows it works.
+    Kvm,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
+/// A host TCP port forwarded to a guest port (QEMU user networking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    pub guest: u16,
+    pub host: u16,
+}
+
+/// The machine: what must be identical on both sides of a save/restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// QEMU machine type, e.g. `pc-i440fx-7.2`.
+    pub machine: String,
+    /// CPU model, e.g. `qemu64`.
+    pub cpu: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+impl MachineConfig {
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib * 1024 * 1024
+    }
+}
+
+/// Everything needed to run one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Short name, used in logs and as QEMU's `-name`.
+    pub name: String,
+    pub machine: MachineConfig,
+    pub accel: Accel,
+    /// The guest's RAM as a plain file (`memory-backend-file,share=on`).
+    pub ram_path: PathBuf,
+    /// The disk: a qcow2 whose backing file is the base image.
+    pub disk_path: PathBuf,
+    pub ports: Vec<PortForward>,
+    /// Where QEMU's sockets, pid file and logs go.
+    pub run_dir: PathBuf,
+}
+
+impl VmSpec {
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.run_dir.join("qemu.log")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.run_dir.join("qemu.pid")
+    }
+
+    /// QEMU's arguments (without the binary). With `incoming`, QEMU waits
+    /// for `migrate-incoming` instead of booting.
+    pub fn to_args(&self, incoming: bool) -> Vec<String> {
+        let m = &self.machine;
+        let mem = format!("{}M", m.memory_mib);
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        push(&["-name", &self.name]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+        push(&["-no-reboot"]);
+        push(&[
+            "-machine",
+            &format!("{},memory-backend=mem", m.machine),
+            "-accel",
+            &match self.accel {
+                Accel::Tcg => "tcg,thread=multi".to_string(),
+                Accel::Kvm => "kvm".to_string(),
+            },
+        ]);
+        push(&["-cpu", &m.cpu, "-smp", &m.vcpus.to_string(), "-m", &mem]);
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+                path_arg(&self.ram_path)
+            ),
+        ]);
+        push(&[
+            "-kernel",
+            &path_arg(&m.kernel),
+            "-initrd",
+            &path_arg(&m.initrd),
+            "-append",
+            &m.cmdline,
+        ]);
+        push(&[
+            "-chardev",
+            &format!("file,id=serial0,path={}", path_arg(&self.console_log())),
+            "-serial",
+            "chardev:serial0",
+        ]);
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver=qcow2,node-name=disk0,discard=unmap,file.driver=file,file.filename={}",
+                path_arg(&self.disk_path)
+            ),
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=vblk0",
+        ]);
+        let mut netdev = "user,id=net0".to_string();
+        for p in &self.ports {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", p.host, p.guest));
+        }
+        push(&[
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=,id=vnet0",
+        ]);
+        push(&[
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-pci,rng=rng0,id=vrng0",
+        ]);
+        push(&[
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            &format!(
+                "socket,id=agent0,path={},server=on,wait=off",
+                path_arg(&self.agent_socket())
+            ),
+            "-device",
+            &format!(
+                "virtserialport,chardev=agent0,name={},id=agentport0",
+                cloudlet_agent_proto::PORT_NAME
+            ),
+        ]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", path_arg(&self.qmp_socket())),
+            "-pidfile",
+            &path_arg(&self.pid_file()),
+        ]);
+        if incoming {
+            // -S: the caller decides when the restored guest runs.
+            push(&["-S", "-incoming", "defer"]);
+        }
+        a
+    }
+}
+
+/// A path as QEMU's option parser wants it: commas doubled.
+fn path_arg(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "t".into(),
+            machine: MachineConfig {
+                machine: "pc-i440fx-7.2".into(),
+                cpu: "qemu64".into(),
+                vcpus: 1,
+                memory_mib: 256,
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                cmdline: "console=ttyS0".into(),
+            },
+            accel: Accel::Tcg,
+            ram_path: "/run/a,b/ram".into(),
+            disk_path: "/d.qcow2".into(),
+            ports: vec![PortForward {
+                guest: 8080,
+                host: 40000,
+            }],
+            run_dir: "/run/vm".into(),
+        }
+    }
+
+    #[test]
+    fn command_line_has_the_machine_and_devices() {
+        let a = spec().to_args(false).join(" ");
+        assert!(a.contains("mem-path=/run/a,,b/ram,share=on"), "{a}");
+        assert!(a.contains("hostfwd=tcp:127.0.0.1:40000-:8080"));
+        assert!(a.contains("romfile="));
+        assert!(a.contains("-accel tcg"));
+        assert!(!a.contains("-incoming"));
+        assert!(spec()
+            .to_args(true)
+            .join(" ")
+            .ends_with("-S -incoming defer"));
+    }
+}

@@ -1,0 +1,128 @@
+//! `cloudlet-agent`: the guest side of the agent protocol (see
+//! `cloudlet-agent-proto`).
+//!
+//! Started by the guest's `/init` as `cloudlet-agent --init` (it then is PID
+//! 1: it reaps orphans and keeps a serving child alive) or as
+//! `cloudlet-agent` to serve directly.
+
+mod ops;
+mod port;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cloudlet_agent_proto::{Request, Response, ResponseResult, MAX_LINE};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--init") {
+        run_init(&args[0]);
+    }
+    serve();
+}
+
+/// PID 1 duties: basic mounts, then spawn the server and reap every child.
+fn run_init(self_path: &str) -> ! {
+    ops::prepare_system();
+    let mut server = spawn_server(self_path);
+    loop {
+        let mut status = 0;
+        // SAFETY: plain syscall, `status` is a valid out pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        if Some(pid as u32) == server.as_ref().map(|c| c.id()) {
+            eprintln!("cloudlet-agent: server exited ({status}), restarting");
+            std::thread::sleep(Duration::from_millis(200));
+            server = spawn_server(self_path);
+        }
+    }
+}
+
+fn spawn_server(self_path: &str) -> Option<std::process::Child> {
+    match std::process::Command::new(self_path).spawn() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("cloudlet-agent: cannot start server: {e}");
+            None
+        }
+    }
+}
+
+/// Serve requests on the virtio-serial port forever.
+fn serve() -> ! {
+    let started = Instant::now();
+    loop {
+        let dev = port::wait_for_port();
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("cloudlet-agent: open {}: {e}", dev.display());
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let writer = match file.try_clone() {
+            Ok(w) => Arc::new(Mutex::new(w)),
+            Err(e) => {
+                eprintln!("cloudlet-agent: dup: {e}");
+                continue;
+            }
+        };
+        let mut reader = BufReader::with_capacity(64 * 1024, port::HostReader::new(file));
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match Read::by_ref(&mut reader)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+            {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("cloudlet-agent: read: {e}");
+                    break;
+                }
+            }
+            if line.last() != Some(&b'\n') {
+                // Over-long line: skip to its end.
+                if line.len() > MAX_LINE {
+                    let mut sink = Vec::new();
+                    let _ = reader.read_until(b'\n', &mut sink);
+                }
+                continue;
+            }
+            let req: Request = match serde_json::from_slice(&line) {
+                Ok(r) => r,
+                Err(_) => continue, // a fragment from an earlier host session
+            };
+            let writer = Arc::clone(&writer);
+            std::thread::spawn(move || {
+                let id = req.id;
+                let result = match ops::handle(req.op, started) {
+                    Ok(r) => ResponseResult::Ok(r),
+                    Err(e) => ResponseResult::Err(e),
+                };
+                let after = ops::after_reply(&result);
+                let resp = Response { id, result };
+                if let Ok(mut out) = serde_json::to_vec(&resp) {
+                    out.push(b'\n');
+                    if let Ok(mut w) = writer.lock() {
+                        let _ = w.write_all(&out);
+                        let _ = w.flush();
+                    }
+                }
+                if let Some(f) = after {
+                    f();
+                }
+            });
+        }
+    }
+}
