@@ -28,7 +28,7 @@ pub async fn choose_accel(kernel: &Path, cache: &Path) -> Accel {
             }
         }
     }
-    let accel = if probe_kvm(kernel, Duration::from_secs(20)).await {
+    let accel = if probe_kvm(kernel, Duration::from_secs(10)).await {
         Accel::Kvm
     } else {
         Accel::Tcg

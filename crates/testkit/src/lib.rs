@@ -1,0 +1,117 @@
+//! Helpers for integration tests that boot real QEMU guests.
+//!
+//! The `tiny` base is built once per checkout into `target/test-home` (or
+//! `$CLOUDLET_TEST_HOME`) and shared by every test binary; a file lock keeps
+//! parallel test binaries from building it twice.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cloudlet_base::{build_base, BaseStore, BaseVm, BuildOptions, Recipe};
+
+pub use apphttp::client::{request, ClientResponse};
+
+/// The workspace's `target` directory.
+pub fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")
+}
+
+/// Home of the shared test store.
+pub fn test_home() -> PathBuf {
+    std::env::var_os("CLOUDLET_TEST_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("test-home"))
+}
+
+/// A static binary built for the guest by `make guest`.
+pub fn guest_bin(name: &str) -> PathBuf {
+    let p = target_dir()
+        .join("guest/x86_64-unknown-linux-gnu/release")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make guest` first",
+        p.display()
+    );
+    p
+}
+
+/// The `tiny` base in the shared test store, built on first use.
+pub async fn tiny_base() -> (BaseStore, BaseVm) {
+    let home = test_home();
+    std::fs::create_dir_all(&home).expect("create test home");
+    let store = BaseStore::new(&home);
+    let lock = std::fs::File::create(home.join(".build.lock")).expect("lock file");
+    let fd = lock.as_raw_fd();
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: flock on an open fd; released when `lock` is dropped.
+        unsafe { libc::flock(fd, libc::LOCK_EX) };
+    })
+    .await
+    .expect("lock");
+    let opts = BuildOptions {
+        name: None,
+        memory_mib: None,
+        force: false,
+        cache_dir: home.join("cache"),
+        agent: Some(guest_bin("cloudlet-agent")),
+    };
+    build_base(&store, Recipe::Tiny, &opts)
+        .await
+        .expect("build the tiny base");
+    drop(lock);
+    let base = store.get("tiny").expect("tiny base");
+    (store, base)
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// One HTTP request to `127.0.0.1:port`, off the async runtime.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> std::io::Result<ClientResponse> {
+    let (method, path) = (method.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || {
+        request(
+            local(port),
+            &method,
+            &path,
+            body.as_deref(),
+            Duration::from_secs(10),
+        )
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Whether any process has `needle` on its command line.
+pub fn process_running_with(needle: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| {
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .contains(needle)
+                    })
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
