@@ -252,10 +252,12 @@ impl Applier {
             base_mem,
             cancel: AtomicBool::new(false),
         });
+        let t0 = Instant::now();
         let outputs = match out {
             Some((disk, mem)) => Some(prepare_outputs(&shared, disk, mem)?),
             None => None,
         };
+        tracing::debug!(elapsed = ?t0.elapsed(), "apply: base copied to the outputs");
         let hasher = if config.verify_launch_state {
             let s = shared.clone();
             Some(std::thread::spawn(move || {
@@ -279,7 +281,9 @@ impl Applier {
             sync: config.sync,
             started,
         };
+        let t0 = Instant::now();
         applier.apply_without_payload()?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "apply: zero and base-reference chunks written");
         Ok(applier)
     }
 
@@ -491,6 +495,7 @@ impl Applier {
             return Err(ApplyOverlayError::MissingSegments { missing });
         }
         let m = &self.shared.manifest;
+        tracing::debug!(elapsed = ?self.started.elapsed(), "apply: all segments applied");
         if let Some(h) = self.hasher.take() {
             let (disk, mem) = h.join().map_err(|_| ApplyOverlayError::Poisoned)??;
             if disk != m.disk_hash {
@@ -510,6 +515,7 @@ impl Applier {
             .take()
             .unwrap_or_default();
         let launch_hash = m.launch_hash;
+        tracing::debug!(elapsed = ?self.started.elapsed(), "apply: launch state verified");
         if let Some(out) = self.outputs.take() {
             let Outputs { disk, mem } = out;
             let mem_dest = mem.dest().to_path_buf();

@@ -15,6 +15,7 @@ pub mod codec;
 mod create;
 pub mod format;
 mod fsutil;
+pub mod fuzzing;
 mod inspect;
 
 pub use apply::{
