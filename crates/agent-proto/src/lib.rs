@@ -29,6 +29,10 @@ pub const PORT_NAME: &str = "org.cloudlet.agent.0";
 /// Longest line either side accepts (file chunks are sent base64-encoded).
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
 
+/// In the guest: each line is a shell command the agent starts in the
+/// background when it boots as init (how an app comes up after a cold boot).
+pub const AUTOSTART_PATH: &str = "/etc/cloudlet/autostart";
+
 /// Largest payload of a single [`Op::PutFile`] chunk, before base64.
 pub const PUT_CHUNK: usize = 1024 * 1024;
 

@@ -121,7 +121,7 @@ async fn corrupt_base_export_is_refused_and_leaves_nothing() {
     let bad = dir.path().join("bad.base");
     std::fs::write(&bad, &bytes).unwrap();
     let third = BaseStore::new(dir.path().join("third"));
-    let err = import_base(&third, &bad, None).err().expect("must fail");
+    let err = import_base(&third, &bad, None).expect_err("must fail");
     assert!(matches!(err, ArchiveError::Corrupt { .. }), "{err}");
     assert!(third.list().unwrap().is_empty());
     assert!(

@@ -38,7 +38,17 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
             // SAFETY: valid fds and offset pointers.
             let n = unsafe { libc::copy_file_range(ifd, &mut off_in, ofd, &mut off_out, want, 0) };
             if n < 0 {
-                return Err(std::io::Error::last_os_error());
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    // Across file systems, or not supported: copy by hand.
+                    Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS)
+                    | Some(libc::EOPNOTSUPP) => {
+                        copied += copy_range(&input, &output, off_in as u64, hole as u64)?;
+                        off_in = hole;
+                        continue;
+                    }
+                    _ => return Err(e),
+                }
             }
             if n == 0 {
                 break;
@@ -49,6 +59,23 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
     }
     output.sync_data()?;
     Ok(copied)
+}
+
+/// Copy `[from, to)` of `input` to the same offsets of `output`.
+fn copy_range(input: &File, output: &File, from: u64, to: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = from;
+    while pos < to {
+        let want = ((to - pos) as usize).min(buf.len());
+        let n = input.read_at(&mut buf[..want], pos)?;
+        if n == 0 {
+            break;
+        }
+        output.write_all_at(&buf[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(pos - from)
 }
 
 /// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.

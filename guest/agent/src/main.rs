@@ -26,6 +26,7 @@ fn main() {
 fn run_init(self_path: &str) -> ! {
     ops::prepare_system();
     let mut server = spawn_server(self_path);
+    ops::autostart();
     loop {
         let mut status = 0;
         // SAFETY: plain syscall, `status` is a valid out pointer.

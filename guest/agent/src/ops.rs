@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use cloudlet_agent_proto::{Op, Reply, ResponseResult, PROTOCOL_VERSION};
+use cloudlet_agent_proto::{Op, Reply, ResponseResult, AUTOSTART_PATH, PROTOCOL_VERSION};
 
 /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`, force the kernel CRNG to reseed.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
@@ -39,6 +39,30 @@ pub fn prepare_system() {
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     );
+}
+
+/// Start the commands listed in [`AUTOSTART_PATH`], logging to
+/// `/tmp/autostart.log`.
+pub fn autostart() {
+    let Ok(text) = std::fs::read_to_string(AUTOSTART_PATH) else {
+        return;
+    };
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let r = exec(
+            vec!["/bin/sh".into(), "-c".into(), line.to_string()],
+            vec![],
+            Some("/".into()),
+            true,
+            Some("/tmp/autostart.log".into()),
+            0,
+        );
+        if let Err(e) = r {
+            eprintln!("cloudlet-agent: autostart {line:?}: {e}");
+        }
+    }
 }
 
 fn is_mountpoint(path: &str) -> bool {
@@ -302,7 +326,7 @@ fn read_hwrng(n: usize, timeout: Duration) -> Vec<u8> {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
