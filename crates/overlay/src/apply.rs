@@ -135,10 +135,18 @@ struct Shared {
     manifest: Manifest,
     base_disk: File,
     base_mem: File,
+    base_paths: [PathBuf; 2],
     cancel: AtomicBool,
 }
 
 impl Shared {
+    fn read_base_error(&self, image: Image, source: io::Error) -> ApplyOverlayError {
+        ApplyOverlayError::ReadBase {
+            image,
+            path: self.base_paths[image as usize].clone(),
+            source,
+        }
+    }
     fn base(&self, image: Image) -> (&File, u64) {
         match image {
             Image::Disk => (&self.base_disk, self.manifest.base_disk_size),
@@ -250,14 +258,9 @@ impl Applier {
             manifest,
             base_disk,
             base_mem,
+            base_paths: [config.base_disk.clone(), config.base_mem.clone()],
             cancel: AtomicBool::new(false),
         });
-        let t0 = Instant::now();
-        let outputs = match out {
-            Some((disk, mem)) => Some(prepare_outputs(&shared, disk, mem)?),
-            None => None,
-        };
-        tracing::debug!(elapsed = ?t0.elapsed(), "apply: base copied to the outputs");
         let hasher = if config.verify_launch_state {
             let s = shared.clone();
             Some(std::thread::spawn(move || {
@@ -269,6 +272,21 @@ impl Applier {
         } else {
             None
         };
+        let t0 = Instant::now();
+        let outputs = match out {
+            Some((disk, mem)) => match prepare_outputs(&shared, disk, mem) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    shared.cancel.store(true, Ordering::Release);
+                    if let Some(h) = hasher {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        tracing::debug!(elapsed = ?t0.elapsed(), "apply: base copied to the outputs");
         let applier = Applier {
             shared,
             outputs,
@@ -365,11 +383,7 @@ impl Applier {
     }
 
     fn read_base_error(&self, image: Image, source: io::Error) -> ApplyOverlayError {
-        ApplyOverlayError::ReadBase {
-            image,
-            path: PathBuf::from(format!("(base {image})")),
-            source,
-        }
+        self.shared.read_base_error(image, source)
     }
 
     /// Verifies, decodes and applies one segment as stored in the file.
@@ -590,55 +604,75 @@ fn prepare_outputs(shared: &Shared, disk: &Path, mem: &Path) -> Result<Outputs> 
 }
 
 /// Image hash of a launch image: unchanged chunks hashed from the base view,
-/// changed chunks from the manifest (each is checked when written).
+/// changed chunks from the manifest (each is checked when written). Works
+/// through the image a window at a time, so memory stays bounded.
 fn launch_image_hash(s: &Shared, image: Image) -> Result<Hash> {
     let m = &s.manifest;
     let cs = m.chunk_size as usize;
     let size = m.image_size(image);
-    let n = chunk_count(size, m.chunk_size) as usize;
-    let mut hashes = vec![[0u8; 32]; n];
-    let mut changed = vec![false; n];
-    for e in m.entries.iter().filter(|e| e.image == image) {
-        changed[e.index as usize] = true;
-        hashes[e.index as usize] = e.hash;
-    }
+    let n = chunk_count(size, m.chunk_size);
     let (file, base_size) = s.base(image);
     let full_zero = format::zero_chunk_hash(cs);
     const BLOCK: usize = 256;
-    hashes
-        .par_chunks_mut(BLOCK)
-        .zip(changed.par_chunks(BLOCK))
-        .enumerate()
-        .try_for_each_init(
-            || vec![0u8; BLOCK * cs],
-            |buf, (b, (hs, ch))| -> Result<()> {
-                if s.cancel.load(Ordering::Relaxed) || ch.iter().all(|&c| c) {
-                    return Ok(());
-                }
-                let start = (b * BLOCK * cs) as u64;
-                let len = ((size - start) as usize).min(BLOCK * cs);
-                fsutil::read_padded(file, base_size, start, &mut buf[..len]).map_err(|source| {
-                    ApplyOverlayError::ReadBase {
-                        image,
-                        path: PathBuf::from(format!("(base {image})")),
-                        source,
+    const WINDOW: u64 = 64 * BLOCK as u64;
+    let mut entries = m.entries.iter().filter(|e| e.image == image).peekable();
+    let mut image_hasher = format::ImageHasher::new(size, m.chunk_size);
+    let mut hashes = Vec::new();
+    let mut changed = Vec::new();
+    let mut first = 0u64;
+    while first < n {
+        if s.cancel.load(Ordering::Relaxed) {
+            return Err(ApplyOverlayError::Poisoned);
+        }
+        let wn = (n - first).min(WINDOW) as usize;
+        hashes.clear();
+        hashes.resize(wn, [0u8; 32]);
+        changed.clear();
+        changed.resize(wn, false);
+        while let Some(e) = entries.next_if(|e| e.index < first + wn as u64) {
+            let i = (e.index - first) as usize;
+            changed[i] = true;
+            hashes[i] = e.hash;
+        }
+        hashes
+            .par_chunks_mut(BLOCK)
+            .zip(changed.par_chunks(BLOCK))
+            .enumerate()
+            .try_for_each_init(
+                || vec![0u8; BLOCK * cs],
+                |buf, (b, (hs, ch))| -> Result<()> {
+                    if ch.iter().all(|&c| c) {
+                        return Ok(());
                     }
-                })?;
-                for (i, (h, &c)) in hs.iter_mut().zip(ch).enumerate() {
-                    if c {
-                        continue;
-                    }
-                    let chunk = &buf[i * cs..((i + 1) * cs).min(len)];
-                    *h = if chunk.len() == cs && codec::is_zero(chunk) {
-                        full_zero
+                    let start = (first + (b * BLOCK) as u64) * cs as u64;
+                    let len = ((size - start) as usize).min(BLOCK * cs);
+                    if start >= base_size {
+                        // Past the end of the base: zeros, nothing to read.
+                        buf[..len].fill(0);
                     } else {
-                        *blake3::hash(chunk).as_bytes()
-                    };
-                }
-                Ok(())
-            },
-        )?;
-    Ok(format::image_hash(size, m.chunk_size, &hashes))
+                        fsutil::read_padded(file, base_size, start, &mut buf[..len])
+                            .map_err(|source| s.read_base_error(image, source))?;
+                    }
+                    for (i, (h, &c)) in hs.iter_mut().zip(ch).enumerate() {
+                        if c {
+                            continue;
+                        }
+                        let chunk = &buf[i * cs..((i + 1) * cs).min(len)];
+                        *h = if chunk.len() == cs && codec::is_zero(chunk) {
+                            full_zero
+                        } else {
+                            *blake3::hash(chunk).as_bytes()
+                        };
+                    }
+                    Ok(())
+                },
+            )?;
+        for h in &hashes {
+            image_hasher.update(h);
+        }
+        first += wn as u64;
+    }
+    Ok(image_hasher.finalize())
 }
 
 /// Reads and parses the header and manifest at the start of an overlay.

@@ -96,8 +96,8 @@ pub const MAX_MANIFEST_RAW_LEN: u64 = 1 << 30;
 pub const MAX_SEGMENT_RAW_LEN: u32 = 64 << 20;
 /// Largest device state a reader accepts.
 pub const MAX_DEVICE_STATE_LEN: u32 = 512 << 20;
-/// Largest image size a reader accepts (1 PiB).
-pub const MAX_IMAGE_SIZE: u64 = 1 << 50;
+/// Largest image size a reader accepts (1 TiB).
+pub const MAX_IMAGE_SIZE: u64 = 1 << 40;
 const MAX_BASE_ID_LEN: usize = 1024;
 
 const HEADER_HASHED_LEN: usize = 96;
@@ -398,14 +398,30 @@ pub fn image_hash<'a>(
     chunk_size: u32,
     chunk_hashes: impl IntoIterator<Item = &'a Hash>,
 ) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(IMAGE_HASH_DOMAIN);
-    h.update(&size.to_le_bytes());
-    h.update(&chunk_size.to_le_bytes());
+    let mut h = ImageHasher::new(size, chunk_size);
     for c in chunk_hashes {
         h.update(c);
     }
-    *h.finalize().as_bytes()
+    h.finalize()
+}
+
+/// Computes an image hash from chunk hashes fed in order.
+pub struct ImageHasher(blake3::Hasher);
+
+impl ImageHasher {
+    pub fn new(size: u64, chunk_size: u32) -> ImageHasher {
+        let mut h = blake3::Hasher::new();
+        h.update(IMAGE_HASH_DOMAIN);
+        h.update(&size.to_le_bytes());
+        h.update(&chunk_size.to_le_bytes());
+        ImageHasher(h)
+    }
+    pub fn update(&mut self, chunk_hash: &Hash) {
+        self.0.update(chunk_hash);
+    }
+    pub fn finalize(&self) -> Hash {
+        *self.0.finalize().as_bytes()
+    }
 }
 
 /// The hash of a whole launch state.
