@@ -1,0 +1,439 @@
+//! End-to-end tests of the emulated link: RTT, throughput, cut/restore, teardown.
+//!
+//! They need root (namespaces, TUN, tc) and are skipped with a message otherwise. They
+//! run one at a time (a process-wide lock) because the throughput checks would
+//! otherwise compete for the CPU with each other.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cloudlet_wan::{cleanup_stale, Side, Wan, WanConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The lock that serialises the tests, or `None` when not root.
+fn setup() -> Option<MutexGuard<'static, ()>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root for network namespaces");
+        return None;
+    }
+    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn netns_list() -> String {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts an echo server in B on `port`; returns once it listens.
+fn echo_server(wan: &Wan, port: u16) {
+    let addr = SocketAddr::from((wan.b_addr(), port));
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Detached: it ends with the namespace thread when the test process exits.
+    let _server = wan
+        .run_in(Side::B, async move {
+            let listener = TcpListener::bind(addr).await.unwrap();
+            tx.send(()).unwrap();
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let (mut r, mut w) = sock.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        })
+        .unwrap();
+    rx.recv().unwrap();
+}
+
+/// Median of `n` small request/response round trips over one TCP connection.
+fn tcp_rtt(wan: &Wan, port: u16, n: usize) -> Duration {
+    let addr = SocketAddr::from((wan.b_addr(), port));
+    wan.run_in(Side::A, async move {
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        sock.set_nodelay(true).unwrap();
+        let mut buf = [0u8; 64];
+        let mut samples = Vec::new();
+        for i in 0..n + 2 {
+            let t = Instant::now();
+            sock.write_all(&[i as u8; 64]).await.unwrap();
+            sock.read_exact(&mut buf).await.unwrap();
+            // The first two warm up the connection.
+            if i >= 2 {
+                samples.push(t.elapsed());
+            }
+        }
+        samples.sort();
+        samples[samples.len() / 2]
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+}
+
+/// Sends from A to B for `duration` and returns B's receive rate in Mbit/s, measured
+/// from `skip` after the first byte (past slow start) to the end.
+fn bulk_mbit(wan: &Wan, port: u16, duration: Duration, skip: Duration) -> f64 {
+    let addr = SocketAddr::from((wan.b_addr(), port));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = wan
+        .run_in(Side::B, async move {
+            let listener = TcpListener::bind(addr).await.unwrap();
+            tx.send(()).unwrap();
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut start: Option<Instant> = None;
+            let mut window: Option<(Instant, u64)> = None;
+            let mut total = 0u64;
+            let mut last = Instant::now();
+            loop {
+                let n = sock.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                last = Instant::now();
+                let s = *start.get_or_insert(last);
+                if window.is_none() && last - s >= skip {
+                    window = Some((last, total));
+                }
+                total += n as u64;
+            }
+            let (w_start, w_bytes) = window.expect("transfer shorter than skip");
+            (total - w_bytes) as f64 * 8.0 / (last - w_start).as_secs_f64() / 1e6
+        })
+        .unwrap();
+    rx.recv().unwrap();
+    wan.run_in(Side::A, async move {
+        let mut sock = TcpStream::connect(addr).await.unwrap();
+        let chunk = vec![0x5au8; 1 << 16];
+        let end = Instant::now() + duration;
+        while Instant::now() < end {
+            sock.write_all(&chunk).await.unwrap();
+        }
+        sock.shutdown().await.unwrap();
+    })
+    .unwrap()
+    .join()
+    .unwrap();
+    server.join().unwrap()
+}
+
+fn assert_within(what: &str, measured: f64, expected: f64, tolerance: f64) {
+    let err = (measured - expected).abs() / expected;
+    assert!(
+        err <= tolerance,
+        "{what}: measured {measured:.2}, expected {expected:.2} +-{:.0}%",
+        tolerance * 100.0
+    );
+}
+
+#[test]
+fn rtt_is_twice_the_one_way_delay_and_follows_set_delay() {
+    let Some(_serial) = setup() else { return };
+    let wan = Wan::create(WanConfig::new("trtt", 20.0, Duration::from_millis(25))).unwrap();
+    echo_server(&wan, 7001);
+    let rtt = tcp_rtt(&wan, 7001, 20);
+    eprintln!("20 Mbit/s, 25 ms one way: RTT {rtt:?}");
+    assert_within("RTT at 25 ms", rtt.as_secs_f64(), 0.050, 0.3);
+
+    wan.set_delay(Duration::from_millis(5)).unwrap();
+    let rtt = tcp_rtt(&wan, 7001, 20);
+    eprintln!("20 Mbit/s, 5 ms one way: RTT {rtt:?}");
+    assert_within("RTT at 5 ms", rtt.as_secs_f64(), 0.010, 0.3);
+    wan.teardown().unwrap();
+}
+
+#[test]
+fn bulk_throughput_matches_rate_at_20_and_50_mbit() {
+    let Some(_serial) = setup() else { return };
+    let wan = Wan::create(WanConfig::new("tbulk", 20.0, Duration::from_millis(20))).unwrap();
+    let run = Duration::from_millis(3500);
+    let skip = Duration::from_millis(1000);
+
+    let mbit = bulk_mbit(&wan, 7010, run, skip);
+    eprintln!("rate 20 Mbit/s, 20 ms one way: {mbit:.2} Mbit/s");
+    assert_within("throughput at 20 Mbit/s", mbit, 20.0, 0.2);
+
+    wan.set_rate(50.0).unwrap();
+    let mbit = bulk_mbit(&wan, 7011, run, skip);
+    eprintln!("rate 50 Mbit/s, 20 ms one way: {mbit:.2} Mbit/s");
+    assert_within("throughput at 50 Mbit/s", mbit, 50.0, 0.2);
+
+    let stats = wan.stats();
+    eprintln!("{stats:?}");
+    assert!(stats.a_to_b.bytes > 20_000_000, "{stats:?}");
+    assert!(stats.b_to_a.packets > 0, "acks flow back: {stats:?}");
+    wan.teardown().unwrap();
+}
+
+#[test]
+fn cut_stalls_connections_and_restore_brings_them_back() {
+    let Some(_serial) = setup() else { return };
+    let wan = Wan::create(WanConfig::new("tcut", 20.0, Duration::from_millis(10))).unwrap();
+    echo_server(&wan, 7020);
+    let addr = SocketAddr::from((wan.b_addr(), 7020));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (cut_tx, mut cut_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let client = wan
+        .run_in(Side::A, async move {
+            let mut sock = TcpStream::connect(addr).await.unwrap();
+            let mut buf = [0u8; 5];
+            sock.write_all(b"hello").await.unwrap();
+            sock.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"hello");
+            ready_tx.send(()).await.unwrap();
+            cut_rx.recv().await.unwrap(); // link is cut now
+
+            sock.write_all(b"stall").await.unwrap();
+            let stalled = tokio::time::timeout(Duration::from_millis(1500), async {
+                sock.read_exact(&mut buf).await
+            })
+            .await;
+            assert!(stalled.is_err(), "echo came back over a cut link");
+            let connect =
+                tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await;
+            assert!(!matches!(connect, Ok(Ok(_))), "connected over a cut link");
+            ready_tx.send(()).await.unwrap();
+            cut_rx.recv().await.unwrap(); // link is restored now
+
+            let t = Instant::now();
+            tokio::time::timeout(Duration::from_secs(10), sock.read_exact(&mut buf))
+                .await
+                .expect("no recovery within 10 s after restore")
+                .unwrap();
+            assert_eq!(&buf, b"stall");
+            let recovered = t.elapsed();
+            let mut fresh = TcpStream::connect(addr).await.unwrap();
+            fresh.write_all(b"again").await.unwrap();
+            fresh.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"again");
+            recovered
+        })
+        .unwrap();
+    ready_rx.blocking_recv().unwrap();
+    wan.cut();
+    assert!(wan.is_cut());
+    cut_tx.blocking_send(()).unwrap();
+    ready_rx.blocking_recv().unwrap();
+    wan.restore();
+    cut_tx.blocking_send(()).unwrap();
+    let recovered = client.join().unwrap();
+    eprintln!("stalled connection recovered {recovered:?} after restore");
+    let stats = wan.stats();
+    assert!(stats.a_to_b.dropped_cut > 0, "{stats:?}");
+    wan.teardown().unwrap();
+}
+
+#[test]
+fn namespaces_are_isolated_and_reachable_by_processes() {
+    let Some(_serial) = setup() else { return };
+    let wan = Wan::create(WanConfig::new("tproc", 50.0, Duration::from_millis(1))).unwrap();
+    // Only loopback and the link, with our address, exist in A.
+    let mut cmd = Command::new("ip");
+    cmd.args(["-o", "-4", "addr", "show"])
+        .stdout(Stdio::piped());
+    let out = wan
+        .spawn_in(Side::A, cmd)
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let addrs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    assert_eq!(addrs, ["127.0.0.1/8", "10.251.0.1"], "{text}");
+    // Routes: only the peer, no default route out of the namespace.
+    let out = wan
+        .command_in(Side::B, "ip")
+        .args(["-4", "route", "show"])
+        .output()
+        .unwrap();
+    let routes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        routes.trim(),
+        "10.251.0.1 dev wan0 proto kernel scope link src 10.251.0.2"
+    );
+    // Loopback is up inside the namespace.
+    let lo = wan
+        .run_in(Side::B, async {
+            let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 7030))
+                .await
+                .unwrap();
+            let c = TcpStream::connect((Ipv4Addr::LOCALHOST, 7030)).await;
+            drop(l);
+            c.is_ok()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(lo);
+    wan.teardown().unwrap();
+}
+
+#[test]
+fn random_loss_drops_about_the_configured_share() {
+    let Some(_serial) = setup() else { return };
+    let mut config = WanConfig::new("tloss", 50.0, Duration::from_millis(2));
+    config.loss = 0.2;
+    let wan = Wan::create(config).unwrap();
+    let b = SocketAddr::from((wan.b_addr(), 7040));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = wan
+        .run_in(Side::B, async move {
+            let sock = tokio::net::UdpSocket::bind(b).await.unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 256];
+            let mut got = 0u32;
+            while let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf)).await
+            {
+                got += 1;
+            }
+            got
+        })
+        .unwrap();
+    rx.recv().unwrap();
+    wan.run_in(Side::A, async move {
+        let sock = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .unwrap();
+        for _ in 0..2000 {
+            sock.send_to(&[7u8; 100], b).await.unwrap();
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+    })
+    .unwrap()
+    .join()
+    .unwrap();
+    let got = receiver.join().unwrap();
+    let stats = wan.stats();
+    eprintln!("loss 0.2: {got} of 2000 datagrams arrived; {stats:?}");
+    assert!((1450..=1750).contains(&got), "{got} of 2000 arrived");
+    assert_eq!(
+        stats.a_to_b.dropped_loss + u64::from(got),
+        2000,
+        "{stats:?}"
+    );
+    wan.teardown().unwrap();
+}
+
+#[test]
+fn teardown_drop_and_cleanup_leave_no_namespace() {
+    let Some(_serial) = setup() else { return };
+    let wan = Wan::create(WanConfig::new("tdown", 10.0, Duration::from_millis(5))).unwrap();
+    let names = [
+        wan.ns_name(Side::A).to_string(),
+        wan.ns_name(Side::B).to_string(),
+    ];
+    assert!(names.iter().all(|n| netns_list().contains(n.as_str())));
+    wan.teardown().unwrap();
+    let list = netns_list();
+    assert!(names.iter().all(|n| !list.contains(n.as_str())), "{list}");
+
+    let wan = Wan::create(WanConfig::new("tdrop", 10.0, Duration::from_millis(5))).unwrap();
+    let name = wan.ns_name(Side::B).to_string();
+    drop(wan);
+    assert!(!netns_list().contains(&name));
+
+    // A namespace left by a process that no longer exists is stale.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let stale = format!("clw-tstale-{dead_pid}-0-a");
+    let ok = Command::new("ip")
+        .args(["netns", "add", &stale])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let removed = cleanup_stale().unwrap();
+    assert!(removed.contains(&stale), "{removed:?}");
+    assert!(!netns_list().contains(&stale));
+}
+
+#[test]
+fn invalid_config_is_rejected_without_leftovers() {
+    let mut config = WanConfig::new("tbad", 0.0, Duration::from_millis(5));
+    assert!(Wan::create(config.clone()).is_err());
+    config.rate_mbit = 10.0;
+    config.name_prefix = "Bad-Name".into();
+    assert!(Wan::create(config).is_err());
+    assert!(!netns_list().contains("clw-tbad-"));
+}
+
+/// CPU seconds used so far by this process's threads named `name`.
+fn thread_cpu_secs(name: &str) -> f64 {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        ticks += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The table in the crate docs: `cargo test -p cloudlet-wan --test wan -- --ignored
+/// --nocapture measure_table`.
+#[test]
+#[ignore = "measurement, ~40 s"]
+fn measure_table() {
+    let Some(_serial) = setup() else { return };
+    let settings = [
+        (10.0, 25),
+        (20.0, 20),
+        (25.0, 25),
+        (50.0, 10),
+        (50.0, 50),
+        (100.0, 5),
+    ];
+    let wan = Wan::create(WanConfig::new("tmeas", 10.0, Duration::from_millis(25))).unwrap();
+    echo_server(&wan, 7100);
+    println!(
+        "| rate set | one-way delay | idle RTT | RTT under load | throughput | delay-line CPU |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (i, (rate, delay_ms)) in settings.into_iter().enumerate() {
+        wan.set_rate(rate).unwrap();
+        wan.set_delay(Duration::from_millis(delay_ms)).unwrap();
+        let idle = tcp_rtt(&wan, 7100, 20);
+        let cpu0 = thread_cpu_secs("wan-tmeas");
+        let t0 = Instant::now();
+        let loaded = std::thread::scope(|s| {
+            let w = &wan;
+            let probe = s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(1500));
+                tcp_rtt(w, 7100, 10)
+            });
+            let mbit = bulk_mbit(
+                &wan,
+                7101 + i as u16,
+                Duration::from_secs(4),
+                Duration::from_secs(1),
+            );
+            (mbit, probe.join().unwrap())
+        });
+        let cpu = (thread_cpu_secs("wan-tmeas") - cpu0) / t0.elapsed().as_secs_f64();
+        println!(
+            "| {rate} Mbit/s | {delay_ms} ms | {:.1} ms | {:.1} ms | {:.1} Mbit/s | {:.1}% |",
+            idle.as_secs_f64() * 1e3,
+            loaded.1.as_secs_f64() * 1e3,
+            loaded.0,
+            cpu * 100.0
+        );
+    }
+    wan.teardown().unwrap();
+}
