@@ -6,7 +6,12 @@ use cloudlet_testkit::http;
 
 /// Poll `GET path` on `127.0.0.1:port` until it answers 200; the time from
 /// `start` to that answer.
-pub async fn first_response(port: u16, path: &str, start: Instant, timeout: Duration) -> anyhow::Result<Duration> {
+pub async fn first_response(
+    port: u16,
+    path: &str,
+    start: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
     loop {
         if let Ok(r) = http(port, "GET", path, None).await {
             if r.status == 200 {

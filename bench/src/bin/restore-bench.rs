@@ -69,7 +69,11 @@ async fn main() -> anyhow::Result<()> {
             secs(c),
             secs(s),
             c.as_secs_f64() / s.as_secs_f64(),
-            r.restore.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect::<Vec<_>>().join(" ")
+            r.restore
+                .iter()
+                .map(|d| format!("{:.2}", d.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     println!("targets: debian restore under 1 s and at least 10x faster than its cold boot");
@@ -92,7 +96,8 @@ async fn measure(base: &BaseVm, args: &Args) -> anyhow::Result<Row> {
         let t = target(dir.path(), &format!("restore{i}"), port);
         let start = Instant::now();
         let vm = restore_snapshot(&snap, t.clone()).await?;
-        row.restore.push(first_response(port, "/health", start, Duration::from_secs(60)).await?);
+        row.restore
+            .push(first_response(port, "/health", start, Duration::from_secs(60)).await?);
         vm.kill().await;
         let _ = std::fs::remove_dir_all(dir.path().join(format!("restore{i}")));
 
@@ -100,11 +105,18 @@ async fn measure(base: &BaseVm, args: &Args) -> anyhow::Result<Row> {
         let port = free_port();
         let t = target(dir.path(), &format!("cold{i}"), port);
         std::fs::create_dir_all(t.run_dir.parent().unwrap_or(dir.path()))?;
-        copy_sparse(&snap.join("disk.qcow2"), &t.disk_path)?;
-        let spec = base.spec(&t.name, &t.ram_path, &t.disk_path, &t.run_dir, t.ports.clone());
+        copy_sparse(&snap.join("disk"), &t.disk_path)?;
+        let spec = base.spec(
+            &t.name,
+            &t.ram_path,
+            &t.disk_path,
+            &t.run_dir,
+            t.ports.clone(),
+        );
         let start = Instant::now();
         let vm = Vm::boot(spec).await?;
-        row.cold.push(first_response(port, "/health", start, Duration::from_secs(300)).await?);
+        row.cold
+            .push(first_response(port, "/health", start, Duration::from_secs(300)).await?);
         vm.kill().await;
         let _ = std::fs::remove_dir_all(dir.path().join(format!("cold{i}")));
     }
@@ -117,20 +129,42 @@ fn target(dir: &Path, name: &str, port: u16) -> RestoreTarget {
         ram_path: dir.join(name).join("ram"),
         disk_path: dir.join(name).join("disk.qcow2"),
         run_dir: dir.join(name).join("run"),
-        ports: vec![PortForward { guest: 8080, host: port }],
+        ports: vec![PortForward {
+            guest: 8080,
+            host: port,
+        }],
     }
 }
 
 /// Base + kvstore installed, autostarted at boot, running: saved to `snap`.
 async fn prepare_launch_state(base: &BaseVm, dir: &Path, snap: &Path) -> anyhow::Result<()> {
     let t = target(dir, "prep", free_port());
-    let vm = base.restore("prep", &t.ram_path, &t.disk_path, &t.run_dir, t.ports.clone()).await?;
+    let vm = base
+        .restore(
+            "prep",
+            &t.ram_path,
+            &t.disk_path,
+            &t.run_dir,
+            t.ports.clone(),
+        )
+        .await?;
     let mut agent = vm.agent(Duration::from_secs(60)).await?;
-    agent.put_file(&guest_bin("kvstore"), "/opt/apps/kvstore", 0o755).await?;
-    agent.put_bytes(b"/opt/apps/kvstore --port 8080\n", AUTOSTART_PATH, 0o644).await?;
+    agent
+        .put_file(&guest_bin("kvstore"), "/opt/apps/kvstore", 0o755)
+        .await?;
+    agent
+        .put_bytes(b"/opt/apps/kvstore --port 8080\n", AUTOSTART_PATH, 0o644)
+        .await?;
     agent.sync(false, false).await?;
-    agent.spawn(&["/opt/apps/kvstore", "--port", "8080"], Some("/tmp/kvstore.log")).await?;
-    agent.wait_port(8080, Some("/health"), Duration::from_secs(30)).await?;
+    agent
+        .spawn(
+            &["/opt/apps/kvstore", "--port", "8080"],
+            Some("/tmp/kvstore.log"),
+        )
+        .await?;
+    agent
+        .wait_port(8080, Some("/health"), Duration::from_secs(30))
+        .await?;
     save_snapshot(&vm, snap).await?;
     vm.kill().await;
     Ok(())

@@ -277,6 +277,7 @@ async fn capture_booted_state(
         accel,
         ram_path: work.join("memory.ram"),
         disk_path: top.clone(),
+        disk_format: cloudlet_qemu::spec::DiskFormat::Qcow2,
         ports: vec![],
         run_dir: work.join("run"),
     };

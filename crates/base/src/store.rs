@@ -232,6 +232,7 @@ impl BaseVm {
             accel: self.manifest.accel,
             ram_path: ram.to_path_buf(),
             disk_path: disk.to_path_buf(),
+            disk_format: cloudlet_qemu::spec::DiskFormat::Qcow2,
             ports,
             run_dir: run_dir.to_path_buf(),
         }

@@ -68,13 +68,14 @@ async fn ram_file_of_the_wrong_size_is_refused() {
     let snap = dir.path().join("snap");
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::copy(base.state_path(), snap.join("state")).unwrap();
-    create_top(&base.disk_path(), &snap.join("disk.qcow2")).unwrap();
+    create_top(&base.disk_path(), &snap.join("disk")).unwrap();
     let ram = std::fs::File::create(snap.join("ram")).unwrap();
     ram.set_len(base.manifest.memory_bytes() / 2).unwrap();
     let state = cloudlet_qemu::SnapshotState {
         format: cloudlet_qemu::snapshot::SNAPSHOT_FORMAT,
         machine: base.machine(),
         accel: base.manifest.accel,
+        disk_format: cloudlet_qemu::spec::DiskFormat::Qcow2,
     };
     std::fs::write(
         snap.join("snapshot.json"),

@@ -41,7 +41,9 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {
                     // Across file systems, or not supported: copy by hand.
-                    Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS)
+                    Some(libc::EXDEV)
+                    | Some(libc::EINVAL)
+                    | Some(libc::ENOSYS)
                     | Some(libc::EOPNOTSUPP) => {
                         copied += copy_range(&input, &output, off_in as u64, hole as u64)?;
                         off_in = hole;

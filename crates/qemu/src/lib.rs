@@ -21,5 +21,5 @@ pub use qmp::{QmpClient, QmpError, QmpEvent};
 pub use snapshot::{
     read_snapshot, restore_snapshot, save_snapshot, RestoreTarget, SnapshotError, SnapshotState,
 };
-pub use spec::{Accel, MachineConfig, PortForward, VmSpec};
+pub use spec::{Accel, DiskFormat, MachineConfig, PortForward, VmSpec};
 pub use vm::{RestoreVmError, SaveVmError, StartVmError, Vm, VmExit};

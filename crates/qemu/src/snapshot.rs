@@ -6,7 +6,7 @@
 //! snapshot.json   SnapshotState: format, machine, accelerator
 //! state           QEMU device state (migration stream, x-ignore-shared: no RAM)
 //! ram             the guest's RAM, byte for byte (offset = guest-physical address)
-//! disk.qcow2      the disk top; its backing file is the base image
+//! disk            the disk: a qcow2 top over the base image, or raw
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::files::{copy_sparse, write_atomic};
-use crate::spec::{Accel, MachineConfig, PortForward, VmSpec};
+use crate::spec::{Accel, DiskFormat, MachineConfig, PortForward, VmSpec};
 use crate::vm::{RestoreVmError, SaveVmError, StartVmError, Vm};
 
 /// Version of the snapshot directory layout.
@@ -25,6 +25,8 @@ pub struct SnapshotState {
     pub format: u32,
     pub machine: MachineConfig,
     pub accel: Accel,
+    #[serde(default)]
+    pub disk_format: DiskFormat,
 }
 
 /// Where a restored VM's own files go.
@@ -70,11 +72,12 @@ pub async fn save_snapshot(vm: &Vm, dir: &Path) -> Result<SnapshotState, Snapsho
     vm.save_device_state(&dir.join("state")).await?;
     let spec = vm.spec();
     copy(&spec.ram_path, &dir.join("ram"))?;
-    copy(&spec.disk_path, &dir.join("disk.qcow2"))?;
+    copy(&spec.disk_path, &dir.join("disk"))?;
     let state = SnapshotState {
         format: SNAPSHOT_FORMAT,
         machine: spec.machine.clone(),
         accel: spec.accel,
+        disk_format: spec.disk_format,
     };
     let json = serde_json::to_vec_pretty(&state).map_err(|e| SnapshotError::Invalid {
         path: dir.to_path_buf(),
@@ -128,7 +131,7 @@ pub async fn restore_snapshot(dir: &Path, target: RestoreTarget) -> Result<Vm, S
         let _ = std::fs::create_dir_all(parent);
     }
     copy(&ram, &target.ram_path)?;
-    if let Err(e) = copy(&dir.join("disk.qcow2"), &target.disk_path) {
+    if let Err(e) = copy(&dir.join("disk"), &target.disk_path) {
         let _ = std::fs::remove_file(&target.ram_path);
         return Err(e);
     }
@@ -138,6 +141,7 @@ pub async fn restore_snapshot(dir: &Path, target: RestoreTarget) -> Result<Vm, S
         accel: state.accel,
         ram_path: target.ram_path.clone(),
         disk_path: target.disk_path.clone(),
+        disk_format: state.disk_format,
         ports: target.ports,
         run_dir: target.run_dir,
     };

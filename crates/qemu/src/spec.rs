@@ -56,6 +56,26 @@ impl MachineConfig {
     }
 }
 
+/// How the disk file is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// A qcow2 top whose backing file is the base image.
+    #[default]
+    Qcow2,
+    /// A full raw image (what overlay synthesis writes).
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
 /// Everything needed to run one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
@@ -65,8 +85,10 @@ pub struct VmSpec {
     pub accel: Accel,
     /// The guest's RAM as a plain file (`memory-backend-file,share=on`).
     pub ram_path: PathBuf,
-    /// The disk: a qcow2 whose backing file is the base image.
+    /// The disk: a qcow2 whose backing file is the base image, or raw.
     pub disk_path: PathBuf,
+    #[serde(default)]
+    pub disk_format: DiskFormat,
     pub ports: Vec<PortForward>,
     /// Where QEMU's sockets, pid file and logs go.
     pub run_dir: PathBuf,
@@ -133,7 +155,8 @@ impl VmSpec {
         push(&[
             "-blockdev",
             &format!(
-                "driver=qcow2,node-name=disk0,discard=unmap,file.driver=file,file.filename={}",
+                "driver={},node-name=disk0,discard=unmap,file.driver=file,file.filename={}",
+                self.disk_format.as_str(),
                 path_arg(&self.disk_path)
             ),
             "-device",
@@ -207,6 +230,7 @@ mod tests {
             accel: Accel::Tcg,
             ram_path: "/run/a,b/ram".into(),
             disk_path: "/d.qcow2".into(),
+            disk_format: DiskFormat::Qcow2,
             ports: vec![PortForward {
                 guest: 8080,
                 host: 40000,

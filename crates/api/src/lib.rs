@@ -1,0 +1,162 @@
+//! Wire models of the cloudlet REST API (`/v1`), shared by `cloudletd`, the
+//! client library and the CLI (like Neon's `pageserver_api`).
+//!
+//! Compatibility rule: within `/v1`, fields are only added, never removed or
+//! renamed, and new fields have defaults, so old clients keep working.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Where a cloudlet is, for discovery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct Location {
+    /// Free text, e.g. "Pittsburgh, Forbes Ave".
+    pub label: String,
+    pub latitude: f64,
+    pub longitude: f64,
+}
+
+/// An amount of compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct Resources {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub vms: u32,
+}
+
+/// `GET /v1/cloudlet`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CloudletInfo {
+    pub name: String,
+    pub location: Location,
+    pub version: String,
+    /// What this cloudlet may hand out in total.
+    pub capacity: Resources,
+    /// What is not yet handed out.
+    pub free: Resources,
+    pub base_vms: Vec<BaseVmInfo>,
+    pub flavors: Vec<Flavor>,
+    /// `tcg` or `kvm`.
+    pub accel: String,
+}
+
+/// A base VM this cloudlet holds (`GET /v1/base-vms`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BaseVmInfo {
+    pub name: String,
+    /// Content id (BLAKE3); overlays name their base by it.
+    pub id: String,
+    pub memory_mib: u64,
+    pub disk_size: u64,
+    pub accel: String,
+    pub recipe: String,
+}
+
+/// Resource limits a VM runs with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Flavor {
+    pub name: String,
+    pub vcpus: u32,
+    /// Must be at least the base VM's memory.
+    pub memory_mib: u64,
+}
+
+/// `POST /v1/vms` with a JSON body: synthesize a VM from an overlay URL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreateVmRequest {
+    /// `http(s)://` address of the overlay (a registry or the device).
+    pub overlay: String,
+    /// A name for the VM (default: derived from its id).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Flavor name (default: the cloudlet's default flavor).
+    #[serde(default)]
+    pub flavor: Option<String>,
+}
+
+/// Lifecycle of a VM on a cloudlet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Overlay being fetched, applied and restored.
+    Synthesizing,
+    Running,
+    /// Leaving for another cloudlet: still runs here until the move commits.
+    HandingOff,
+    /// Moved to another cloudlet; kept as a record.
+    Moved,
+    /// Synthesis failed; nothing runs.
+    Failed,
+    /// QEMU died unexpectedly.
+    Dead,
+    Deleting,
+}
+
+/// A guest port published on the cloudlet's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortMapping {
+    pub guest: u16,
+    pub host: u16,
+    /// `host:port` a client connects to.
+    pub endpoint: String,
+}
+
+/// Where synthesis stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct Progress {
+    /// `queued`, `fetching`, `applying`, `restoring`, `ready`, `failed`.
+    pub stage: String,
+    pub bytes_fetched: u64,
+    pub bytes_total: u64,
+    pub segments_applied: u32,
+    pub segments_total: u32,
+}
+
+/// How long one stage took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StageTiming {
+    pub stage: String,
+    pub ms: u64,
+}
+
+/// A VM (`GET /v1/vms/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmInfo {
+    pub id: String,
+    pub name: String,
+    pub state: VmState,
+    /// Rises on every move between cloudlets.
+    pub generation: u64,
+    pub base_id: String,
+    pub overlay: String,
+    pub flavor: String,
+    pub ports: Vec<PortMapping>,
+    pub created_unix: u64,
+    pub progress: Progress,
+    pub timings: Vec<StageTiming>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// Stable machine-readable kind, e.g. `not_found`, `over_capacity`.
+    pub kind: String,
+}
+
+/// App metadata carried inside an overlay: what the launch VM serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct AppInfo {
+    pub name: String,
+    /// Guest TCP ports the app listens on.
+    pub ports: Vec<u16>,
+    /// HTTP path that answers when the app is ready (on the first port).
+    #[serde(default)]
+    pub health_path: Option<String>,
+    /// The command the app was started with (for the record).
+    #[serde(default)]
+    pub command: Option<String>,
+}
