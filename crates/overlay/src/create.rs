@@ -33,6 +33,9 @@ pub struct CreateConfig {
     pub device_state: Vec<u8>,
     /// Opaque identifier of the base VM.
     pub base_id: String,
+    /// Opaque app metadata stored in the manifest (at most 64 KiB); the
+    /// daemon puts JSON of `cloudlet_api::AppInfo` here.
+    pub metadata: Vec<u8>,
     /// Chunk codec.
     pub codec: Codec,
     /// Chunk size for disk and memory: a power of two, 512..=1 MiB.
@@ -58,6 +61,7 @@ impl CreateConfig {
             launch_mem: launch_mem.into(),
             device_state,
             base_id: base_id.into(),
+            metadata: Vec::new(),
             codec: Codec::default(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             segment_size: 2 << 20,
@@ -248,6 +252,13 @@ pub fn create_overlay_to_writer<W: Write>(
         return Err(CreateOverlayError::InvalidConfig(
             "base id longer than 1024 bytes".into(),
         ));
+    }
+    if config.metadata.len() > format::MAX_METADATA_LEN {
+        return Err(CreateOverlayError::InvalidConfig(format!(
+            "metadata is {} bytes, more than {}",
+            config.metadata.len(),
+            format::MAX_METADATA_LEN
+        )));
     }
     if config.device_state.len() > MAX_DEVICE_STATE_LEN as usize {
         return Err(CreateOverlayError::InvalidConfig(
@@ -444,6 +455,7 @@ pub fn create_overlay_to_writer<W: Write>(
     let manifest = Manifest {
         chunk_size: cs,
         base_id: config.base_id.clone(),
+        metadata: config.metadata.clone(),
         base_disk_size: im.base_disk.len() as u64,
         base_mem_size: im.base_mem.len() as u64,
         disk_size: im.launch_disk.len() as u64,

@@ -38,6 +38,9 @@
 //! ```text
 //! u32 chunk_size                 power of two, 512..=1 MiB (4096 by default)
 //! u16 base_id_len, base_id       UTF-8, at most 1024 bytes, opaque
+//! u32 metadata_len, metadata     opaque app metadata, at most 64 KiB (the
+//!                                daemon stores JSON of `cloudlet_api::AppInfo`:
+//!                                app name, ports, health path, command)
 //! u64 base_disk_size, base_mem_size, disk_size, mem_size
 //! [32] base_disk_hash, base_mem_hash      image hashes (see below)
 //! [32] disk_hash, mem_hash                image hashes of the launch images
@@ -99,6 +102,8 @@ pub const MAX_DEVICE_STATE_LEN: u32 = 512 << 20;
 /// Largest image size a reader accepts (1 TiB).
 pub const MAX_IMAGE_SIZE: u64 = 1 << 40;
 const MAX_BASE_ID_LEN: usize = 1024;
+/// Largest app metadata a manifest carries.
+pub const MAX_METADATA_LEN: usize = 64 << 10;
 
 const HEADER_HASHED_LEN: usize = 96;
 const IMAGE_HASH_DOMAIN: &[u8] = b"cloudlet-overlay image v1";
@@ -242,6 +247,8 @@ pub struct Header {
 pub struct Manifest {
     pub chunk_size: u32,
     pub base_id: String,
+    /// Opaque app metadata (at most [`MAX_METADATA_LEN`] bytes).
+    pub metadata: Vec<u8>,
     pub base_disk_size: u64,
     pub base_mem_size: u64,
     pub disk_size: u64,
@@ -478,6 +485,8 @@ impl Manifest {
         w.extend_from_slice(&self.chunk_size.to_le_bytes());
         w.extend_from_slice(&(self.base_id.len() as u16).to_le_bytes());
         w.extend_from_slice(self.base_id.as_bytes());
+        w.extend_from_slice(&(self.metadata.len() as u32).to_le_bytes());
+        w.extend_from_slice(&self.metadata);
         for v in [
             self.base_disk_size,
             self.base_mem_size,
@@ -579,6 +588,11 @@ impl Manifest {
         }
         let base_id = String::from_utf8(r.bytes(id_len)?.to_vec())
             .map_err(|_| r.invalid("base id is not UTF-8".into()))?;
+        let metadata_len = r.u32()? as usize;
+        if metadata_len > MAX_METADATA_LEN {
+            return Err(r.invalid(format!("metadata length {metadata_len} too large")));
+        }
+        let metadata = r.bytes(metadata_len)?.to_vec();
         let base_disk_size = r.size()?;
         let base_mem_size = r.size()?;
         let disk_size = r.size()?;
@@ -674,6 +688,7 @@ impl Manifest {
         let mut m = Manifest {
             chunk_size,
             base_id,
+            metadata,
             base_disk_size,
             base_mem_size,
             disk_size,
@@ -923,6 +938,22 @@ mod tests {
         for n in 0..HEADER_LEN {
             assert!(Header::parse(&b[..n]).is_err());
         }
+    }
+
+    #[test]
+    fn metadata_length_is_bounded() {
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&4096u32.to_le_bytes());
+        raw.extend_from_slice(&0u16.to_le_bytes());
+        raw.extend_from_slice(&((MAX_METADATA_LEN + 1) as u32).to_le_bytes());
+        raw.extend(std::iter::repeat(b'a').take(MAX_METADATA_LEN + 1));
+        let err = Manifest::decode(&raw).unwrap_err();
+        assert!(err.to_string().contains("metadata length"), "{err}");
+        // Shorter than announced: refused, no panic.
+        let mut raw = raw[..6].to_vec();
+        raw.extend_from_slice(&100u32.to_le_bytes());
+        raw.extend_from_slice(b"short");
+        assert!(Manifest::decode(&raw).is_err());
     }
 
     #[test]

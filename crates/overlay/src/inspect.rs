@@ -69,6 +69,12 @@ pub fn chunk_stats(m: &Manifest) -> ChunkStats {
 pub struct OverlayInfo {
     pub format_version: u32,
     pub base_id: String,
+    /// App metadata length, and the metadata itself when it is UTF-8 text.
+    pub metadata_len: u64,
+    pub metadata_text: Option<String>,
+    /// The raw app metadata.
+    #[serde(skip)]
+    pub metadata: Vec<u8>,
     pub chunk_size: u32,
     pub base_disk_size: u64,
     pub base_mem_size: u64,
@@ -155,6 +161,9 @@ pub fn info(header: &format::Header, m: &Manifest) -> OverlayInfo {
     OverlayInfo {
         format_version: header.format_version,
         base_id: m.base_id.clone(),
+        metadata_len: m.metadata.len() as u64,
+        metadata_text: String::from_utf8(m.metadata.clone()).ok(),
+        metadata: m.metadata.clone(),
         chunk_size: m.chunk_size,
         base_disk_size: m.base_disk_size,
         base_mem_size: m.base_mem_size,
@@ -181,6 +190,11 @@ impl fmt::Display for OverlayInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "format version   {}", self.format_version)?;
         writeln!(f, "base id          {}", self.base_id)?;
+        match (&self.metadata_text, self.metadata_len) {
+            (_, 0) => writeln!(f, "app metadata     none")?,
+            (Some(t), _) => writeln!(f, "app metadata     {t}")?,
+            (None, n) => writeln!(f, "app metadata     {n} bytes (binary)")?,
+        }
         writeln!(f, "chunk size       {}", self.chunk_size)?;
         writeln!(
             f,

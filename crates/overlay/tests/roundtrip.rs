@@ -18,6 +18,12 @@ fn roundtrip(vm: &Vm, codec: Codec) {
     let info = inspect(&ov).unwrap();
     assert_eq!(info.chunks, stats.chunks);
     assert_eq!(info.launch_hash, stats.launch_hash);
+    assert_eq!(info.metadata, vm.metadata);
+    assert_eq!(info.metadata_len, vm.metadata.len() as u64);
+    assert_eq!(
+        info.metadata_text,
+        String::from_utf8(vm.metadata.clone()).ok()
+    );
     vm.clear_output();
     let file = std::fs::File::open(&ov).unwrap();
     let out = apply_overlay_from_reader(std::io::BufReader::new(file), &vm.apply_config()).unwrap();
@@ -41,8 +47,13 @@ proptest! {
             Just(Codec::Zstd { level: 1 }),
             Just(Codec::Store),
         ],
+        metadata in prop_oneof![
+            Just(Vec::new()),
+            prop::collection::vec(any::<u8>(), 0..2000),
+        ],
     ) {
-        let vm = random_vm(seed, disk, mem, grow, tail);
+        let mut vm = random_vm(seed, disk, mem, grow, tail);
+        vm.metadata = metadata;
         roundtrip(&vm, codec);
     }
 }
@@ -183,5 +194,22 @@ fn mismatched_sizes_are_refused() {
     let ov = overlay_path(vm.dir.path());
     let err = create_overlay(&vm.create_config(Codec::default()), &ov).unwrap_err();
     assert!(err.to_string().starts_with("Launch memory"), "{err}");
+    assert!(!ov.exists());
+}
+
+#[test]
+fn metadata_is_bounded_and_kept() {
+    let mut vm = random_vm(13, 8, 8, 0, 0);
+    vm.metadata = vec![b'x'; cloudlet_overlay::format::MAX_METADATA_LEN];
+    vm.write();
+    let ov = overlay_path(vm.dir.path());
+    create_overlay(&vm.create_config(Codec::default()), &ov).unwrap();
+    let info = inspect(&ov).unwrap();
+    assert_eq!(info.metadata, vm.metadata);
+    assert!(info.to_string().contains("app metadata     xxx"), "{info}");
+    std::fs::remove_file(&ov).unwrap();
+    vm.metadata.push(b'x');
+    let err = create_overlay(&vm.create_config(Codec::default()), &ov).unwrap_err();
+    assert!(err.to_string().contains("metadata"), "{err}");
     assert!(!ov.exists());
 }

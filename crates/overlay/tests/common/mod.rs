@@ -16,6 +16,8 @@ pub struct Vm {
     pub launch_disk: Vec<u8>,
     pub launch_mem: Vec<u8>,
     pub device_state: Vec<u8>,
+    /// App metadata stored in the manifest.
+    pub metadata: Vec<u8>,
 }
 
 impl Vm {
@@ -41,6 +43,7 @@ impl Vm {
             "base-1",
         );
         c.codec = codec;
+        c.metadata = self.metadata.clone();
         c.segment_size = 16 * CS as u32;
         c
     }
@@ -169,6 +172,7 @@ pub fn random_vm(seed: u64, disk_chunks: usize, mem_chunks: usize, grow: usize, 
         launch_disk,
         launch_mem,
         device_state,
+        metadata: br#"{"name":"app","ports":[8080],"health_path":"/health"}"#.to_vec(),
     }
 }
 
