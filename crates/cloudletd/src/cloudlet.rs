@@ -1,0 +1,675 @@
+//! The cloudlet: VM registry, capacity, synthesis and lifecycle. HTTP
+//! handlers call this (through [`CloudletOps`]); it never sees HTTP.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cloudlet_api::{
+    AppInfo, BaseVmInfo, CloudletInfo, CreateVmRequest, PortMapping, Progress, Resources, VmInfo,
+    VmState,
+};
+use cloudlet_base::{BaseStore, BaseVm};
+use cloudlet_qemu::{PortForward, Vm, VmExit};
+
+use crate::config::CloudletConfig;
+use crate::fetch::{FetchOverlayError, OverlaySource};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, VmRecord, RECORD_FORMAT};
+use crate::synth::{app_info, synthesize, SynthProgress, SynthRequest, SynthesizeError, VmPaths};
+
+/// Why a VM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateVmError {
+    #[error("Unknown flavor {0:?}")]
+    UnknownFlavor(String),
+    #[error("Invalid VM name {0:?}: use 1-63 letters, digits, '-' or '_'")]
+    BadName(String),
+    #[error("A VM named {0:?} exists already")]
+    NameTaken(String),
+    #[error("Cannot use the overlay: {0}")]
+    Overlay(#[from] FetchOverlayError),
+    #[error("Overlay metadata: {0}")]
+    Metadata(String),
+    #[error("This cloudlet does not hold the overlay's base VM {base_id}")]
+    BaseNotHeld { base_id: String },
+    #[error("Flavor {flavor} has {flavor_mib} MiB, the base VM needs {base_mib} MiB")]
+    FlavorTooSmall {
+        flavor: String,
+        flavor_mib: u64,
+        base_mib: u64,
+    },
+    #[error("Over capacity: {detail}")]
+    OverCapacity { detail: String },
+    #[error("No free host port in {0}-{1}")]
+    NoPorts(u16, u16),
+    #[error("Synthesis failed: {0}")]
+    Synthesis(#[from] SynthesizeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmOpError {
+    #[error("No VM {0}")]
+    NotFound(String),
+    #[error("VM {id} is {state:?}: {what} is not possible now")]
+    Busy {
+        id: String,
+        state: VmState,
+        what: &'static str,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BaseOpError {
+    #[error(transparent)]
+    Base(#[from] cloudlet_base::BaseError),
+    #[error(transparent)]
+    Archive(#[from] cloudlet_base::ArchiveError),
+    #[error("Base VM {name} is used by {count} VM(s)")]
+    InUse { name: String, count: usize },
+}
+
+/// What the HTTP layer may ask of a cloudlet.
+pub trait CloudletOps: Send + Sync + 'static {
+    fn info(&self) -> CloudletInfo;
+    fn list_bases(&self) -> Result<Vec<BaseVmInfo>, BaseOpError>;
+    fn import_base(
+        &self,
+        file: PathBuf,
+    ) -> impl Future<Output = Result<BaseVmInfo, BaseOpError>> + Send;
+    fn delete_base(&self, name: &str) -> Result<(), BaseOpError>;
+    fn list_vms(&self) -> Vec<VmInfo>;
+    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError>;
+    fn create_vm(
+        &self,
+        req: CreateVmRequest,
+        source: OverlaySource,
+    ) -> impl Future<Output = Result<VmInfo, CreateVmError>> + Send;
+    fn delete_vm(&self, id: &str) -> impl Future<Output = Result<(), VmOpError>> + Send;
+    fn metrics(&self) -> String;
+}
+
+struct Entry {
+    record: VmRecord,
+    vm: Option<Arc<Vm>>,
+    progress: Arc<SynthProgress>,
+}
+
+/// One cloudlet's daemon state.
+pub struct Cloudlet {
+    pub config: CloudletConfig,
+    bases: BaseStore,
+    store: Store,
+    vms: Mutex<HashMap<String, Entry>>,
+    pub metrics: Metrics,
+    accel: String,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
+    BaseVmInfo {
+        name: m.name.clone(),
+        id: m.id.clone(),
+        memory_mib: m.machine.memory_mib,
+        disk_size: m.disk_size,
+        accel: m.accel.as_str().into(),
+        recipe: m.recipe.clone(),
+    }
+}
+
+/// States that hold resources on this cloudlet.
+fn holds_resources(s: VmState) -> bool {
+    matches!(
+        s,
+        VmState::Synthesizing | VmState::Running | VmState::HandingOff | VmState::Deleting
+    )
+}
+
+impl Cloudlet {
+    /// Open the store and take over what a previous daemon left running.
+    pub async fn open(config: CloudletConfig) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.home)?;
+        std::fs::create_dir_all(&config.vm_dir)?;
+        let store = Store::open(&config.home.join("cloudletd.redb"))?;
+        let bases = BaseStore::new(&config.home);
+        let accel = bases
+            .list()
+            .ok()
+            .and_then(|l| l.first().map(|m| m.accel.as_str().to_string()))
+            .unwrap_or_else(|| "tcg".into());
+        let c = Arc::new(Cloudlet {
+            config,
+            bases,
+            store,
+            vms: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            accel,
+        });
+        c.recover().await?;
+        Ok(c)
+    }
+
+    /// Re-adopt QEMU processes still running; mark dead ones; clean up
+    /// work that was cut short by a crash.
+    async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        for mut rec in self.store.list()? {
+            let id = rec.info.id.clone();
+            let paths = self.paths(&id);
+            match rec.info.state {
+                VmState::Synthesizing => {
+                    paths.remove();
+                    rec.info.state = VmState::Failed;
+                    rec.info.error = Some("The daemon restarted during synthesis".into());
+                    rec.info.ports.clear();
+                    self.store.put(&rec)?;
+                }
+                VmState::Deleting => {
+                    kill_pid(rec.pid);
+                    paths.remove();
+                    self.store.delete(&id)?;
+                    continue;
+                }
+                VmState::Running | VmState::HandingOff => {
+                    let adopted = match (&rec.spec, rec.pid) {
+                        (Some(spec), Some(pid)) if qemu_alive(pid, spec) => {
+                            Vm::adopt(spec.clone(), pid).await.ok()
+                        }
+                        _ => None,
+                    };
+                    match adopted {
+                        Some(vm) => {
+                            tracing::info!(vm_id = %id, pid = vm.pid(), "re-adopted running VM");
+                            let vm = Arc::new(vm);
+                            rec.info.state = VmState::Running;
+                            self.store.put(&rec)?;
+                            self.insert(rec, Some(vm.clone()));
+                            self.watch(id, vm);
+                            continue;
+                        }
+                        None => {
+                            tracing::warn!(vm_id = %id, "VM died while the daemon was away");
+                            rec.info.state = VmState::Dead;
+                            rec.info.error =
+                                Some("QEMU exited while the daemon was not running".into());
+                            self.store.put(&rec)?;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            self.insert(rec, None);
+        }
+        Ok(())
+    }
+
+    fn insert(&self, record: VmRecord, vm: Option<Arc<Vm>>) {
+        if let Ok(mut m) = self.vms.lock() {
+            m.insert(
+                record.info.id.clone(),
+                Entry {
+                    record,
+                    vm,
+                    progress: Arc::default(),
+                },
+            );
+        }
+    }
+
+    fn paths(&self, id: &str) -> VmPaths {
+        VmPaths {
+            dir: self.config.home.join("vms").join(id),
+            run: self.config.vm_dir.join(id),
+        }
+    }
+
+    /// Notice a VM's QEMU dying and record it.
+    fn watch(self: &Arc<Self>, id: String, vm: Arc<Vm>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let exit = vm.wait_exit().await;
+            let rec = {
+                let Ok(mut m) = me.vms.lock() else { return };
+                let Some(e) = m.get_mut(&id) else { return };
+                if !matches!(e.record.info.state, VmState::Running | VmState::HandingOff) {
+                    return; // deleted or moved on purpose
+                }
+                e.record.info.state = VmState::Dead;
+                e.record.info.error = Some(match exit {
+                    VmExit::Exited { code } => format!("QEMU exited unexpectedly (code {code:?})"),
+                    VmExit::Vanished => "QEMU vanished".into(),
+                });
+                e.vm = None;
+                e.record.clone()
+            };
+            tracing::error!(vm_id = %id, "VM died: {:?}", rec.info.error);
+            me.metrics.vm_deaths.inc();
+            if let Err(e) = me.store.put(&rec) {
+                tracing::error!(vm_id = %id, "cannot record VM death: {e}");
+            }
+        });
+    }
+
+    fn used(&self) -> Resources {
+        let m = match self.vms.lock() {
+            Ok(m) => m,
+            Err(_) => return Resources::default(),
+        };
+        let mut r = Resources::default();
+        for e in m.values().filter(|e| holds_resources(e.record.info.state)) {
+            r.vcpus += e.record.vcpus;
+            r.memory_mib += e.record.memory_mib;
+            r.vms += 1;
+        }
+        r
+    }
+
+    fn allocate_ports(&self, guest: &[u16]) -> Result<Vec<PortForward>, CreateVmError> {
+        let taken: Vec<u16> = self
+            .vms
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|e| holds_resources(e.record.info.state))
+                    .flat_map(|e| e.record.info.ports.iter().map(|p| p.host))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let [lo, hi] = self.config.host_ports;
+        let mut out = Vec::new();
+        let mut next = lo;
+        for &g in guest {
+            let port = (next..=hi)
+                .find(|p| !taken.contains(p) && TcpListener::bind(("0.0.0.0", *p)).is_ok())
+                .ok_or(CreateVmError::NoPorts(lo, hi))?;
+            out.push(PortForward {
+                guest: g,
+                host: port,
+            });
+            next = port.saturating_add(1);
+        }
+        Ok(out)
+    }
+
+    /// Reserve resources and a record, atomically with the capacity check.
+    fn reserve(&self, rec: VmRecord) -> Result<Arc<SynthProgress>, CreateVmError> {
+        let mut m = self.vms.lock().map_err(|_| CreateVmError::OverCapacity {
+            detail: "internal lock poisoned".into(),
+        })?;
+        let mut used = Resources::default();
+        for e in m.values().filter(|e| holds_resources(e.record.info.state)) {
+            used.vcpus += e.record.vcpus;
+            used.memory_mib += e.record.memory_mib;
+            used.vms += 1;
+            if e.record.info.name == rec.info.name {
+                return Err(CreateVmError::NameTaken(rec.info.name.clone()));
+            }
+        }
+        let cap = self.config.capacity;
+        let detail = if used.vms + 1 > cap.vms {
+            Some(format!("{} of {} VMs in use", used.vms, cap.vms))
+        } else if used.vcpus + rec.vcpus > cap.vcpus {
+            Some(format!(
+                "{} of {} vCPUs in use, {} more asked",
+                used.vcpus, cap.vcpus, rec.vcpus
+            ))
+        } else if used.memory_mib + rec.memory_mib > cap.memory_mib {
+            Some(format!(
+                "{} of {} MiB in use, {} more asked",
+                used.memory_mib, cap.memory_mib, rec.memory_mib
+            ))
+        } else {
+            None
+        };
+        if let Some(detail) = detail {
+            return Err(CreateVmError::OverCapacity { detail });
+        }
+        self.store.put(&rec)?;
+        let progress = Arc::new(SynthProgress::default());
+        progress.set_stage("queued");
+        m.insert(
+            rec.info.id.clone(),
+            Entry {
+                record: rec,
+                vm: None,
+                progress: progress.clone(),
+            },
+        );
+        Ok(progress)
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Option<VmRecord> {
+        let mut m = self.vms.lock().ok()?;
+        let e = m.get_mut(id)?;
+        f(e);
+        Some(e.record.clone())
+    }
+
+    fn view(e: &Entry) -> VmInfo {
+        let mut info = e.record.info.clone();
+        if info.state == VmState::Synthesizing {
+            info.progress = e.progress.snapshot();
+        }
+        info
+    }
+
+    fn resolve(&self, base_id: &str) -> Result<BaseVm, CreateVmError> {
+        self.bases
+            .get_by_id(base_id)
+            .map_err(|_| CreateVmError::BaseNotHeld {
+                base_id: base_id.to_string(),
+            })
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn kill_pid(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        // SAFETY: signalling a pid we recorded as our QEMU.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// Whether `pid` is still the QEMU that runs `spec` (pids get reused).
+fn qemu_alive(pid: u32, spec: &cloudlet_qemu::VmSpec) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("qemu-system") && c.contains(&spec.qmp_socket().display().to_string())
+        })
+        .unwrap_or(false)
+}
+
+impl CloudletOps for Arc<Cloudlet> {
+    fn info(&self) -> CloudletInfo {
+        let used = self.used();
+        let cap = self.config.capacity;
+        CloudletInfo {
+            name: self.config.name.clone(),
+            location: self.config.location.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            capacity: cap,
+            free: Resources {
+                vcpus: cap.vcpus.saturating_sub(used.vcpus),
+                memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
+                vms: cap.vms.saturating_sub(used.vms),
+            },
+            base_vms: self.list_bases().unwrap_or_default(),
+            flavors: self.config.flavors.clone(),
+            accel: self.accel.clone(),
+        }
+    }
+
+    fn list_bases(&self) -> Result<Vec<BaseVmInfo>, BaseOpError> {
+        Ok(self.bases.list()?.iter().map(base_info).collect())
+    }
+
+    async fn import_base(&self, file: PathBuf) -> Result<BaseVmInfo, BaseOpError> {
+        let bases = self.bases.clone();
+        let r =
+            tokio::task::spawn_blocking(move || cloudlet_base::import_base(&bases, &file, None))
+                .await
+                .map_err(|e| cloudlet_base::BaseError::Damaged {
+                    name: "import".into(),
+                    detail: e.to_string(),
+                })?;
+        Ok(base_info(&r?))
+    }
+
+    fn delete_base(&self, name: &str) -> Result<(), BaseOpError> {
+        let base = self.bases.get(name)?;
+        let count = self
+            .vms
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|e| {
+                        holds_resources(e.record.info.state)
+                            && e.record.info.base_id == base.manifest.id
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if count > 0 {
+            return Err(BaseOpError::InUse {
+                name: name.into(),
+                count,
+            });
+        }
+        Ok(self.bases.delete(name)?)
+    }
+
+    fn list_vms(&self) -> Vec<VmInfo> {
+        let mut v: Vec<VmInfo> = self
+            .vms
+            .lock()
+            .map(|m| m.values().map(Cloudlet::view).collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError> {
+        let m = self
+            .vms
+            .lock()
+            .map_err(|_| VmOpError::NotFound(id.into()))?;
+        m.get(id)
+            .or_else(|| m.values().find(|e| e.record.info.name == id))
+            .map(Cloudlet::view)
+            .ok_or_else(|| VmOpError::NotFound(id.into()))
+    }
+
+    async fn create_vm(
+        &self,
+        req: CreateVmRequest,
+        source: OverlaySource,
+    ) -> Result<VmInfo, CreateVmError> {
+        let flavor_name = req
+            .flavor
+            .clone()
+            .unwrap_or(self.config.default_flavor.clone());
+        let flavor = self
+            .config
+            .flavor(&flavor_name)
+            .cloned()
+            .ok_or(CreateVmError::UnknownFlavor(flavor_name.clone()))?;
+        if let Some(n) = &req.name {
+            if !valid_name(n) {
+                return Err(CreateVmError::BadName(n.clone()));
+            }
+        }
+        // Everything that can be refused is refused before anything starts.
+        let (header, manifest, _) = source.manifest().await?;
+        let app: AppInfo =
+            app_info(&manifest).map_err(|e| CreateVmError::Metadata(e.to_string()))?;
+        let base = self.resolve(&manifest.base_id)?;
+        if flavor.memory_mib < base.manifest.machine.memory_mib {
+            return Err(CreateVmError::FlavorTooSmall {
+                flavor: flavor.name,
+                flavor_mib: flavor.memory_mib,
+                base_mib: base.manifest.machine.memory_mib,
+            });
+        }
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
+        let ports = self.allocate_ports(&app.ports)?;
+        let info = VmInfo {
+            id: id.clone(),
+            name: name.clone(),
+            state: VmState::Synthesizing,
+            generation: 1,
+            base_id: base.manifest.id.clone(),
+            overlay: source.describe(),
+            flavor: flavor.name.clone(),
+            ports: ports
+                .iter()
+                .map(|p| PortMapping {
+                    guest: p.guest,
+                    host: p.host,
+                    endpoint: format!("{}:{}", self.config.public_host, p.host),
+                })
+                .collect(),
+            created_unix: now_unix(),
+            progress: Progress::default(),
+            timings: vec![],
+            error: None,
+        };
+        let paths = self.paths(&id);
+        let rec = VmRecord {
+            format: RECORD_FORMAT,
+            info,
+            spec: None,
+            pid: None,
+            dir: paths.dir.clone(),
+            app: app.clone(),
+            vcpus: flavor.vcpus,
+            memory_mib: flavor.memory_mib,
+        };
+        let progress = self.reserve(rec)?;
+        self.metrics.synth_started.inc();
+        tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");
+        let result = synthesize(
+            SynthRequest {
+                vm_id: &id,
+                name: &name,
+                source: &source,
+                manifest,
+                file_len: header.file_len,
+                base: &base,
+                paths: &paths,
+                ports,
+                app: &app,
+            },
+            &progress,
+        )
+        .await;
+        match result {
+            Ok((vm, timings)) => {
+                let vm = Arc::new(vm);
+                let total = timings
+                    .iter()
+                    .find(|t| t.stage == "total")
+                    .map_or(0, |t| t.ms);
+                self.metrics.synth_ok.inc();
+                self.metrics.synth_ms.observe(total);
+                let rec = self
+                    .update(&id, |e| {
+                        e.record.info.state = VmState::Running;
+                        e.record.info.timings = timings;
+                        e.record.info.progress = e.progress.snapshot();
+                        e.record.spec = Some(vm.spec().clone());
+                        e.record.pid = Some(vm.pid());
+                        e.vm = Some(vm.clone());
+                    })
+                    .ok_or_else(|| VmOpError::NotFound(id.clone()))
+                    .map_err(|e| CreateVmError::OverCapacity {
+                        detail: e.to_string(),
+                    })?;
+                if let Err(e) = self.store.put(&rec) {
+                    vm.kill().await;
+                    paths.remove();
+                    return Err(e.into());
+                }
+                self.watch(id.clone(), vm);
+                tracing::info!(vm_id = %id, ms = total, "VM running");
+                Ok(Cloudlet::view(&Entry {
+                    record: rec,
+                    vm: None,
+                    progress,
+                }))
+            }
+            Err(e) => {
+                self.metrics.synth_failed.inc();
+                tracing::warn!(vm_id = %id, "synthesis failed: {e}");
+                paths.remove();
+                if let Some(rec) = self.update(&id, |en| {
+                    en.record.info.state = VmState::Failed;
+                    en.record.info.error = Some(e.to_string());
+                    en.record.info.progress = en.progress.snapshot();
+                    en.record.info.progress.stage = "failed".into();
+                    en.record.info.ports.clear();
+                }) {
+                    let _ = self.store.put(&rec);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn delete_vm(&self, id: &str) -> Result<(), VmOpError> {
+        let (id, vm, rec) = {
+            let mut m = self
+                .vms
+                .lock()
+                .map_err(|_| VmOpError::NotFound(id.into()))?;
+            let key = m
+                .iter()
+                .find(|(k, e)| k.as_str() == id || e.record.info.name == id)
+                .map(|(k, _)| k.clone())
+                .ok_or_else(|| VmOpError::NotFound(id.into()))?;
+            let e = m
+                .get_mut(&key)
+                .ok_or_else(|| VmOpError::NotFound(id.into()))?;
+            match e.record.info.state {
+                VmState::Synthesizing | VmState::HandingOff | VmState::Deleting => {
+                    return Err(VmOpError::Busy {
+                        id: key,
+                        state: e.record.info.state,
+                        what: "delete",
+                    })
+                }
+                _ => {}
+            }
+            e.record.info.state = VmState::Deleting;
+            (key, e.vm.take(), e.record.clone())
+        };
+        self.store.put(&rec)?;
+        match vm {
+            Some(vm) => vm.kill().await,
+            None => kill_pid(
+                rec.pid
+                    .filter(|p| rec.spec.as_ref().is_some_and(|s| qemu_alive(*p, s))),
+            ),
+        }
+        self.paths(&id).remove();
+        self.store.delete(&id)?;
+        if let Ok(mut m) = self.vms.lock() {
+            m.remove(&id);
+        }
+        tracing::info!(vm_id = %id, "VM deleted");
+        Ok(())
+    }
+
+    fn metrics(&self) -> String {
+        let used = self.used();
+        let running = self
+            .vms
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|e| e.record.info.state == VmState::Running)
+                    .count()
+            })
+            .unwrap_or(0);
+        self.metrics.render(running, used, self.config.capacity)
+    }
+}

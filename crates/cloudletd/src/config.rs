@@ -1,0 +1,119 @@
+//! `CloudletConfig`: what an operator gives a cloudlet (a TOML file; every
+//! field has an embedded default, so `cloudletd` runs with no file at all).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cloudlet_api::{Flavor, Location, Resources};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudletConfig {
+    /// This cloudlet's name (default: the host name).
+    pub name: String,
+    pub location: Location,
+    /// Where the REST API listens.
+    pub listen: SocketAddr,
+    /// Host name or address clients use to reach VM ports.
+    pub public_host: String,
+    /// Base VMs and the state store (default: `$CLOUDLET_HOME`).
+    pub home: PathBuf,
+    /// Where running VMs' RAM files live (a tmpfs is fastest).
+    pub vm_dir: PathBuf,
+    /// What this cloudlet may hand out.
+    pub capacity: Resources,
+    pub flavors: Vec<Flavor>,
+    pub default_flavor: String,
+    /// Bearer tokens accepted for calls that change something.
+    pub tokens: Vec<String>,
+    /// Host ports handed to VM port forwards: `[first, last]`.
+    pub host_ports: [u16; 2],
+}
+
+impl Default for CloudletConfig {
+    fn default() -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "cloudlet".into());
+        let mem_mib = host_memory_mib();
+        CloudletConfig {
+            name: host,
+            location: Location::default(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7450)),
+            public_host: "127.0.0.1".into(),
+            home: cloudlet_base::default_home(),
+            vm_dir: if Path::new("/dev/shm").is_dir() {
+                PathBuf::from("/dev/shm/cloudlet")
+            } else {
+                cloudlet_base::default_home().join("vms")
+            },
+            capacity: Resources {
+                vcpus: 2 * std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                memory_mib: mem_mib * 3 / 4,
+                vms: 16,
+            },
+            flavors: vec![
+                Flavor {
+                    name: "small".into(),
+                    vcpus: 1,
+                    memory_mib: 512,
+                },
+                Flavor {
+                    name: "large".into(),
+                    vcpus: 2,
+                    memory_mib: 1024,
+                },
+            ],
+            default_flavor: "small".into(),
+            tokens: vec![],
+            host_ports: [20000, 29999],
+        }
+    }
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(4096, |kb| kb / 1024)
+}
+
+impl CloudletConfig {
+    /// Read a TOML file; missing fields take their defaults.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("Invalid config {}: {e}", path.display()))
+    }
+
+    pub fn flavor(&self, name: &str) -> Option<&Flavor> {
+        self.flavors.iter().find(|f| f.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_file_keeps_defaults() {
+        let c: CloudletConfig = toml::from_str(
+            "name = \"edge-1\"\ntokens = [\"t\"]\n[location]\nlabel = \"x\"\nlatitude = 1.0\nlongitude = 2.0\n",
+        )
+        .unwrap();
+        assert_eq!(c.name, "edge-1");
+        assert_eq!(c.default_flavor, "small");
+        assert!(c.flavor("small").is_some());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(toml::from_str::<CloudletConfig>("nmae = \"typo\"").is_err());
+    }
+}

@@ -1,0 +1,38 @@
+//! `cloudletd`, the daemon of one cloudlet.
+//!
+//! - [`config`]: what an operator sets (TOML, embedded defaults);
+//! - [`store`]: VM records in an embedded database, written atomically;
+//! - [`cloudlet`]: the domain: VM registry, capacity, synthesis, recovery;
+//! - [`synth`] and [`fetch`]: the synthesis pipeline;
+//! - [`http`]: the REST API and its OpenAPI document;
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod cloudlet;
+pub mod config;
+pub mod fetch;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod synth;
+
+use std::sync::Arc;
+
+pub use cloudlet::{Cloudlet, CloudletOps};
+pub use config::CloudletConfig;
+
+/// Run a cloudlet on `listener` until the process ends.
+pub async fn serve(
+    cloudlet: Arc<Cloudlet>,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let state = Arc::new(http::AppState {
+        tokens: cloudlet.config.tokens.clone(),
+        spool: cloudlet.config.home.join("spool"),
+        http: reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()?,
+        ops: cloudlet,
+    });
+    axum::serve(listener, http::router(state)).await?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! `cloudletd`: the daemon of one cloudlet (thin: see the library).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use cloudletd::{Cloudlet, CloudletConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "cloudletd",
+    version,
+    about = "The cloudlet daemon: REST API for base VMs, synthesis and handoff"
+)]
+struct Args {
+    /// TOML config file; without one, the embedded defaults apply.
+    #[arg(long, env = "CLOUDLETD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (overrides the config).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// State directory (overrides the config; default $CLOUDLET_HOME).
+    #[arg(long, env = "CLOUDLET_HOME")]
+    home: Option<PathBuf>,
+    /// Where VM RAM files go (overrides the config).
+    #[arg(long)]
+    vm_dir: Option<PathBuf>,
+    /// Cloudlet name (overrides the config).
+    #[arg(long)]
+    name: Option<String>,
+    /// Bearer token for changes (added to the config's).
+    #[arg(long, env = "CLOUDLET_TOKEN")]
+    token: Option<String>,
+    /// Print the OpenAPI document and exit.
+    #[arg(long)]
+    openapi: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.openapi {
+        println!("{}", cloudletd::http::openapi_json());
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLOUDLET_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut config = match &args.config {
+        Some(p) => CloudletConfig::load(p)?,
+        None => CloudletConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(h) = args.home {
+        config.home = h;
+    }
+    if let Some(d) = args.vm_dir {
+        config.vm_dir = d;
+    }
+    if let Some(n) = args.name {
+        config.name = n;
+    }
+    if let Some(t) = args.token {
+        config.tokens.push(t);
+    }
+    if config.tokens.is_empty() {
+        let path = config.home.join("token");
+        let token = match std::fs::read_to_string(&path) {
+            Ok(t) => t.trim().to_string(),
+            Err(_) => {
+                let t = hex::encode(rand::random::<[u8; 16]>());
+                std::fs::create_dir_all(&config.home)?;
+                std::fs::write(&path, &t).with_context(|| format!("Writing {}", path.display()))?;
+                t
+            }
+        };
+        tracing::info!("no token configured: using the one in {}", path.display());
+        config.tokens.push(token);
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("Cannot listen on {}", config.listen))?;
+    let cloudlet = Cloudlet::open(config)
+        .await
+        .context("Opening the cloudlet")?;
+    tracing::info!(
+        name = %cloudlet.config.name,
+        listen = %listener.local_addr()?,
+        "cloudletd ready"
+    );
+    cloudletd::serve(cloudlet, listener).await
+}
