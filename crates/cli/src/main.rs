@@ -17,6 +17,8 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
+    #[command(flatten)]
+    target: cmd::remote::Target,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,6 +34,19 @@ enum Command {
     /// Base VMs: build, list, show, export, import, delete.
     #[command(subcommand)]
     Base(cmd::base::BaseCommand),
+    /// VM overlays: package an app (create), inspect, verify, apply.
+    #[command(subcommand)]
+    Overlay(cmd::overlay::OverlayCommand),
+    /// Ask a cloudlet to run an app from its overlay (VM synthesis).
+    Synthesize(cmd::remote::SynthesizeArgs),
+    /// VMs on a cloudlet: list, show, delete.
+    #[command(subcommand)]
+    Vm(cmd::remote::VmCommand),
+    /// What a cloudlet is and what it has free.
+    Info,
+    /// The overlay registry of the cloud tier: serve, push, list.
+    #[command(subcommand)]
+    Registry(cmd::registry::RegistryCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +63,13 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Base(c) => cmd::base::run(c, &home, cli.output).await,
+            Command::Overlay(c) => cmd::overlay::run(c, &home, cli.output).await,
+            Command::Synthesize(a) => {
+                cmd::remote::synthesize(&cli.target.client(&home), a, cli.output).await
+            }
+            Command::Vm(c) => cmd::remote::vm(&cli.target.client(&home), c, cli.output).await,
+            Command::Info => cmd::remote::info(&cli.target.client(&home), cli.output).await,
+            Command::Registry(c) => cmd::registry::run(c, cli.output).await,
         }
     })
 }

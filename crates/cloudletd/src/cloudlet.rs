@@ -276,17 +276,18 @@ impl Cloudlet {
         r
     }
 
-    fn allocate_ports(&self, guest: &[u16]) -> Result<Vec<PortForward>, CreateVmError> {
-        let taken: Vec<u16> = self
-            .vms
-            .lock()
-            .map(|m| {
-                m.values()
-                    .filter(|e| holds_resources(e.record.info.state))
-                    .flat_map(|e| e.record.info.ports.iter().map(|p| p.host))
-                    .collect()
-            })
-            .unwrap_or_default();
+    /// Host ports for `guest` ports, none used by another VM. Called with
+    /// the registry locked, so two creations never get the same port.
+    fn allocate_ports(
+        &self,
+        m: &HashMap<String, Entry>,
+        guest: &[u16],
+    ) -> Result<Vec<PortForward>, CreateVmError> {
+        let taken: Vec<u16> = m
+            .values()
+            .filter(|e| holds_resources(e.record.info.state))
+            .flat_map(|e| e.record.info.ports.iter().map(|p| p.host))
+            .collect();
         let [lo, hi] = self.config.host_ports;
         let mut out = Vec::new();
         let mut next = lo;
@@ -304,7 +305,10 @@ impl Cloudlet {
     }
 
     /// Reserve resources and a record, atomically with the capacity check.
-    fn reserve(&self, rec: VmRecord) -> Result<Arc<SynthProgress>, CreateVmError> {
+    fn reserve(
+        &self,
+        mut rec: VmRecord,
+    ) -> Result<(Arc<SynthProgress>, Vec<PortForward>), CreateVmError> {
         let mut m = self.vms.lock().map_err(|_| CreateVmError::OverCapacity {
             detail: "internal lock poisoned".into(),
         })?;
@@ -336,6 +340,15 @@ impl Cloudlet {
         if let Some(detail) = detail {
             return Err(CreateVmError::OverCapacity { detail });
         }
+        let ports = self.allocate_ports(&m, &rec.app.ports)?;
+        rec.info.ports = ports
+            .iter()
+            .map(|p| PortMapping {
+                guest: p.guest,
+                host: p.host,
+                endpoint: format!("{}:{}", self.config.public_host, p.host),
+            })
+            .collect();
         self.store.put(&rec)?;
         let progress = Arc::new(SynthProgress::default());
         progress.set_stage("queued");
@@ -347,7 +360,7 @@ impl Cloudlet {
                 progress: progress.clone(),
             },
         );
-        Ok(progress)
+        Ok((progress, ports))
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Option<VmRecord> {
@@ -511,7 +524,6 @@ impl CloudletOps for Arc<Cloudlet> {
         }
         let id = hex::encode(rand::random::<[u8; 6]>());
         let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
-        let ports = self.allocate_ports(&app.ports)?;
         let info = VmInfo {
             id: id.clone(),
             name: name.clone(),
@@ -520,14 +532,7 @@ impl CloudletOps for Arc<Cloudlet> {
             base_id: base.manifest.id.clone(),
             overlay: source.describe(),
             flavor: flavor.name.clone(),
-            ports: ports
-                .iter()
-                .map(|p| PortMapping {
-                    guest: p.guest,
-                    host: p.host,
-                    endpoint: format!("{}:{}", self.config.public_host, p.host),
-                })
-                .collect(),
+            ports: vec![],
             created_unix: now_unix(),
             progress: Progress::default(),
             timings: vec![],
@@ -544,7 +549,7 @@ impl CloudletOps for Arc<Cloudlet> {
             vcpus: flavor.vcpus,
             memory_mib: flavor.memory_mib,
         };
-        let progress = self.reserve(rec)?;
+        let (progress, ports) = self.reserve(rec)?;
         self.metrics.synth_started.inc();
         tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");
         let result = synthesize(

@@ -95,11 +95,25 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
+    /// Where the sockets go: the run directory, or, when its path is too
+    /// long for a Unix socket address (108 bytes), a short directory under
+    /// the system temp dir derived from it (so it is found again on adopt).
+    pub fn socket_dir(&self) -> PathBuf {
+        if self.run_dir.join("agent.sock").as_os_str().len() < 100 {
+            return self.run_dir.clone();
+        }
+        // FNV-1a: stable across builds and processes.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in self.run_dir.as_os_str().as_encoded_bytes() {
+            h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+        }
+        std::env::temp_dir().join(format!("cloudlet-sock-{h:016x}"))
+    }
     pub fn qmp_socket(&self) -> PathBuf {
-        self.run_dir.join("qmp.sock")
+        self.socket_dir().join("qmp.sock")
     }
     pub fn agent_socket(&self) -> PathBuf {
-        self.run_dir.join("agent.sock")
+        self.socket_dir().join("agent.sock")
     }
     pub fn console_log(&self) -> PathBuf {
         self.run_dir.join("console.log")
@@ -164,7 +178,8 @@ impl VmSpec {
         ]);
         let mut netdev = "user,id=net0".to_string();
         for p in &self.ports {
-            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", p.host, p.guest));
+            // Every host address: clients on the network reach the app.
+            netdev.push_str(&format!(",hostfwd=tcp::{}-:{}", p.host, p.guest));
         }
         push(&[
             "-netdev",
@@ -243,7 +258,7 @@ mod tests {
     fn command_line_has_the_machine_and_devices() {
         let a = spec().to_args(false).join(" ");
         assert!(a.contains("mem-path=/run/a,,b/ram,share=on"), "{a}");
-        assert!(a.contains("hostfwd=tcp:127.0.0.1:40000-:8080"));
+        assert!(a.contains("hostfwd=tcp::40000-:8080"));
         assert!(a.contains("romfile="));
         assert!(a.contains("-accel tcg"));
         assert!(!a.contains("-incoming"));

@@ -307,6 +307,9 @@ impl Vm {
         ] {
             let _ = std::fs::remove_file(p);
         }
+        if self.spec.socket_dir() != self.spec.run_dir {
+            let _ = std::fs::remove_dir(self.spec.socket_dir());
+        }
     }
 }
 
@@ -326,10 +329,10 @@ fn check_boot_inputs(spec: &VmSpec) -> Result<(), StartVmError> {
 
 async fn start(spec: VmSpec, incoming: bool) -> Result<Vm, StartVmError> {
     let created_dir = !spec.run_dir.exists();
-    std::fs::create_dir_all(&spec.run_dir).map_err(|source| StartVmError::RunDir {
-        path: spec.run_dir.clone(),
-        source,
-    })?;
+    for dir in [spec.run_dir.clone(), spec.socket_dir()] {
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| StartVmError::RunDir { path: dir, source })?;
+    }
     for p in [spec.qmp_socket(), spec.agent_socket(), spec.pid_file()] {
         let _ = std::fs::remove_file(p);
     }
@@ -342,6 +345,9 @@ async fn start(spec: VmSpec, incoming: bool) -> Result<Vm, StartVmError> {
         }
         if created_dir {
             let _ = std::fs::remove_dir_all(&spec.run_dir);
+        }
+        if spec.socket_dir() != spec.run_dir {
+            let _ = std::fs::remove_dir(spec.socket_dir());
         }
     };
     let log = std::fs::File::create(spec.qemu_log()).map_err(|source| StartVmError::RunDir {

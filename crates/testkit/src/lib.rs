@@ -15,7 +15,8 @@ pub use apphttp::client::{request, ClientResponse};
 
 /// The workspace's `target` directory.
 pub fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")
+    let t = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+    std::fs::canonicalize(&t).unwrap_or(t)
 }
 
 /// Home of the shared test store.

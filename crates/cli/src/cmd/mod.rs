@@ -1,1 +1,4 @@
 pub mod base;
+pub mod registry;
+pub mod remote;
+pub mod overlay;

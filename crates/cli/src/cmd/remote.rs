@@ -1,0 +1,232 @@
+//! Commands that talk to a cloudlet over its REST API: `synthesize`, `vm`,
+//! `info`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use cloudlet_api::{CreateVmRequest, VmInfo};
+use cloudlet_client::Client;
+
+use crate::Output;
+
+/// Where the cloudlet is and how to authenticate.
+#[derive(Args, Clone)]
+pub struct Target {
+    /// The cloudlet's API address.
+    #[arg(
+        long = "cloudlet",
+        global = true,
+        env = "CLOUDLET_URL",
+        default_value = "http://127.0.0.1:7450"
+    )]
+    pub url: String,
+    /// Bearer token (default: $CLOUDLET_TOKEN, else the local daemon's token file).
+    #[arg(long, global = true, env = "CLOUDLET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl Target {
+    pub fn client(&self, home: &std::path::Path) -> Client {
+        let token = self.token.clone().or_else(|| {
+            std::fs::read_to_string(home.join("token"))
+                .ok()
+                .map(|t| t.trim().to_string())
+        });
+        Client::new(&self.url, token)
+    }
+}
+
+#[derive(Args)]
+pub struct SynthesizeArgs {
+    /// `http(s)://` address of the overlay, or a local overlay file to upload.
+    pub overlay: String,
+    /// VM name (default: generated).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub flavor: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// List VMs on the cloudlet.
+    List,
+    /// Show one VM.
+    Show { id: String },
+    /// Stop and delete a VM.
+    Delete { id: String },
+}
+
+pub async fn synthesize(
+    client: &Client,
+    args: SynthesizeArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("vm-{}", hex::encode(rand::random::<[u8; 3]>())));
+    let start = Instant::now();
+    let is_url = args.overlay.starts_with("http://") || args.overlay.starts_with("https://");
+    let create = {
+        let client = client.clone();
+        let name = name.clone();
+        let overlay = args.overlay.clone();
+        let flavor = args.flavor.clone();
+        tokio::spawn(async move {
+            if is_url {
+                client
+                    .create_vm(&CreateVmRequest {
+                        overlay,
+                        name: Some(name),
+                        flavor,
+                    })
+                    .await
+            } else {
+                client
+                    .create_vm_upload(&PathBuf::from(overlay), Some(&name), flavor.as_deref())
+                    .await
+            }
+        })
+    };
+    let show_progress = output == Output::Text;
+    let mut last = String::new();
+    let vm = loop {
+        if create.is_finished() {
+            break create.await??;
+        }
+        if show_progress {
+            if let Ok(v) = client.get_vm(&name).await {
+                let p = &v.progress;
+                let line = format!(
+                    "\r{:>6.1}s  {:<10} {:>7.1}/{:.1} MB  segments {}/{}",
+                    start.elapsed().as_secs_f64(),
+                    p.stage,
+                    p.bytes_fetched as f64 / 1e6,
+                    p.bytes_total as f64 / 1e6,
+                    p.segments_applied,
+                    p.segments_total
+                );
+                if line != last {
+                    eprint!("{line}");
+                    let _ = std::io::stderr().flush();
+                    last = line;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if show_progress && !last.is_empty() {
+        eprintln!();
+    }
+    print_vm(&vm, output)?;
+    if output == Output::Text {
+        println!(
+            "synthesized in {:.2} s (request to running app)",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+pub async fn vm(client: &Client, cmd: VmCommand, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        VmCommand::List => {
+            let vms = client.list_vms().await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&vms)?),
+                Output::Text => {
+                    println!(
+                        "{:<14} {:<20} {:<13} {:>4}  ENDPOINTS",
+                        "ID", "NAME", "STATE", "GEN"
+                    );
+                    for v in vms {
+                        println!(
+                            "{:<14} {:<20} {:<13} {:>4}  {}",
+                            v.id,
+                            v.name,
+                            format!("{:?}", v.state).to_lowercase(),
+                            v.generation,
+                            v.ports
+                                .iter()
+                                .map(|p| format!("{}->{}", p.endpoint, p.guest))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        );
+                    }
+                }
+            }
+        }
+        VmCommand::Show { id } => print_vm(&client.get_vm(&id).await?, output)?,
+        VmCommand::Delete { id } => {
+            client.delete_vm(&id).await?;
+            if output == Output::Text {
+                println!("deleted {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn info(client: &Client, output: Output) -> anyhow::Result<()> {
+    let i = client.info().await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&i)?),
+        Output::Text => {
+            println!("cloudlet {} ({}), accel {}", i.name, i.version, i.accel);
+            println!(
+                "  location  {} ({}, {})",
+                i.location.label, i.location.latitude, i.location.longitude
+            );
+            println!(
+                "  free      {}/{} vCPUs, {}/{} MiB, {}/{} VMs",
+                i.free.vcpus,
+                i.capacity.vcpus,
+                i.free.memory_mib,
+                i.capacity.memory_mib,
+                i.free.vms,
+                i.capacity.vms
+            );
+            for b in &i.base_vms {
+                println!(
+                    "  base      {:<10} {} ({} MiB)",
+                    b.name,
+                    &b.id[..16.min(b.id.len())],
+                    b.memory_mib
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_vm(v: &VmInfo, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Output::Text => {
+            println!(
+                "vm {} ({}) {:?}, generation {}",
+                v.name, v.id, v.state, v.generation
+            );
+            for p in &v.ports {
+                println!("  port {} -> {}", p.guest, p.endpoint);
+            }
+            if !v.timings.is_empty() {
+                println!(
+                    "  stages: {}",
+                    v.timings
+                        .iter()
+                        .map(|t| format!("{} {} ms", t.stage, t.ms))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            if let Some(e) = &v.error {
+                println!("  error: {e}");
+            }
+        }
+    }
+    Ok(())
+}

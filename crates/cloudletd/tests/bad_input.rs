@@ -1,0 +1,144 @@
+//! Bad input through the API: clear 4xx/5xx with a reason, nothing left
+//! half-started, the daemon keeps serving.
+
+mod common;
+
+use cloudlet_api::CreateVmRequest;
+use cloudlet_client::Client;
+use common::{kvstore_overlay, start_registry, Daemon};
+
+fn req(url: String) -> CreateVmRequest {
+    CreateVmRequest {
+        overlay: url,
+        name: None,
+        flavor: None,
+    }
+}
+
+fn api_err(e: cloudlet_client::ClientError) -> (u16, String, String) {
+    match e {
+        cloudlet_client::ClientError::Api {
+            status,
+            kind,
+            message,
+        } => (status, kind, message),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_are_refused_cleanly() {
+    let overlay = kvstore_overlay().await;
+    let reg_dir = tempfile::tempdir().unwrap();
+    let registry = start_registry(reg_dir.path()).await;
+    let d = Daemon::start("[capacity]\nvcpus = 8\nmemory_mib = 8192\nvms = 1\n").await;
+    let c = d.client();
+
+    // An overlay URL that 404s.
+    let (status, kind, msg) = api_err(
+        c.create_vm(&req(format!("{registry}/v1/overlays/nope")))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status, kind.as_str()), (422, "overlay_not_found"), "{msg}");
+    assert!(msg.contains("404"), "{msg}");
+
+    // Missing and wrong tokens.
+    let anon = Client::new(&d.url(), None);
+    let (status, _, msg) = api_err(
+        anon.create_vm_upload(&overlay, None, None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 401, "{msg}");
+    let wrong = Client::new(&d.url(), Some("nope".into()));
+    let (status, _, _) = api_err(wrong.delete_vm("x").await.unwrap_err());
+    assert_eq!(status, 401);
+
+    // A corrupted segment in the middle of the overlay.
+    let mut bytes = std::fs::read(&overlay).unwrap();
+    let header = cloudlet_overlay::format::Header::parse(&bytes[..128]).unwrap();
+    let m = header.manifest_range();
+    let manifest =
+        cloudlet_overlay::Manifest::parse(&header, &bytes[m.start as usize..m.end as usize])
+            .unwrap();
+    let mid = manifest.segments.len() / 2;
+    let range = manifest.segment_range(mid as u32).unwrap();
+    bytes[(range.start + range.end) as usize / 2] ^= 0xff;
+    let bad = d.home.join("corrupt.overlay");
+    std::fs::write(&bad, &bytes).unwrap();
+    let (status, kind, msg) = api_err(
+        c.create_vm_upload(&bad, Some("corrupt"), None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status, kind.as_str()), (422, "invalid_overlay"), "{msg}");
+    assert!(msg.contains("Segment") || msg.contains("segment"), "{msg}");
+    assert!(d.vm_files().is_empty(), "{:?}", d.vm_files());
+    let failed = c.get_vm("corrupt").await.unwrap();
+    assert_eq!(failed.state, cloudlet_api::VmState::Failed);
+    assert!(!common::qemu_running(&d, &failed.id));
+
+    // An overlay for a base this cloudlet does not hold.
+    let other = other_base_overlay(&d.home);
+    let (status, kind, msg) = api_err(c.create_vm_upload(&other, None, None).await.unwrap_err());
+    assert_eq!((status, kind.as_str()), (409, "base_not_held"), "{msg}");
+
+    // Over capacity: one VM allowed.
+    let vm = c
+        .create_vm_upload(&overlay, Some("only"), None)
+        .await
+        .expect("first VM fits");
+    let (status, kind, msg) = api_err(
+        c.create_vm_upload(&overlay, Some("second"), None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status, kind.as_str()), (503, "over_capacity"), "{msg}");
+    assert_eq!(c.get_vm("second").await.unwrap_err().status(), Some(404));
+
+    // An unknown flavor, garbage JSON.
+    let mut r = req(format!("{registry}/v1/overlays/x"));
+    r.flavor = Some("huge".into());
+    let (status, _, _) = api_err(c.create_vm(&r).await.unwrap_err());
+    assert_eq!(status, 400);
+
+    // Still serving, and the good VM still runs.
+    assert_eq!(c.info().await.unwrap().name, "test-cloudlet");
+    assert_eq!(
+        cloudlet_testkit::http(vm.ports[0].host, "GET", "/health", None)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+/// A valid overlay whose base id no cloudlet holds.
+fn other_base_overlay(dir: &std::path::Path) -> std::path::PathBuf {
+    let d = dir.join("other");
+    std::fs::create_dir_all(&d).unwrap();
+    let chunk = 4096usize;
+    let base = vec![7u8; chunk * 8];
+    let mut launch = base.clone();
+    launch[0] = 1;
+    for (name, data) in [
+        ("bd", &base),
+        ("bm", &base),
+        ("ld", &launch),
+        ("lm", &launch),
+    ] {
+        std::fs::write(d.join(name), data).unwrap();
+    }
+    let cfg = cloudlet_overlay::CreateConfig::new(
+        d.join("bd"),
+        d.join("bm"),
+        d.join("ld"),
+        d.join("lm"),
+        b"state".to_vec(),
+        "0000-no-such-base",
+    );
+    let out = d.join("other.overlay");
+    cloudlet_overlay::create_overlay(&cfg, &out).unwrap();
+    out
+}

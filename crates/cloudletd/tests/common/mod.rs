@@ -1,0 +1,183 @@
+//! A real `cloudletd` process, a real registry, a real kvstore overlay.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloudlet_client::Client;
+use cloudlet_package::{package_app, PackageConfig};
+use cloudlet_registry::{RegistryConfig, RegistryState, StorageLocation};
+use cloudlet_testkit::{free_port, guest_bin, test_home, tiny_base};
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// The kvstore app packaged on the tiny base, built once and cached.
+pub async fn kvstore_overlay() -> PathBuf {
+    let (store, base) = tiny_base().await;
+    let dir = test_home().join("overlays");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("kvstore-{}.overlay", &base.manifest.id[..12]));
+    let lock = std::fs::File::create(dir.join(".lock")).unwrap();
+    let fd = lock.as_raw_fd();
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: flock on an open fd, released when `lock` drops.
+        unsafe { libc::flock(fd, libc::LOCK_EX) };
+    })
+    .await
+    .unwrap();
+    if !out.exists() {
+        let app = tempfile::tempdir().unwrap();
+        std::fs::copy(guest_bin("kvstore"), app.path().join("kvstore")).unwrap();
+        let mut cfg = PackageConfig::new("tiny", "kvstore", "./kvstore --port 8080", 8080, &out);
+        cfg.install_dir = Some(app.path().to_path_buf());
+        cfg.health_path = Some("/health".into());
+        cfg.work_dir = test_home().join("work");
+        package_app(&store, &cfg, |_| {})
+            .await
+            .expect("package kvstore");
+    }
+    drop(lock);
+    out
+}
+
+/// A registry on a free port serving `dir`.
+pub async fn start_registry(dir: &Path) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cfg = RegistryConfig::new(addr, StorageLocation::Dir(dir.to_path_buf()));
+    cfg.push_tokens = vec![TOKEN.into()];
+    let state = RegistryState::open(&cfg).unwrap();
+    tokio::spawn(cloudlet_registry::serve_listener(listener, state));
+    format!("http://{addr}")
+}
+
+/// A `cloudletd` process with its own home (sharing the test bases).
+pub struct Daemon {
+    pub home: PathBuf,
+    pub vm_dir: PathBuf,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub async fn start(extra_config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let vm_dir = dir.path().join("run");
+        std::fs::create_dir_all(&home).unwrap();
+        let (store, _) = tiny_base().await;
+        std::os::unix::fs::symlink(store.bases_dir(), home.join("bases")).unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // Each test daemon hands out its own range of host ports.
+        let first = 20000 + (rand::random::<u16>() % 400) * 100;
+        let config = dir.path().join("cloudletd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "name = \"test-cloudlet\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [{first}, {}]\n{extra_config}",
+                home.display(),
+                vm_dir.display(),
+                first + 99
+            ),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            home,
+            vm_dir,
+            addr,
+            config,
+            child: None,
+            _dir: dir,
+        };
+        d.spawn().await;
+        d
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.home.join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("CLOUDLET_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start cloudletd");
+        self.child = Some(child);
+        let start = Instant::now();
+        while self.client().info().await.is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "cloudletd did not come up: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL the daemon (its VMs keep running), then start it again.
+    pub async fn crash_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        self.spawn().await;
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&format!("http://{}", self.addr), Some(TOKEN.into()))
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Files left in the VM directories.
+    pub fn vm_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in [self.home.join("vms"), self.vm_dir.clone()] {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                out.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Kill the daemon and every QEMU it started (they outlive it by design).
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let needle = self.vm_dir.display().to_string();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmd).contains(&needle) {
+                    // SAFETY: killing a QEMU this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// Whether a QEMU process of the VM with `id` runs.
+pub fn qemu_running(d: &Daemon, id: &str) -> bool {
+    cloudlet_testkit::process_running_with(&d.vm_dir.join(id).display().to_string())
+}

@@ -1,0 +1,164 @@
+//! End to end through the HTTP API, on real QEMU: a `cloudletd` process, a
+//! registry, kvstore packaged on the tiny base.
+
+mod common;
+
+use cloudlet_api::{CreateVmRequest, VmState};
+use cloudlet_testkit::http;
+use common::{kvstore_overlay, qemu_running, start_registry, Daemon, TOKEN};
+
+fn host_port(vm: &cloudlet_api::VmInfo) -> u16 {
+    vm.ports[0].host
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn synthesize_use_and_delete_kvstore_from_a_registry() {
+    let overlay = kvstore_overlay().await;
+    let reg_dir = tempfile::tempdir().unwrap();
+    let registry = start_registry(reg_dir.path()).await;
+    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
+        .await
+        .unwrap();
+    let d = Daemon::start("").await;
+    let c = d.client();
+    let vm = c
+        .create_vm(&CreateVmRequest {
+            overlay: format!("{registry}/v1/overlays/kvstore"),
+            name: Some("kv1".into()),
+            flavor: None,
+        })
+        .await
+        .expect("synthesis");
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(vm.ports[0].guest, 8080);
+    assert!(
+        vm.timings.iter().any(|t| t.stage == "restore"),
+        "{:?}",
+        vm.timings
+    );
+    let port = host_port(&vm);
+    let r = http(port, "PUT", "/kv/hello", Some(b"world".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        http(port, "GET", "/kv/hello", None).await.unwrap().text(),
+        "world"
+    );
+    let id = http(port, "GET", "/id", None).await.unwrap().text();
+    assert!(id.contains(&vm.id), "the guest took its VM id: {id}");
+
+    let listed = c.list_vms().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(qemu_running(&d, &vm.id));
+    let metrics = c.metrics().await.unwrap();
+    assert!(metrics.contains("cloudlet_vms_running 1"), "{metrics}");
+
+    c.delete_vm("kv1").await.unwrap();
+    assert!(c.list_vms().await.unwrap().is_empty());
+    assert!(!qemu_running(&d, &vm.id));
+    assert!(d.vm_files().is_empty(), "{:?}", d.vm_files());
+    assert!(
+        http(port, "GET", "/health", None).await.is_err()
+            || http(port, "GET", "/health", None).await.unwrap().status != 200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_overlay_twice_at_once_gives_two_independent_vms() {
+    let overlay = kvstore_overlay().await;
+    let d = Daemon::start("").await;
+    let (c1, c2) = (d.client(), d.client());
+    let (o1, o2) = (overlay.clone(), overlay.clone());
+    let (a, b) = tokio::join!(
+        async move { c1.create_vm_upload(&o1, Some("a"), None).await },
+        async move { c2.create_vm_upload(&o2, Some("b"), None).await },
+    );
+    let (a, b) = (a.expect("vm a"), b.expect("vm b"));
+    assert_ne!(a.id, b.id);
+    assert_ne!(host_port(&a), host_port(&b));
+    http(host_port(&a), "PUT", "/kv/who", Some(b"a".to_vec()))
+        .await
+        .unwrap();
+    http(host_port(&b), "PUT", "/kv/who", Some(b"b".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        http(host_port(&a), "GET", "/kv/who", None)
+            .await
+            .unwrap()
+            .text(),
+        "a"
+    );
+    assert_eq!(
+        http(host_port(&b), "GET", "/kv/who", None)
+            .await
+            .unwrap()
+            .text(),
+        "b"
+    );
+    let ra = http(host_port(&a), "GET", "/random", None)
+        .await
+        .unwrap()
+        .text();
+    let rb = http(host_port(&b), "GET", "/random", None)
+        .await
+        .unwrap()
+        .text();
+    assert_ne!(ra, rb);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_restart_keeps_managing_its_running_vm() {
+    let overlay = kvstore_overlay().await;
+    let mut d = Daemon::start("").await;
+    let vm = d
+        .client()
+        .create_vm_upload(&overlay, Some("survivor"), None)
+        .await
+        .unwrap();
+    let port = host_port(&vm);
+    http(port, "PUT", "/kv/k", Some(b"v".to_vec()))
+        .await
+        .unwrap();
+
+    d.crash_and_restart().await;
+    let again = d.client().get_vm("survivor").await.unwrap();
+    assert_eq!(again.state, VmState::Running);
+    assert_eq!(again.id, vm.id);
+    assert_eq!(http(port, "GET", "/kv/k", None).await.unwrap().text(), "v");
+    assert!(d.log().contains("re-adopted running VM"), "{}", d.log());
+
+    // A VM that dies while the daemon is down is reported dead.
+    let vm2 = d
+        .client()
+        .create_vm_upload(&overlay, Some("victim"), None)
+        .await
+        .unwrap();
+    let pid_file = d.vm_dir.join(&vm2.id).join("run/qemu.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    d.crash_and_restart().await;
+    let _ = pid; // still alive: re-adopted
+    assert_eq!(
+        d.client().get_vm("victim").await.unwrap().state,
+        VmState::Running
+    );
+    // SAFETY: killing the QEMU of the VM under test.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let start = std::time::Instant::now();
+    loop {
+        let s = d.client().get_vm("victim").await.unwrap().state;
+        if s == VmState::Dead {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 10, "death not noticed: {s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // And the survivor can still be deleted through the restarted daemon.
+    d.client().delete_vm("survivor").await.unwrap();
+    assert!(!qemu_running(&d, &vm.id));
+}
