@@ -11,7 +11,7 @@ GUEST_DIR    := target/guest/$(GUEST_TARGET)/release
 GUEST_BINS   := cloudlet-agent kvstore translator
 export CLOUDLET_AGENT := $(CURDIR)/$(GUEST_DIR)/cloudlet-agent
 
-.PHONY: all deps guest build test lint fmt demo bench clean
+.PHONY: all deps guest build test lint fmt demo bench clean openapi
 
 all: build
 
@@ -44,6 +44,10 @@ demo: deps build
 
 bench: deps build
 	$(CARGO) run --release -p cloudlet-bench --bin restore-bench
+
+## The OpenAPI document kept in docs/ (CI checks it matches the code).
+openapi:
+	$(CARGO) run -q -p cloudletd -- --openapi > docs/openapi.json
 
 clean:
 	$(CARGO) clean
