@@ -1,9 +1,10 @@
 //! Pieces shared by the encoder and the decoder: the base memory image, the
 //! compression modes, and page helpers.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::stream::PAGE_SIZE;
@@ -15,11 +16,16 @@ use crate::wire::Codec;
 /// to bytes); its file offset is the offset inside the ramblock `block`
 /// (`mem` for a `memory-backend-file` with id `mem`). `id` names the base so
 /// that a destination with another base refuses the stream up front.
+///
+/// Cloning is cheap and shares the dedup index, which is built once (about
+/// 0.2 s per 256 MiB) on first use: a daemon keeps one `BaseMemory` per base
+/// and may warm it with [`index`](Self::index) before a handoff starts.
 #[derive(Clone)]
 pub struct BaseMemory {
     data: Arc<dyn AsRef<[u8]> + Send + Sync>,
     block: String,
     id: [u8; 32],
+    index: Arc<OnceLock<HashMap<[u8; 16], u64>>>,
 }
 
 impl fmt::Debug for BaseMemory {
@@ -46,7 +52,29 @@ impl BaseMemory {
             data: Arc::new(data),
             block: block.into(),
             id,
+            index: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Page key -> first page number in the base holding that content (one
+    /// entry for all the zero pages).
+    pub fn index(&self) -> &HashMap<[u8; 16], u64> {
+        self.index.get_or_init(|| {
+            let mut index = HashMap::new();
+            let mut zero_seen = false;
+            for (i, page) in self.bytes().chunks_exact(PAGE_SIZE).enumerate() {
+                if is_zero(page) {
+                    if zero_seen {
+                        continue;
+                    }
+                    zero_seen = true;
+                }
+                if let Ok(page) = <&[u8; PAGE_SIZE]>::try_from(page) {
+                    index.entry(page_key(page)).or_insert(i as u64);
+                }
+            }
+            index
+        })
     }
 
     /// An id computed from the content (BLAKE3), for callers without a base id.

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::codec::{delta_pays, is_zero, page_key, xor_into, BaseMemory, Compressor, Mode};
+use crate::codec::{delta_pays, page_key, xor_into, BaseMemory, Compressor, Mode};
 use crate::policy::{AdaptivePolicy, PolicyConfig};
 use crate::stream::{ParseSummary, RamBlock, StreamEvent, StreamParser, PAGE_SIZE};
 use crate::wire::{
@@ -123,7 +123,8 @@ pub struct Encoder {
 struct Core {
     config: EncoderConfig,
     base: Option<BaseMemory>,
-    /// Dedup index: key -> where the decoder has that content.
+    /// Dedup index of this stream's pages: key -> where the decoder has that
+    /// content (the base's own index is in `base`).
     index: HashMap<[u8; 16], Target>,
     /// The key indexed at each stream location, to unindex on overwrite.
     loc_key: HashMap<Loc, [u8; 16]>,
@@ -148,26 +149,11 @@ struct Core {
 }
 
 impl Encoder {
-    /// A new encoder; with a base, its pages are indexed first (one BLAKE3
-    /// per non-zero page: about 0.3 s per GiB).
+    /// A new encoder. With a base and `dedup`, the base's page index is
+    /// built now if it was not yet (see [`BaseMemory::index`]).
     pub fn new(config: EncoderConfig, base: Option<BaseMemory>) -> Self {
-        let mut index = HashMap::new();
         if let (Some(b), true) = (&base, config.dedup) {
-            let mut zero_seen = false;
-            for (i, page) in b.bytes().chunks_exact(PAGE_SIZE).enumerate() {
-                if is_zero(page) {
-                    if zero_seen {
-                        continue;
-                    }
-                    zero_seen = true;
-                }
-                let Ok(page) = <&[u8; PAGE_SIZE]>::try_from(page) else {
-                    continue;
-                };
-                index
-                    .entry(page_key(page))
-                    .or_insert(Target::Base(i as u64));
-            }
+            b.index();
         }
         let mut config = config;
         config.batch_bytes = config.batch_bytes.clamp(4096, MAX_FRAME_RAW / 2);
@@ -176,7 +162,7 @@ impl Encoder {
             parser: StreamParser::new(),
             core: Core {
                 base,
-                index,
+                index: HashMap::new(),
                 loc_key: HashMap::new(),
                 blocks: Vec::new(),
                 base_block: None,
@@ -443,7 +429,12 @@ impl Core {
         let mut key = None;
         if self.config.dedup {
             let k = page_key(data);
-            match self.index.get(&k).copied() {
+            let in_base = self
+                .base
+                .as_ref()
+                .and_then(|b| b.index().get(&k).copied())
+                .map(Target::Base);
+            match in_base.or_else(|| self.index.get(&k).copied()) {
                 Some(Target::Base(p)) => {
                     let same = self
                         .base
@@ -457,6 +448,7 @@ impl Core {
                         self.stats.base_other_pages += 1;
                         return;
                     }
+                    // A truncated-hash collision with the base: keep it out of the index.
                 }
                 Some(Target::Stream(b, p)) => {
                     let loc = self.record_header(block, offset, continued, kind::DUP);
