@@ -116,8 +116,8 @@ pub struct CreateArgs {
     #[arg(long)]
     keep_launch: Option<PathBuf>,
     /// The overlay file to write.
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short = 'o', long = "out", value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -137,8 +137,8 @@ pub struct CreateRawArgs {
     codec: CodecArgs,
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short = 'o', long = "out", value_name = "FILE")]
+    out: PathBuf,
 }
 
 pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Result<()> {
@@ -152,7 +152,7 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
                     .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
                     .unwrap_or_else(|| "app".into())
             });
-            let mut cfg = PackageConfig::new(&a.base, name, &a.run, a.ports[0], &a.output);
+            let mut cfg = PackageConfig::new(&a.base, name, &a.run, a.ports[0], &a.out);
             cfg.ports = a.ports.clone();
             cfg.install_dir = a.install.clone();
             cfg.install_commands = a.install_cmd.clone();
@@ -166,7 +166,7 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
             let display = Progress::new();
             let report = package_app(&store, &cfg, |e| display.event(&e)).await;
             display.clear();
-            let report = report.with_context(|| format!("Packaging {}", a.output.display()))?;
+            let report = report.with_context(|| format!("Packaging {}", a.out.display()))?;
             print_report(&report, output)
         }
         OverlayCommand::CreateRaw(a) => {
@@ -186,13 +186,13 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
                 state: a.state.clone(),
                 app,
                 codec: a.codec.codec(),
-                output: a.output.clone(),
+                output: a.out.clone(),
                 work_dir: a.work_dir.clone(),
             };
             let display = Progress::new();
             let report = package_images(&store, &cfg, |e| display.event(&e)).await;
             display.clear();
-            let report = report.with_context(|| format!("Creating {}", a.output.display()))?;
+            let report = report.with_context(|| format!("Creating {}", a.out.display()))?;
             print_report(&report, output)
         }
         OverlayCommand::Inspect { file } => {
