@@ -1,4 +1,4 @@
 pub mod base;
+pub mod overlay;
 pub mod registry;
 pub mod remote;
-pub mod overlay;

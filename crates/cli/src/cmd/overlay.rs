@@ -62,6 +62,9 @@ pub struct CodecArgs {
     /// zstd level.
     #[arg(long, default_value_t = 3)]
     level: i32,
+    /// Payload segment size in MiB (default: the engine's).
+    #[arg(long)]
+    segment_mib: Option<u32>,
 }
 
 impl CodecArgs {
@@ -161,6 +164,7 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
             cfg.install_timeout = std::time::Duration::from_secs(a.install_timeout);
             cfg.ready_timeout = std::time::Duration::from_secs(a.ready_timeout);
             cfg.codec = a.codec.codec();
+            cfg.segment_size = a.codec.segment_mib.map(|m| m.saturating_mul(1 << 20));
             cfg.work_dir = a.work_dir.clone();
             cfg.keep_launch = a.keep_launch.clone();
             let display = Progress::new();
@@ -186,6 +190,7 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
                 state: a.state.clone(),
                 app,
                 codec: a.codec.codec(),
+                segment_size: a.codec.segment_mib.map(|m| m.saturating_mul(1 << 20)),
                 output: a.out.clone(),
                 work_dir: a.work_dir.clone(),
             };

@@ -16,7 +16,7 @@ pub enum RegistryCommand {
         #[arg(long, default_value = "127.0.0.1:7460")]
         listen: SocketAddr,
         /// Token that allows pushing (repeatable).
-        #[arg(long = "token", env = "CLOUDLET_REGISTRY_TOKEN")]
+        #[arg(long = "push-token", env = "CLOUDLET_REGISTRY_TOKEN")]
         tokens: Vec<String>,
     },
     /// Push an overlay file to a registry.
@@ -31,7 +31,11 @@ pub enum RegistryCommand {
         /// Name in the registry (default: the file name without extension).
         #[arg(long)]
         name: Option<String>,
-        #[arg(long, env = "CLOUDLET_REGISTRY_TOKEN", hide_env_values = true)]
+        #[arg(
+            long = "registry-token",
+            env = "CLOUDLET_REGISTRY_TOKEN",
+            hide_env_values = true
+        )]
         token: String,
     },
     /// List the overlays a registry holds.

@@ -1,7 +1,7 @@
 //! Commands that talk to a cloudlet over its REST API: `synthesize`, `vm`,
 //! `info`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -91,7 +91,7 @@ pub async fn synthesize(
             }
         })
     };
-    let show_progress = output == Output::Text;
+    let show_progress = output == Output::Text && std::io::stderr().is_terminal();
     let mut last = String::new();
     let vm = loop {
         if create.is_finished() {
