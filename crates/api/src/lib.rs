@@ -83,6 +83,8 @@ pub enum VmState {
     Running,
     /// Leaving for another cloudlet: still runs here until the move commits.
     HandingOff,
+    /// Arriving from another cloudlet: loaded here, not running yet.
+    Receiving,
     /// Moved to another cloudlet; kept as a record.
     Moved,
     /// Synthesis failed; nothing runs.
@@ -110,6 +112,15 @@ pub struct Progress {
     pub bytes_total: u64,
     pub segments_applied: u32,
     pub segments_total: u32,
+    /// Handoff: bytes per second on the link, recently.
+    #[serde(default)]
+    pub rate_bps: u64,
+    /// Handoff: QEMU's precopy iteration.
+    #[serde(default)]
+    pub iteration: u64,
+    /// Handoff: QEMU's estimate of RAM still to send, bytes.
+    #[serde(default)]
+    pub remaining_bytes: u64,
 }
 
 /// How long one stage took.
@@ -136,6 +147,73 @@ pub struct VmInfo {
     pub timings: Vec<StageTiming>,
     #[serde(default)]
     pub error: Option<String>,
+    /// For a VM that moved away: the cloudlet it moved to.
+    #[serde(default)]
+    pub moved_to: Option<String>,
+}
+
+/// `POST /v1/vms/{id}/handoff`: move a running VM to another cloudlet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffRequest {
+    /// API address of the destination cloudlet.
+    pub destination: String,
+    /// Bearer token the destination accepts (default: the one configured
+    /// for that peer).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// What a handoff did, answered when the VM runs at the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffReport {
+    /// The VM as the destination now runs it.
+    pub vm: VmInfo,
+    pub total_ms: u64,
+    /// Source QEMU's STOP event, microseconds since the Unix epoch.
+    pub source_stop_us: i64,
+    /// Destination QEMU's RESUME event, microseconds since the Unix epoch.
+    pub destination_resume_us: i64,
+    /// Bytes sent to the destination (session body).
+    pub wire_bytes: u64,
+    /// Bytes of VM state they stood for (migration stream + disk chunks).
+    pub raw_bytes: u64,
+    pub disk_bytes: u64,
+    pub phases: Vec<StageTiming>,
+}
+
+/// `POST /v1/handoff/prepare`, source -> destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffOffer {
+    pub handoff_id: String,
+    pub vm_id: String,
+    pub name: String,
+    pub generation: u64,
+    pub base_id: String,
+    pub flavor: String,
+    pub app: AppInfo,
+    pub overlay: String,
+    pub source: String,
+}
+
+/// The destination's answer to an offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffPrepared {
+    pub handoff_id: String,
+    pub ports: Vec<PortMapping>,
+}
+
+/// The destination's answer once the stream is loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffLoaded {
+    pub raw_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// The destination's answer to commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffCommitted {
+    pub vm: VmInfo,
+    pub resume_us: i64,
 }
 
 /// Body of every error answer.

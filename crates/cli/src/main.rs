@@ -44,6 +44,8 @@ enum Command {
     Vm(cmd::remote::VmCommand),
     /// What a cloudlet is and what it has free.
     Info,
+    /// Move a running VM to another cloudlet, live.
+    Handoff(cmd::remote::HandoffArgs),
     /// The overlay registry of the cloud tier: serve, push, list.
     #[command(subcommand)]
     Registry(cmd::registry::RegistryCommand),
@@ -69,6 +71,9 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Vm(c) => cmd::remote::vm(&cli.target.client(&home), c, cli.output).await,
             Command::Info => cmd::remote::info(&cli.target.client(&home), cli.output).await,
+            Command::Handoff(a) => {
+                cmd::remote::handoff(&cli.target.client(&home), a, cli.output).await
+            }
             Command::Registry(c) => cmd::registry::run(c, cli.output).await,
         }
     })

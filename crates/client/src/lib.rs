@@ -201,6 +201,24 @@ impl Client {
             .map(|_| ())
     }
 
+    /// Move a running VM to another cloudlet; answers when it runs there.
+    pub async fn handoff(
+        &self,
+        id: &str,
+        destination: &str,
+        destination_token: Option<&str>,
+    ) -> Result<cloudlet_api::HandoffReport, ClientError> {
+        let req = cloudlet_api::HandoffRequest {
+            destination: destination.to_string(),
+            token: destination_token.map(str::to_string),
+        };
+        self.json(
+            self.request(Method::POST, &format!("/v1/vms/{id}/handoff"))
+                .json(&req),
+        )
+        .await
+    }
+
     pub async fn metrics(&self) -> Result<String, ClientError> {
         self.send(self.request(Method::GET, "/metrics"))
             .await?

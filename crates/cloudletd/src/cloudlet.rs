@@ -17,6 +17,7 @@ use cloudlet_qemu::{PortForward, Vm, VmExit};
 
 use crate::config::CloudletConfig;
 use crate::fetch::{FetchOverlayError, OverlaySource};
+use crate::handoff::ReceiveHandoffError;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, VmRecord, RECORD_FORMAT};
 use crate::synth::{app_info, synthesize, SynthProgress, SynthRequest, SynthesizeError, VmPaths};
@@ -94,25 +95,49 @@ pub trait CloudletOps: Send + Sync + 'static {
     ) -> impl Future<Output = Result<VmInfo, CreateVmError>> + Send;
     fn delete_vm(&self, id: &str) -> impl Future<Output = Result<(), VmOpError>> + Send;
     fn metrics(&self) -> String;
+    fn handoff_vm(
+        &self,
+        id: &str,
+        req: cloudlet_api::HandoffRequest,
+    ) -> impl Future<Output = Result<cloudlet_api::HandoffReport, crate::handoff::HandoffError>> + Send;
+    fn prepare_incoming(
+        &self,
+        offer: cloudlet_api::HandoffOffer,
+    ) -> impl Future<Output = Result<cloudlet_api::HandoffPrepared, ReceiveHandoffError>> + Send;
+    fn receive_stream(
+        &self,
+        hid: &str,
+        body: axum::body::BodyDataStream,
+    ) -> impl Future<Output = Result<cloudlet_api::HandoffLoaded, ReceiveHandoffError>> + Send;
+    fn commit_incoming(
+        &self,
+        hid: &str,
+    ) -> impl Future<Output = Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError>> + Send;
+    fn abort_incoming(
+        &self,
+        hid: &str,
+    ) -> impl Future<Output = Result<(), ReceiveHandoffError>> + Send;
 }
 
-struct Entry {
-    record: VmRecord,
-    vm: Option<Arc<Vm>>,
-    progress: Arc<SynthProgress>,
+pub(crate) struct Entry {
+    pub(crate) record: VmRecord,
+    pub(crate) vm: Option<Arc<Vm>>,
+    pub(crate) progress: Arc<SynthProgress>,
 }
 
 /// One cloudlet's daemon state.
 pub struct Cloudlet {
     pub config: CloudletConfig,
-    bases: BaseStore,
-    store: Store,
-    vms: Mutex<HashMap<String, Entry>>,
+    pub(crate) bases: BaseStore,
+    pub(crate) store: Store,
+    pub(crate) vms: Mutex<HashMap<String, Entry>>,
     pub metrics: Metrics,
     accel: String,
+    /// Handoffs arriving here, by handoff id.
+    pub(crate) incoming: Mutex<HashMap<String, crate::handoff::Incoming>>,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -131,10 +156,14 @@ fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
 }
 
 /// States that hold resources on this cloudlet.
-fn holds_resources(s: VmState) -> bool {
+pub(crate) fn holds_resources(s: VmState) -> bool {
     matches!(
         s,
-        VmState::Synthesizing | VmState::Running | VmState::HandingOff | VmState::Deleting
+        VmState::Synthesizing
+            | VmState::Running
+            | VmState::HandingOff
+            | VmState::Receiving
+            | VmState::Deleting
     )
 }
 
@@ -157,6 +186,7 @@ impl Cloudlet {
             vms: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             accel,
+            incoming: Mutex::new(HashMap::new()),
         });
         c.recover().await?;
         Ok(c)
@@ -175,6 +205,21 @@ impl Cloudlet {
                     rec.info.error = Some("The daemon restarted during synthesis".into());
                     rec.info.ports.clear();
                     self.store.put(&rec)?;
+                }
+                VmState::Receiving => {
+                    // An arrival that was not committed: the source keeps it.
+                    if let Some(spec) = &rec.spec {
+                        kill_pid(rec.pid.filter(|p| qemu_alive(*p, spec)));
+                    }
+                    paths.remove();
+                    self.store.delete(&id)?;
+                    continue;
+                }
+                VmState::Moved => {
+                    if let Some(spec) = &rec.spec {
+                        kill_pid(rec.pid.filter(|p| qemu_alive(*p, spec)));
+                    }
+                    paths.remove();
                 }
                 VmState::Deleting => {
                     kill_pid(rec.pid);
@@ -215,7 +260,7 @@ impl Cloudlet {
         Ok(())
     }
 
-    fn insert(&self, record: VmRecord, vm: Option<Arc<Vm>>) {
+    pub(crate) fn insert(&self, record: VmRecord, vm: Option<Arc<Vm>>) {
         if let Ok(mut m) = self.vms.lock() {
             m.insert(
                 record.info.id.clone(),
@@ -228,7 +273,7 @@ impl Cloudlet {
         }
     }
 
-    fn paths(&self, id: &str) -> VmPaths {
+    pub(crate) fn paths(&self, id: &str) -> VmPaths {
         VmPaths {
             dir: self.config.home.join("vms").join(id),
             run: self.config.vm_dir.join(id),
@@ -236,7 +281,7 @@ impl Cloudlet {
     }
 
     /// Notice a VM's QEMU dying and record it.
-    fn watch(self: &Arc<Self>, id: String, vm: Arc<Vm>) {
+    pub(crate) fn watch(self: &Arc<Self>, id: String, vm: Arc<Vm>) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let exit = vm.wait_exit().await;
@@ -278,7 +323,7 @@ impl Cloudlet {
 
     /// Host ports for `guest` ports, none used by another VM. Called with
     /// the registry locked, so two creations never get the same port.
-    fn allocate_ports(
+    pub(crate) fn allocate_ports(
         &self,
         m: &HashMap<String, Entry>,
         guest: &[u16],
@@ -305,7 +350,7 @@ impl Cloudlet {
     }
 
     /// Reserve resources and a record, atomically with the capacity check.
-    fn reserve(
+    pub(crate) fn reserve(
         &self,
         mut rec: VmRecord,
     ) -> Result<(Arc<SynthProgress>, Vec<PortForward>), CreateVmError> {
@@ -363,14 +408,14 @@ impl Cloudlet {
         Ok((progress, ports))
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Option<VmRecord> {
+    pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Option<VmRecord> {
         let mut m = self.vms.lock().ok()?;
         let e = m.get_mut(id)?;
         f(e);
         Some(e.record.clone())
     }
 
-    fn view(e: &Entry) -> VmInfo {
+    pub(crate) fn view(e: &Entry) -> VmInfo {
         let mut info = e.record.info.clone();
         if info.state == VmState::Synthesizing {
             info.progress = e.progress.snapshot();
@@ -378,7 +423,7 @@ impl Cloudlet {
         info
     }
 
-    fn resolve(&self, base_id: &str) -> Result<BaseVm, CreateVmError> {
+    pub(crate) fn resolve(&self, base_id: &str) -> Result<BaseVm, CreateVmError> {
         self.bases
             .get_by_id(base_id)
             .map_err(|_| CreateVmError::BaseNotHeld {
@@ -394,7 +439,7 @@ fn valid_name(n: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-fn kill_pid(pid: Option<u32>) {
+pub(crate) fn kill_pid(pid: Option<u32>) {
     if let Some(pid) = pid {
         // SAFETY: signalling a pid we recorded as our QEMU.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -402,7 +447,7 @@ fn kill_pid(pid: Option<u32>) {
 }
 
 /// Whether `pid` is still the QEMU that runs `spec` (pids get reused).
-fn qemu_alive(pid: u32, spec: &cloudlet_qemu::VmSpec) -> bool {
+pub(crate) fn qemu_alive(pid: u32, spec: &cloudlet_qemu::VmSpec) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| {
             let c = String::from_utf8_lossy(&c);
@@ -537,6 +582,7 @@ impl CloudletOps for Arc<Cloudlet> {
             progress: Progress::default(),
             timings: vec![],
             error: None,
+            moved_to: None,
         };
         let paths = self.paths(&id);
         let rec = VmRecord {
@@ -635,7 +681,10 @@ impl CloudletOps for Arc<Cloudlet> {
                 .get_mut(&key)
                 .ok_or_else(|| VmOpError::NotFound(id.into()))?;
             match e.record.info.state {
-                VmState::Synthesizing | VmState::HandingOff | VmState::Deleting => {
+                VmState::Synthesizing
+                | VmState::HandingOff
+                | VmState::Receiving
+                | VmState::Deleting => {
                     return Err(VmOpError::Busy {
                         id: key,
                         state: e.record.info.state,
@@ -662,6 +711,40 @@ impl CloudletOps for Arc<Cloudlet> {
         }
         tracing::info!(vm_id = %id, "VM deleted");
         Ok(())
+    }
+
+    async fn handoff_vm(
+        &self,
+        id: &str,
+        req: cloudlet_api::HandoffRequest,
+    ) -> Result<cloudlet_api::HandoffReport, crate::handoff::HandoffError> {
+        crate::handoff::handoff_vm(self, id, req).await
+    }
+
+    async fn prepare_incoming(
+        &self,
+        offer: cloudlet_api::HandoffOffer,
+    ) -> Result<cloudlet_api::HandoffPrepared, ReceiveHandoffError> {
+        crate::handoff::prepare_incoming(self, offer).await
+    }
+
+    async fn receive_stream(
+        &self,
+        hid: &str,
+        body: axum::body::BodyDataStream,
+    ) -> Result<cloudlet_api::HandoffLoaded, ReceiveHandoffError> {
+        crate::handoff::receive_stream(self, hid, body).await
+    }
+
+    async fn commit_incoming(
+        &self,
+        hid: &str,
+    ) -> Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError> {
+        crate::handoff::commit_incoming(self, hid).await
+    }
+
+    async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {
+        crate::handoff::abort_incoming(self, hid).await
     }
 
     fn metrics(&self) -> String {

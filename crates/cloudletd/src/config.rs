@@ -29,6 +29,18 @@ pub struct CloudletConfig {
     pub tokens: Vec<String>,
     /// Host ports handed to VM port forwards: `[first, last]`.
     pub host_ports: [u16; 2],
+    /// Other cloudlets VMs may be handed off to, with the token each accepts.
+    pub peers: Vec<Peer>,
+    /// This cloudlet's own API address as peers reach it (for records).
+    pub advertise_url: Option<String>,
+}
+
+/// Another cloudlet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub url: String,
+    pub token: String,
 }
 
 impl Default for CloudletConfig {
@@ -68,6 +80,8 @@ impl Default for CloudletConfig {
             default_flavor: "small".into(),
             tokens: vec![],
             host_ports: [20000, 29999],
+            peers: vec![],
+            advertise_url: None,
         }
     }
 }

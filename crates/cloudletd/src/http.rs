@@ -19,6 +19,7 @@ use utoipa::OpenApi;
 
 use crate::cloudlet::{BaseOpError, CloudletOps, CreateVmError, VmOpError};
 use crate::fetch::{FetchOverlayError, OverlaySource};
+use crate::handoff::{HandoffError, ReceiveHandoffError};
 
 /// Shared state of the HTTP layer.
 pub struct AppState<C> {
@@ -142,17 +143,60 @@ impl From<BaseOpError> for ApiFailure {
     }
 }
 
+impl From<HandoffError> for ApiFailure {
+    fn from(e: HandoffError) -> Self {
+        use HandoffError as H;
+        let (status, kind) = match &e {
+            H::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            H::NotRunning { .. } => (StatusCode::CONFLICT, "busy"),
+            H::NoToken(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            H::Refused { .. } | H::Unreachable { .. } => {
+                (StatusCode::BAD_GATEWAY, "destination_failed")
+            }
+            H::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
+        };
+        ApiFailure::new(status, kind, chain(&e))
+    }
+}
+
+impl From<ReceiveHandoffError> for ApiFailure {
+    fn from(e: ReceiveHandoffError) -> Self {
+        use ReceiveHandoffError as R;
+        let (status, kind) = match &e {
+            R::BaseNotHeld(_) => (StatusCode::CONFLICT, "base_not_held"),
+            R::UnknownHandoff(_) => (StatusCode::NOT_FOUND, "not_found"),
+            R::Exists(_) => (StatusCode::CONFLICT, "exists"),
+            R::Create(c) => {
+                let f = ApiFailure::from(CreateVmError::OverCapacity {
+                    detail: c.to_string(),
+                });
+                (f.status, f.kind)
+            }
+            R::Session(_) | R::Decode(_) | R::Truncated | R::Read(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_stream")
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
+        };
+        ApiFailure::new(status, kind, chain(&e))
+    }
+}
+
 type ApiResult<T> = Result<T, ApiFailure>;
 
 /// The OpenAPI 3 document of this API (served at `/openapi.json`).
 #[derive(OpenApi)]
 #[openapi(
     info(title = "cloudlet", description = "Cloudlet REST API: base VMs, VM synthesis, handoff"),
-    paths(cloudlet_info, list_bases, import_base, delete_base, list_vms, create_vm, get_vm, delete_vm, metrics),
+    paths(cloudlet_info, list_bases, import_base, delete_base, list_vms, create_vm, get_vm, delete_vm, metrics,
+        handoff_vm, handoff_prepare, handoff_stream, handoff_commit, handoff_abort),
     components(schemas(
         CloudletInfo, BaseVmInfo, VmInfo, CreateVmRequest, ApiError,
         cloudlet_api::Location, cloudlet_api::Resources, cloudlet_api::Flavor, cloudlet_api::VmState,
-        cloudlet_api::PortMapping, cloudlet_api::Progress, cloudlet_api::StageTiming
+        cloudlet_api::PortMapping, cloudlet_api::Progress, cloudlet_api::StageTiming,
+        cloudlet_api::HandoffRequest, cloudlet_api::HandoffReport, cloudlet_api::HandoffOffer,
+        cloudlet_api::HandoffPrepared, cloudlet_api::HandoffLoaded, cloudlet_api::HandoffCommitted,
+        cloudlet_api::AppInfo
     )),
     modifiers(&BearerAuth)
 )]
@@ -184,6 +228,23 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
         )
         .route("/v1/vms", axum::routing::post(create_vm::<C>))
         .route("/v1/vms/{id}", axum::routing::delete(delete_vm::<C>))
+        .route("/v1/vms/{id}/handoff", axum::routing::post(handoff_vm::<C>))
+        .route(
+            "/v1/handoff/prepare",
+            axum::routing::post(handoff_prepare::<C>),
+        )
+        .route(
+            "/v1/handoff/{hid}/stream",
+            axum::routing::post(handoff_stream::<C>),
+        )
+        .route(
+            "/v1/handoff/{hid}/commit",
+            axum::routing::post(handoff_commit::<C>),
+        )
+        .route(
+            "/v1/handoff/{hid}/abort",
+            axum::routing::post(handoff_abort::<C>),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token::<C>,
@@ -360,6 +421,65 @@ async fn delete_vm<C: CloudletOps>(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     st.ops.delete_vm(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Move a running VM to another cloudlet; answers when it runs there.
+#[utoipa::path(post, path = "/v1/vms/{id}/handoff", request_body = cloudlet_api::HandoffRequest, security(("bearer" = [])),
+    responses((status = 200, body = cloudlet_api::HandoffReport), (status = 404, body = ApiError), (status = 409, body = ApiError),
+        (status = 502, body = ApiError)))]
+async fn handoff_vm<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Path(id): Path<String>,
+    Json(req): Json<cloudlet_api::HandoffRequest>,
+) -> ApiResult<Json<cloudlet_api::HandoffReport>> {
+    Ok(Json(st.ops.handoff_vm(&id, req).await?))
+}
+
+/// Cloudlet to cloudlet: offer a VM; the destination prepares to receive it.
+#[utoipa::path(post, path = "/v1/handoff/prepare", request_body = cloudlet_api::HandoffOffer, security(("bearer" = [])),
+    responses((status = 201, body = cloudlet_api::HandoffPrepared), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+async fn handoff_prepare<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Json(offer): Json<cloudlet_api::HandoffOffer>,
+) -> ApiResult<(StatusCode, Json<cloudlet_api::HandoffPrepared>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(st.ops.prepare_incoming(offer).await?),
+    ))
+}
+
+/// Cloudlet to cloudlet: the session stream (disk chunks, migration stream).
+#[utoipa::path(post, path = "/v1/handoff/{hid}/stream", request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    security(("bearer" = [])), responses((status = 200, body = cloudlet_api::HandoffLoaded), (status = 400, body = ApiError)))]
+async fn handoff_stream<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Path(hid): Path<String>,
+    body: Body,
+) -> ApiResult<Json<cloudlet_api::HandoffLoaded>> {
+    Ok(Json(
+        st.ops.receive_stream(&hid, body.into_data_stream()).await?,
+    ))
+}
+
+/// Cloudlet to cloudlet: the source has stopped for good; run the VM here.
+#[utoipa::path(post, path = "/v1/handoff/{hid}/commit", security(("bearer" = [])),
+    responses((status = 200, body = cloudlet_api::HandoffCommitted), (status = 404, body = ApiError)))]
+async fn handoff_commit<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Path(hid): Path<String>,
+) -> ApiResult<Json<cloudlet_api::HandoffCommitted>> {
+    Ok(Json(st.ops.commit_incoming(&hid).await?))
+}
+
+/// Cloudlet to cloudlet: discard an arrival that was not committed.
+#[utoipa::path(post, path = "/v1/handoff/{hid}/abort", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ApiError)))]
+async fn handoff_abort<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Path(hid): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.ops.abort_incoming(&hid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

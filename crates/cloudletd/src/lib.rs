@@ -10,6 +10,7 @@
 pub mod cloudlet;
 pub mod config;
 pub mod fetch;
+pub mod handoff;
 pub mod http;
 pub mod metrics;
 pub mod store;

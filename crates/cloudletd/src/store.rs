@@ -125,6 +125,7 @@ mod tests {
                 progress: Progress::default(),
                 timings: vec![],
                 error: None,
+                moved_to: None,
             },
             spec: None,
             pid: Some(1),

@@ -51,6 +51,9 @@ pub struct SynthProgress {
     pub bytes_total: AtomicU64,
     pub segments_applied: AtomicU32,
     pub segments_total: AtomicU32,
+    pub rate_bps: AtomicU64,
+    pub iteration: AtomicU64,
+    pub remaining_bytes: AtomicU64,
 }
 
 impl SynthProgress {
@@ -66,6 +69,9 @@ impl SynthProgress {
             bytes_total: self.bytes_total.load(Ordering::Relaxed),
             segments_applied: self.segments_applied.load(Ordering::Relaxed),
             segments_total: self.segments_total.load(Ordering::Relaxed),
+            rate_bps: self.rate_bps.load(Ordering::Relaxed),
+            iteration: self.iteration.load(Ordering::Relaxed),
+            remaining_bytes: self.remaining_bytes.load(Ordering::Relaxed),
         }
     }
 }

@@ -11,7 +11,13 @@ fn docs_openapi_json_matches_the_code() {
     );
     let v: serde_json::Value = serde_json::from_str(&served).unwrap();
     assert!(v["openapi"].as_str().unwrap().starts_with("3."));
-    for p in ["/v1/vms", "/v1/vms/{id}", "/v1/base-vms", "/v1/cloudlet", "/metrics"] {
+    for p in [
+        "/v1/vms",
+        "/v1/vms/{id}",
+        "/v1/base-vms",
+        "/v1/cloudlet",
+        "/metrics",
+    ] {
         assert!(v["paths"].get(p).is_some(), "{p} documented");
     }
 }

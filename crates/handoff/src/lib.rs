@@ -15,6 +15,7 @@
 //! - [`AdaptivePolicy`]: picks the codec, level and delta mode that maximize
 //!   the rate at which VM state crosses the link.
 
+pub mod session;
 pub mod stream;
 pub mod synth;
 pub mod wire;

@@ -131,6 +131,93 @@ pub async fn synthesize(
     Ok(())
 }
 
+#[derive(Args)]
+pub struct HandoffArgs {
+    /// The VM (id or name).
+    pub vm: String,
+    /// API address of the destination cloudlet.
+    #[arg(long = "to")]
+    pub to: String,
+    /// Token the destination accepts (default: the source's configured peer token).
+    #[arg(
+        long = "dest-token",
+        env = "CLOUDLET_DEST_TOKEN",
+        hide_env_values = true
+    )]
+    pub dest_token: Option<String>,
+}
+
+pub async fn handoff(client: &Client, args: HandoffArgs, output: Output) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let task = {
+        let (c, vm, to, tok) = (
+            client.clone(),
+            args.vm.clone(),
+            args.to.clone(),
+            args.dest_token.clone(),
+        );
+        tokio::spawn(async move { c.handoff(&vm, &to, tok.as_deref()).await })
+    };
+    let show = output == Output::Text && std::io::stderr().is_terminal();
+    let mut last = String::new();
+    let report = loop {
+        if task.is_finished() {
+            break task.await??;
+        }
+        if show {
+            if let Ok(v) = client.get_vm(&args.vm).await {
+                let p = &v.progress;
+                let line = format!(
+                    "\r{:>6.1}s  {:<11} sent {:>8.1} MB  {:>6.1} Mbit/s  iteration {}  remaining {:.1} MB",
+                    start.elapsed().as_secs_f64(),
+                    p.stage,
+                    p.bytes_fetched as f64 / 1e6,
+                    p.rate_bps as f64 / 1e6,
+                    p.iteration,
+                    p.remaining_bytes as f64 / 1e6,
+                );
+                if line != last {
+                    eprint!("{line}");
+                    let _ = std::io::stderr().flush();
+                    last = line;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if show && !last.is_empty() {
+        eprintln!();
+    }
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Text => {
+            let downtime = (report.destination_resume_us - report.source_stop_us) as f64 / 1000.0;
+            println!(
+                "moved {} to {} in {:.2} s: downtime {:.0} ms, {:.1} MB on the wire for {:.1} MB of state",
+                report.vm.name,
+                args.to,
+                report.total_ms as f64 / 1000.0,
+                downtime,
+                report.wire_bytes as f64 / 1e6,
+                report.raw_bytes as f64 / 1e6
+            );
+            for p in &report.vm.ports {
+                println!("  port {} -> {}", p.guest, p.endpoint);
+            }
+            println!(
+                "  phases: {}",
+                report
+                    .phases
+                    .iter()
+                    .map(|t| format!("{} {} ms", t.stage, t.ms))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn vm(client: &Client, cmd: VmCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         VmCommand::List => {

@@ -1,0 +1,1023 @@
+//! Live VM handoff between cloudlets (the protocol is documented in
+//! `cloudlet_handoff::session`).
+//!
+//! Source: disk chunks that differ from the base first, while the VM runs;
+//! then QEMU migrates into a socket of ours, the stream goes through the
+//! encoder with small bounded buffers (so QEMU's own rate estimate, and its
+//! decision when to stop the VM, reflect the WAN); QEMU pauses before the
+//! switchover (`pause-before-switchover`), disk writes made meanwhile are
+//! sent, then the rest. The destination loads the VM paused; only when the
+//! source has recorded the move (generation + 1) and keeps its QEMU stopped
+//! does the destination resume. Any failure before that point resumes the
+//! source and discards the destination's copy.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cloudlet_api::{
+    HandoffCommitted, HandoffLoaded, HandoffOffer, HandoffPrepared, HandoffReport, HandoffRequest,
+    Progress, StageTiming, VmInfo, VmState,
+};
+use cloudlet_handoff::session::{self, SessionFrame, SessionReader, SESSION_MAGIC};
+use cloudlet_handoff::{BaseMemory, Decoder, DecoderConfig, Encoder, EncoderConfig};
+use cloudlet_qemu::{DiskFormat, Vm};
+use futures::{Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cloudlet::{now_unix, Cloudlet, Entry};
+use crate::store::{VmRecord, RECORD_FORMAT};
+use crate::synth::{SynthProgress, VmPaths};
+
+/// Disk is compared with the base in chunks of this size.
+const DISK_CHUNK: usize = 64 * 1024;
+/// Frames in flight between the migration reader and the network.
+const SEND_QUEUE: usize = 4;
+/// How long the whole handoff may take.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("No VM {0}")]
+    NotFound(String),
+    #[error("VM {id} is {state:?}, only a running VM can be handed off")]
+    NotRunning { id: String, state: VmState },
+    #[error("No token for destination {0} (give one, or configure it as a peer)")]
+    NoToken(String),
+    #[error("Destination {url} refused: {status} {message}")]
+    Refused {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("Cannot reach destination {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("QEMU: {0}")]
+    Qemu(#[from] cloudlet_qemu::QmpError),
+    #[error("Migration stream: {0}")]
+    Stream(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Handoff timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("State store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveHandoffError {
+    #[error("This cloudlet does not hold base VM {0}")]
+    BaseNotHeld(String),
+    #[error("No handoff {0} in progress here")]
+    UnknownHandoff(String),
+    #[error("A VM with id {0} exists here already")]
+    Exists(String),
+    #[error("Cannot create VM: {0}")]
+    Create(#[from] crate::cloudlet::CreateVmError),
+    #[error("Cannot start QEMU: {0}")]
+    Start(#[from] cloudlet_qemu::StartVmError),
+    #[error("QEMU: {0}")]
+    Qemu(#[from] cloudlet_qemu::QmpError),
+    #[error("Bad session stream: {0}")]
+    Session(#[from] session::ReadSessionError),
+    #[error("Bad migration stream: {0}")]
+    Decode(#[from] cloudlet_handoff::DecodeStreamError),
+    #[error("The session ended before its END frame")]
+    Truncated,
+    #[error("Reading the session failed: {0}")]
+    Read(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("State store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A VM arriving here.
+pub struct Incoming {
+    pub vm_id: String,
+    pub vm: Arc<Vm>,
+    pub paths: VmPaths,
+    pub loaded: bool,
+}
+
+fn phase(name: &str, since: Instant) -> StageTiming {
+    StageTiming {
+        stage: name.into(),
+        ms: since.elapsed().as_millis() as u64,
+    }
+}
+
+/// Chunks of `vm_disk` that differ from `base_disk` at the same offset,
+/// considering only ranges where either holds data. `skip` gives chunks
+/// already sent with the hash they had.
+fn changed_disk_chunks(
+    vm_disk: &Path,
+    base_disk: &Path,
+    sent: &HashMap<u64, [u8; 32]>,
+) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+    let vm = std::fs::File::open(vm_disk)?;
+    let base = std::fs::File::open(base_disk)?;
+    let len = vm.metadata()?.len();
+    let mut extents = data_extents(&vm, len)?;
+    extents.extend(data_extents(&base, len)?);
+    extents.sort();
+    let mut out = Vec::new();
+    let mut a = vec![0u8; DISK_CHUNK];
+    let mut b = vec![0u8; DISK_CHUNK];
+    let mut next = 0u64;
+    for (start, end) in extents {
+        let mut off = (start / DISK_CHUNK as u64) * DISK_CHUNK as u64;
+        off = off.max(next);
+        while off < end.min(len) {
+            let n = (DISK_CHUNK as u64).min(len - off) as usize;
+            read_full(&vm, &mut a[..n], off)?;
+            read_full(&base, &mut b[..n], off)?;
+            let h = *blake3::hash(&a[..n]).as_bytes();
+            let same_as_base = a[..n] == b[..n];
+            let prev = sent.get(&off);
+            // Send what the destination (a copy of the base plus what we
+            // sent) does not have yet.
+            let dest_has = match prev {
+                Some(p) => *p == h,
+                None => same_as_base,
+            };
+            if !dest_has {
+                out.push((off, a[..n].to_vec()));
+            }
+            off += n as u64;
+        }
+        next = next.max(off);
+    }
+    Ok(out)
+}
+
+fn read_full(f: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.read_at(&mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+fn data_extents(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on an open fd.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            break;
+        }
+        out.push((data as u64, hole as u64));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+/// The source side: `POST /v1/vms/{id}/handoff`.
+pub async fn handoff_vm(
+    c: &Arc<Cloudlet>,
+    id: &str,
+    req: HandoffRequest,
+) -> Result<HandoffReport, HandoffError> {
+    let start = Instant::now();
+    let (id, vm, rec, progress) = {
+        let mut m = c
+            .vms
+            .lock()
+            .map_err(|_| HandoffError::NotFound(id.into()))?;
+        let key = m
+            .iter()
+            .find(|(k, e)| k.as_str() == id || e.record.info.name == id)
+            .map(|(k, _)| k.clone())
+            .ok_or_else(|| HandoffError::NotFound(id.into()))?;
+        let e = m
+            .get_mut(&key)
+            .ok_or_else(|| HandoffError::NotFound(id.into()))?;
+        let state = e.record.info.state;
+        let Some(vm) = e.vm.clone().filter(|_| state == VmState::Running) else {
+            return Err(HandoffError::NotRunning { id: key, state });
+        };
+        e.record.info.state = VmState::HandingOff;
+        e.progress = Arc::default();
+        e.progress.set_stage("preparing");
+        (key, vm, e.record.clone(), e.progress.clone())
+    };
+    c.store.put(&rec)?;
+    let dest = req.destination.trim_end_matches('/').to_string();
+    let token = req.token.clone().or_else(|| {
+        c.config
+            .peers
+            .iter()
+            .find(|p| p.url.trim_end_matches('/') == dest)
+            .map(|p| p.token.clone())
+    });
+    let Some(token) = token else {
+        if let Some(rec) = c.update(&id, |e| e.record.info.state = VmState::Running) {
+            let _ = c.store.put(&rec);
+        }
+        return Err(HandoffError::NoToken(dest));
+    };
+    let handoff_id = hex::encode(rand::random::<[u8; 8]>());
+    let run = send_vm(
+        c,
+        &id,
+        &vm,
+        &rec,
+        &dest,
+        &token,
+        &handoff_id,
+        &progress,
+        start,
+    );
+    let result = match tokio::time::timeout(HANDOFF_TIMEOUT, run).await {
+        Ok(r) => r,
+        Err(_) => Err(HandoffError::Timeout(HANDOFF_TIMEOUT)),
+    };
+    match result {
+        Ok(report) => Ok(report),
+        Err(err) => {
+            tracing::warn!(vm_id = %id, "handoff failed, the VM stays here: {err}");
+            recover_source(&vm).await;
+            let _ = post(
+                &dest,
+                &token,
+                &format!("/v1/handoff/{handoff_id}/abort"),
+                &json!({}),
+            )
+            .await;
+            if let Some(rec) = c.update(&id, |e| {
+                e.record.info.state = VmState::Running;
+                e.record.info.error = Some(format!("Last handoff failed: {err}"));
+            }) {
+                let _ = c.store.put(&rec);
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Put the source VM back to running after a failed handoff.
+async fn recover_source(vm: &Vm) {
+    let q = vm.qmp();
+    let _ = q.execute("migrate_cancel", None).await;
+    for _ in 0..50 {
+        let st = q
+            .execute("query-migrate", None)
+            .await
+            .ok()
+            .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_string));
+        if !matches!(
+            st.as_deref(),
+            Some("active" | "pre-switchover" | "device" | "cancelling")
+        ) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = q
+        .execute(
+            "block-dirty-bitmap-remove",
+            Some(json!({"node": "disk0", "name": "handoff"})),
+        )
+        .await;
+    if let Ok(s) = q.run_state().await {
+        if s != "running" {
+            let _ = q.execute("cont", None).await;
+        }
+    }
+}
+
+async fn post<T: serde::Serialize>(
+    dest: &str,
+    token: &str,
+    path: &str,
+    body: &T,
+) -> Result<Value, HandoffError> {
+    let resp = reqwest::Client::new()
+        .post(format!("{dest}{path}"))
+        .bearer_auth(token)
+        .json(body)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .map_err(|e| HandoffError::Unreachable {
+            url: dest.into(),
+            detail: e.to_string(),
+        })?;
+    answer(dest, resp).await
+}
+
+async fn answer(dest: &str, resp: reqwest::Response) -> Result<Value, HandoffError> {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    if !(200..300).contains(&status) {
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or(text);
+        return Err(HandoffError::Refused {
+            url: dest.into(),
+            status,
+            message,
+        });
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_vm(
+    c: &Arc<Cloudlet>,
+    id: &str,
+    vm: &Arc<Vm>,
+    rec: &VmRecord,
+    dest: &str,
+    token: &str,
+    handoff_id: &str,
+    progress: &Arc<SynthProgress>,
+    start: Instant,
+) -> Result<HandoffReport, HandoffError> {
+    let fail0 = |e: HandoffError| e;
+    let base = c
+        .bases
+        .get_by_id(&rec.info.base_id)
+        .map_err(|e| fail0(HandoffError::Stream(e.to_string())))?;
+    let offer = HandoffOffer {
+        handoff_id: handoff_id.to_string(),
+        vm_id: id.to_string(),
+        name: rec.info.name.clone(),
+        generation: rec.info.generation,
+        base_id: rec.info.base_id.clone(),
+        flavor: rec.info.flavor.clone(),
+        app: rec.app.clone(),
+        overlay: rec.info.overlay.clone(),
+        source: c
+            .config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| c.config.name.clone()),
+    };
+    let mut phases = Vec::new();
+    let t = Instant::now();
+    post(dest, token, "/v1/handoff/prepare", &offer)
+        .await
+        .map_err(fail0)?;
+    phases.push(phase("prepare", t));
+    let fail = |e: HandoffError| e;
+
+    // The session body flows through a small bounded queue.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(SEND_QUEUE);
+    let sent_bytes = Arc::new(AtomicU64::new(0));
+    let counter = sent_bytes.clone();
+    let body_stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    })
+    .inspect(move |r| {
+        if let Ok(b) = r {
+            counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let upload = reqwest::Client::new()
+        .post(format!("{dest}/v1/handoff/{handoff_id}/stream"))
+        .bearer_auth(token)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(body_stream))
+        .send();
+    let upload = tokio::spawn(upload);
+    let send = |b: Vec<u8>| {
+        let tx = tx.clone();
+        async move {
+            tx.send(Bytes::from(b))
+                .await
+                .map_err(|_| HandoffError::Stream("the destination stopped reading".into()))
+        }
+    };
+    send(SESSION_MAGIC.to_vec()).await.map_err(fail)?;
+
+    let q = vm.qmp().clone();
+    let mut events = q.events();
+
+    // Disk, live.
+    progress.set_stage("disk");
+    let t = Instant::now();
+    q.execute(
+        "block-dirty-bitmap-add",
+        Some(json!({"node": "disk0", "name": "handoff"})),
+    )
+    .await
+    .map_err(|e| fail(e.into()))?;
+    let mut sent_disk: HashMap<u64, [u8; 32]> = HashMap::new();
+    let mut disk_bytes = 0u64;
+    let vm_disk = vm.spec().disk_path.clone();
+    let base_disk = base.disk_path();
+    {
+        let (vd, bd) = (vm_disk.clone(), base_disk.clone());
+        let chunks =
+            tokio::task::spawn_blocking(move || changed_disk_chunks(&vd, &bd, &HashMap::new()))
+                .await
+                .map_err(|e| fail(HandoffError::Stream(e.to_string())))?
+                .map_err(|e| fail(e.into()))?;
+        for (off, data) in chunks {
+            sent_disk.insert(off, *blake3::hash(&data).as_bytes());
+            disk_bytes += data.len() as u64;
+            send(session::disk_frame(off, &data)).await.map_err(fail)?;
+        }
+    }
+    phases.push(phase("disk", t));
+
+    // Memory and devices: QEMU migrates into our socket.
+    progress.set_stage("memory");
+    let t = Instant::now();
+    let sock = vm.spec().socket_dir().join("migrate-out.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| fail(e.into()))?;
+    q.set_migration_capabilities(&[
+        ("x-ignore-shared", false),
+        ("pause-before-switchover", true),
+        ("auto-converge", true),
+    ])
+    .await
+    .map_err(|e| fail(e.into()))?;
+    q.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 1_000_000_000_000i64, "downtime-limit": 300})),
+    )
+    .await
+    .map_err(|e| fail(e.into()))?;
+    q.execute(
+        "migrate",
+        Some(json!({"uri": format!("unix:{}", sock.display())})),
+    )
+    .await
+    .map_err(|e| fail(e.into()))?;
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .map_err(|_| fail(HandoffError::Stream("QEMU did not connect".into())))?
+        .map_err(|e| fail(e.into()))?;
+    let _ = std::fs::remove_file(&sock);
+
+    let base_mem = cloudlet_handoff_base(&base).map_err(fail)?;
+    // The reader never waits for QMP: QEMU may hold its big lock while it
+    // writes, and would not answer QMP until we read.
+    let reader = {
+        let send_tx = tx.clone();
+        let sent_bytes = sent_bytes.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let send = |b: Vec<u8>| {
+                let tx = send_tx.clone();
+                async move {
+                    tx.send(Bytes::from(b))
+                        .await
+                        .map_err(|_| HandoffError::Stream("the destination stopped reading".into()))
+                }
+            };
+            let mut encoder = Encoder::new(EncoderConfig::default(), Some(base_mem));
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut out = Vec::new();
+            let mut raw_bytes = 0u64;
+            let mut last_rate = (Instant::now(), 0u64);
+            loop {
+                // Flush whenever QEMU pauses, so that small tails (the device
+                // state) are never held back.
+                let n = match tokio::time::timeout(Duration::from_millis(5), conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => return Err(HandoffError::Io(e)),
+                    Err(_) => {
+                        encoder
+                            .flush(&mut out)
+                            .map_err(|e| HandoffError::Stream(e.to_string()))?;
+                        0
+                    }
+                };
+                if n > 0 {
+                    raw_bytes += n as u64;
+                    encoder
+                        .feed(&buf[..n], &mut out)
+                        .map_err(|e| HandoffError::Stream(e.to_string()))?;
+                }
+                if !out.is_empty() {
+                    send(session::migration_frame(&out)).await?;
+                    out.clear();
+                }
+                let el = last_rate.0.elapsed();
+                if el > Duration::from_millis(500) {
+                    let now_sent = sent_bytes.load(Ordering::Relaxed);
+                    let delta = now_sent - last_rate.1;
+                    encoder.report_drained(delta, el);
+                    progress.rate_bps.store(
+                        (delta as f64 * 8.0 / el.as_secs_f64()) as u64,
+                        Ordering::Relaxed,
+                    );
+                    last_rate = (Instant::now(), now_sent);
+                }
+                progress
+                    .bytes_fetched
+                    .store(sent_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            encoder
+                .finish(&mut out)
+                .map_err(|e| HandoffError::Stream(e.to_string()))?;
+            if !out.is_empty() {
+                send(session::migration_frame(&out)).await?;
+            }
+            send(session::end_frame(raw_bytes)).await?;
+            Ok::<u64, HandoffError>(raw_bytes)
+        })
+    };
+
+    // Control: follow QEMU, carry disk writes over at the switchover.
+    let mut switched = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let v = q
+            .execute("query-migrate", None)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+        if let Some(ram) = v.get("ram") {
+            let g = |k: &str| ram.get(k).and_then(Value::as_u64).unwrap_or(0);
+            progress
+                .iteration
+                .store(g("dirty-sync-count"), Ordering::Relaxed);
+            progress
+                .remaining_bytes
+                .store(g("remaining"), Ordering::Relaxed);
+        }
+        match status {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                return Err(fail(HandoffError::Stream(format!(
+                    "QEMU migration {status}: {}",
+                    v.get("error-desc").and_then(Value::as_str).unwrap_or("")
+                ))))
+            }
+            "pre-switchover" if !switched => {
+                switched = true;
+                progress.set_stage("switchover");
+                phases.push(phase("memory_precopy", t));
+                // The VM is stopped: carry over disk writes made meanwhile.
+                if dirty_count(&q).await > 0 {
+                    let (vd, bd, sd) = (vm_disk.clone(), base_disk.clone(), sent_disk.clone());
+                    let chunks =
+                        tokio::task::spawn_blocking(move || changed_disk_chunks(&vd, &bd, &sd))
+                            .await
+                            .map_err(|e| fail(HandoffError::Stream(e.to_string())))?
+                            .map_err(|e| fail(e.into()))?;
+                    for (off, data) in chunks {
+                        sent_disk.insert(off, *blake3::hash(&data).as_bytes());
+                        disk_bytes += data.len() as u64;
+                        send(session::disk_frame(off, &data)).await.map_err(fail)?;
+                    }
+                }
+                q.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+                    .await
+                    .map_err(|e| fail(e.into()))?;
+            }
+            _ => {}
+        }
+        if reader.is_finished() {
+            break;
+        }
+    }
+    drop(tx);
+    let raw_bytes = reader
+        .await
+        .map_err(|e| fail(HandoffError::Stream(e.to_string())))??;
+    q.wait_migration(Duration::from_secs(30))
+        .await
+        .map_err(|e| fail(e.into()))?;
+    if !switched {
+        return Err(fail(HandoffError::Stream(
+            "QEMU never paused before switchover".into(),
+        )));
+    }
+    let mut stop_us: i64 = 0;
+    while let Ok(ev) = events.try_recv() {
+        if ev.event == "STOP" && stop_us == 0 {
+            stop_us = ev.timestamp.as_micros();
+        }
+    }
+    let resp = upload
+        .await
+        .map_err(|e| fail(HandoffError::Stream(e.to_string())))?
+        .map_err(|e| {
+            fail(HandoffError::Unreachable {
+                url: dest.into(),
+                detail: e.to_string(),
+            })
+        })?;
+    let _: HandoffLoaded = serde_json::from_value(answer(dest, resp).await.map_err(fail)?)
+        .map_err(|e| fail(HandoffError::Stream(format!("bad answer: {e}"))))?;
+    phases.push(phase("memory", t));
+
+    // Commit point: the move is recorded, the source QEMU never runs again.
+    progress.set_stage("committing");
+    let t = Instant::now();
+    let moved = c
+        .update(id, |e| {
+            e.record.info.state = VmState::Moved;
+            e.record.info.generation += 1;
+            e.record.info.moved_to = Some(dest.to_string());
+            e.record.info.ports.clear();
+            e.record.info.progress = e.progress.snapshot();
+        })
+        .ok_or_else(|| fail(HandoffError::NotFound(id.into())))?;
+    c.store.put(&moved).map_err(|e| fail(e.into()))?;
+    let committed = commit_with_retries(dest, token, handoff_id).await;
+    let committed = match committed {
+        Ok(v) => v,
+        Err(e) => {
+            // The destination never resumed the VM: it is still ours.
+            if let Some(rec) = c.update(id, |e| {
+                e.record.info.state = VmState::HandingOff;
+                e.record.info.generation -= 1;
+                e.record.info.moved_to = None;
+                e.record.info.ports = rec.info.ports.clone();
+            }) {
+                let _ = c.store.put(&rec);
+            }
+            return Err(fail(e));
+        }
+    };
+    phases.push(phase("commit", t));
+    vm.kill().await;
+    if let Some(e) = c.vms.lock().ok().as_mut().and_then(|m| m.get_mut(id)) {
+        e.vm = None;
+    }
+    c.paths(id).remove();
+    let wire = sent_bytes.load(Ordering::Relaxed);
+    tracing::info!(vm_id = %id, dest, wire, raw = raw_bytes + disk_bytes, "VM handed off");
+    Ok(HandoffReport {
+        vm: committed.vm,
+        total_ms: start.elapsed().as_millis() as u64,
+        source_stop_us: stop_us,
+        destination_resume_us: committed.resume_us,
+        wire_bytes: wire,
+        raw_bytes: raw_bytes + disk_bytes,
+        disk_bytes,
+        phases,
+    })
+}
+
+async fn commit_with_retries(
+    dest: &str,
+    token: &str,
+    hid: &str,
+) -> Result<HandoffCommitted, HandoffError> {
+    let mut last = None;
+    for attempt in 0..5 {
+        match post(
+            dest,
+            token,
+            &format!("/v1/handoff/{hid}/commit"),
+            &json!({}),
+        )
+        .await
+        {
+            Ok(v) => {
+                return serde_json::from_value(v)
+                    .map_err(|e| HandoffError::Stream(format!("bad commit answer: {e}")))
+            }
+            // A definite no: the destination does not have (or dropped) it.
+            Err(e @ HandoffError::Refused { .. }) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+    }
+    Err(last.unwrap_or(HandoffError::Stream("commit failed".into())))
+}
+
+async fn dirty_count(q: &cloudlet_qemu::QmpClient) -> u64 {
+    let Ok(v) = q.execute("query-block", None).await else {
+        return u64::MAX;
+    };
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|d| {
+            d.get("inserted")
+                .and_then(|i| i.get("dirty-bitmaps"))
+                .or_else(|| d.get("dirty-bitmaps"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|b| b.get("name").and_then(Value::as_str) == Some("handoff"))
+        .map(|b| b.get("count").and_then(Value::as_u64).unwrap_or(u64::MAX))
+        .sum()
+}
+
+/// The base VM's memory as the codec's dedup source (block `mem`).
+fn cloudlet_handoff_base(base: &cloudlet_base::BaseVm) -> Result<BaseMemory, HandoffError> {
+    let data = std::fs::read(base.memory_path())?;
+    let id = BaseMemory::content_id(&data);
+    Ok(BaseMemory::new(data, "mem", id))
+}
+
+/// Destination: `POST /v1/handoff/prepare`.
+pub async fn prepare_incoming(
+    c: &Arc<Cloudlet>,
+    offer: HandoffOffer,
+) -> Result<HandoffPrepared, ReceiveHandoffError> {
+    let base = c
+        .bases
+        .get_by_id(&offer.base_id)
+        .map_err(|_| ReceiveHandoffError::BaseNotHeld(offer.base_id.clone()))?;
+    if c.vms
+        .lock()
+        .map(|m| m.contains_key(&offer.vm_id))
+        .unwrap_or(false)
+    {
+        return Err(ReceiveHandoffError::Exists(offer.vm_id.clone()));
+    }
+    let flavor = c
+        .config
+        .flavor(&offer.flavor)
+        .or_else(|| c.config.flavor(&c.config.default_flavor))
+        .cloned()
+        .ok_or_else(|| crate::cloudlet::CreateVmError::UnknownFlavor(offer.flavor.clone()))?;
+    let paths = c.paths(&offer.vm_id);
+    let rec = VmRecord {
+        format: RECORD_FORMAT,
+        info: VmInfo {
+            id: offer.vm_id.clone(),
+            name: offer.name.clone(),
+            state: VmState::Receiving,
+            generation: offer.generation + 1,
+            base_id: offer.base_id.clone(),
+            overlay: offer.overlay.clone(),
+            flavor: flavor.name.clone(),
+            ports: vec![],
+            created_unix: now_unix(),
+            progress: Progress::default(),
+            timings: vec![],
+            error: None,
+            moved_to: None,
+        },
+        spec: None,
+        pid: None,
+        dir: paths.dir.clone(),
+        app: offer.app.clone(),
+        vcpus: flavor.vcpus,
+        memory_mib: flavor.memory_mib,
+    };
+    let (_progress, ports) = c.reserve(rec)?;
+    let started = async {
+        std::fs::create_dir_all(&paths.dir)?;
+        std::fs::create_dir_all(&paths.run)?;
+        let (bd, dd) = (base.disk_path(), paths.disk());
+        tokio::task::spawn_blocking(move || cloudlet_qemu::files::copy_sparse(&bd, &dd))
+            .await
+            .map_err(std::io::Error::other)??;
+        let ram = std::fs::File::create(paths.ram())?;
+        ram.set_len(base.manifest.memory_bytes())?;
+        drop(ram);
+        let mut spec = base.spec(
+            &offer.vm_id,
+            &paths.ram(),
+            &paths.disk(),
+            &paths.run_dir(),
+            ports.clone(),
+        );
+        spec.disk_format = DiskFormat::Raw;
+        let vm = Vm::start_incoming(spec).await?;
+        let sock = vm.spec().socket_dir().join("migrate-in.sock");
+        vm.qmp()
+            .set_migration_capabilities(&[("x-ignore-shared", false)])
+            .await?;
+        vm.qmp()
+            .execute(
+                "migrate-incoming",
+                Some(json!({"uri": format!("unix:{}", sock.display())})),
+            )
+            .await?;
+        Ok::<_, ReceiveHandoffError>(vm)
+    }
+    .await;
+    let vm = match started {
+        Ok(vm) => Arc::new(vm),
+        Err(e) => {
+            paths.remove();
+            let _ = c.store.delete(&offer.vm_id);
+            if let Ok(mut m) = c.vms.lock() {
+                m.remove(&offer.vm_id);
+            }
+            return Err(e);
+        }
+    };
+    if let Some(rec) = c.update(&offer.vm_id, |e| {
+        e.record.spec = Some(vm.spec().clone());
+        e.record.pid = Some(vm.pid());
+    }) {
+        c.store.put(&rec)?;
+    }
+    let info = c
+        .vms
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&offer.vm_id).map(|e| e.record.info.ports.clone()));
+    if let Ok(mut m) = c.incoming.lock() {
+        m.insert(
+            offer.handoff_id.clone(),
+            Incoming {
+                vm_id: offer.vm_id.clone(),
+                vm,
+                paths,
+                loaded: false,
+            },
+        );
+    }
+    tracing::info!(vm_id = %offer.vm_id, handoff = %offer.handoff_id, from = %offer.source, "handoff offered");
+    Ok(HandoffPrepared {
+        handoff_id: offer.handoff_id,
+        ports: info.unwrap_or_default(),
+    })
+}
+
+fn incoming_parts(
+    c: &Cloudlet,
+    hid: &str,
+) -> Result<(String, Arc<Vm>, VmPaths), ReceiveHandoffError> {
+    c.incoming
+        .lock()
+        .ok()
+        .and_then(|m| {
+            m.get(hid)
+                .map(|i| (i.vm_id.clone(), i.vm.clone(), i.paths.clone()))
+        })
+        .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))
+}
+
+/// Destination: `POST /v1/handoff/{id}/stream`. On any error the arrival is
+/// discarded.
+pub async fn receive_stream<S, E>(
+    c: &Arc<Cloudlet>,
+    hid: &str,
+    body: S,
+) -> Result<HandoffLoaded, ReceiveHandoffError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let r = receive_inner(c, hid, body).await;
+    if r.is_err() {
+        let _ = abort_incoming(c, hid).await;
+    }
+    r
+}
+
+async fn receive_inner<S, E>(
+    c: &Arc<Cloudlet>,
+    hid: &str,
+    mut body: S,
+) -> Result<HandoffLoaded, ReceiveHandoffError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let (vm_id, vm, paths) = incoming_parts(c, hid)?;
+    let base_id = c
+        .vms
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&vm_id).map(|e| e.record.info.base_id.clone()))
+        .unwrap_or_default();
+    let base = c
+        .bases
+        .get_by_id(&base_id)
+        .map_err(|_| ReceiveHandoffError::BaseNotHeld(base_id.clone()))?;
+    let base_mem =
+        cloudlet_handoff_base(&base).map_err(|e| ReceiveHandoffError::Read(e.to_string()))?;
+    let mut decoder = Decoder::new(
+        DecoderConfig {
+            max_guest_ram: base.manifest.memory_bytes() + (64 << 20),
+        },
+        Some(base_mem),
+    );
+    let disk = std::fs::OpenOptions::new().write(true).open(paths.disk())?;
+    let sock = vm.spec().socket_dir().join("migrate-in.sock");
+    let mut qemu = tokio::net::UnixStream::connect(&sock).await?;
+    let mut reader = SessionReader::new();
+    let mut out = Vec::new();
+    let (mut raw, mut disk_bytes) = (0u64, 0u64);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ReceiveHandoffError::Read(e.to_string()))?;
+        for f in reader.feed(&chunk)? {
+            match f {
+                SessionFrame::Disk { offset, data } => {
+                    disk.write_all_at(&data, offset)?;
+                    disk_bytes += data.len() as u64;
+                }
+                SessionFrame::Migration(wire) => {
+                    decoder.feed(&wire, &mut out)?;
+                    if !out.is_empty() {
+                        qemu.write_all(&out).await?;
+                        raw += out.len() as u64;
+                        out.clear();
+                    }
+                }
+                SessionFrame::End { .. } => {}
+            }
+        }
+    }
+    if !reader.is_ended() {
+        return Err(ReceiveHandoffError::Truncated);
+    }
+    decoder.finish()?;
+    qemu.shutdown().await?;
+    disk.sync_data()?;
+    vm.qmp().wait_migration(Duration::from_secs(60)).await?;
+    if let Ok(mut m) = c.incoming.lock() {
+        if let Some(i) = m.get_mut(hid) {
+            i.loaded = true;
+        }
+    }
+    tracing::info!(vm_id = %vm_id, raw, disk_bytes, "handoff loaded, waiting for commit");
+    Ok(HandoffLoaded {
+        raw_bytes: raw,
+        disk_bytes,
+    })
+}
+
+/// Destination: `POST /v1/handoff/{id}/commit`: the source has stopped for
+/// good; run the VM here.
+pub async fn commit_incoming(
+    c: &Arc<Cloudlet>,
+    hid: &str,
+) -> Result<HandoffCommitted, ReceiveHandoffError> {
+    let loaded = c
+        .incoming
+        .lock()
+        .ok()
+        .and_then(|m| m.get(hid).map(|i| i.loaded))
+        .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))?;
+    if !loaded {
+        return Err(ReceiveHandoffError::UnknownHandoff(hid.into()));
+    }
+    let (vm_id, vm, _) = incoming_parts(c, hid)?;
+    let mut events = vm.qmp().events();
+    vm.qmp().execute("cont", None).await?;
+    let mut resume_us = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resume_us == 0 && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(100), events.recv()).await {
+            Ok(Ok(ev)) if ev.event == "RESUME" => resume_us = ev.timestamp.as_micros(),
+            _ => {}
+        }
+    }
+    let rec = c
+        .update(&vm_id, |e: &mut Entry| {
+            e.record.info.state = VmState::Running;
+            e.vm = Some(vm.clone());
+        })
+        .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))?;
+    c.store.put(&rec)?;
+    if let Ok(mut m) = c.incoming.lock() {
+        m.remove(hid);
+    }
+    c.watch(vm_id.clone(), vm);
+    tracing::info!(vm_id = %vm_id, "handoff committed: VM runs here");
+    Ok(HandoffCommitted {
+        vm: rec.info,
+        resume_us,
+    })
+}
+
+/// Destination: discard an arrival (never after commit).
+pub async fn abort_incoming(c: &Arc<Cloudlet>, hid: &str) -> Result<(), ReceiveHandoffError> {
+    let inc = c
+        .incoming
+        .lock()
+        .ok()
+        .and_then(|mut m| m.remove(hid))
+        .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))?;
+    inc.vm.kill().await;
+    inc.paths.remove();
+    c.store.delete(&inc.vm_id)?;
+    if let Ok(mut m) = c.vms.lock() {
+        m.remove(&inc.vm_id);
+    }
+    tracing::info!(vm_id = %inc.vm_id, handoff = hid, "handoff discarded");
+    Ok(())
+}

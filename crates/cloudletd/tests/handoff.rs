@@ -1,0 +1,144 @@
+//! Live handoff between two real `cloudletd` processes, on real QEMU.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cloudlet_api::VmState;
+use cloudlet_testkit::http;
+use common::{kvstore_overlay, qemu_running, Daemon, TOKEN};
+
+fn port_of(endpoint: &str) -> u16 {
+    endpoint.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kvstore_moves_with_every_key_and_keeps_running() {
+    let overlay = kvstore_overlay().await;
+    let a = Daemon::start("").await;
+    let b = Daemon::start("").await;
+    let vm = a
+        .client()
+        .create_vm_upload(&overlay, Some("mover"), None)
+        .await
+        .unwrap();
+    let port = vm.ports[0].host;
+    for i in 0..50 {
+        http(
+            port,
+            "PUT",
+            &format!("/kv/before{i}"),
+            Some(vec![b'x'; 4096]),
+        )
+        .await
+        .unwrap();
+    }
+    let stats = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
+    let before = stats(http(port, "GET", "/stats", None).await.unwrap().text());
+
+    // Keep writing while the VM moves; remember what was acknowledged.
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("during{i}");
+                if let Ok(r) =
+                    http(port, "PUT", &format!("/kv/{key}"), Some(vec![b'y'; 4096])).await
+                {
+                    if r.status == 201 {
+                        acked.lock().unwrap().push(key);
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let report = a
+        .client()
+        .handoff("mover", &b.url(), Some(TOKEN))
+        .await
+        .expect("handoff");
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+
+    let new_port = port_of(&report.vm.ports[0].endpoint);
+    assert_eq!(report.vm.generation, 2);
+    assert!(
+        report.source_stop_us > 0 && report.destination_resume_us >= report.source_stop_us,
+        "{report:?}"
+    );
+    assert!(
+        report.wire_bytes < report.raw_bytes / 5,
+        "dedup against the base: {report:?}"
+    );
+    for i in 0..50 {
+        let r = http(new_port, "GET", &format!("/kv/before{i}"), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "before{i}");
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty());
+    for k in &acked {
+        let r = http(new_port, "GET", &format!("/kv/{k}"), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{k} was acknowledged before the move");
+    }
+    let after = stats(http(new_port, "GET", "/stats", None).await.unwrap().text());
+    assert_eq!(before["pid"], after["pid"], "same process: no reboot");
+    assert!(after["uptime_s"].as_u64() >= before["uptime_s"].as_u64());
+
+    // Both sides recorded the outcome.
+    let src = a.client().get_vm("mover").await.unwrap();
+    assert_eq!(src.state, VmState::Moved);
+    assert_eq!(src.generation, 2);
+    assert!(!qemu_running(&a, &vm.id));
+    let dst = b.client().get_vm("mover").await.unwrap();
+    assert_eq!(dst.state, VmState::Running);
+    assert_eq!(dst.generation, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_or_unreachable_destination_leaves_the_vm_running_here() {
+    let overlay = kvstore_overlay().await;
+    let a = Daemon::start("").await;
+    let b = Daemon::start("").await;
+    let vm = a
+        .client()
+        .create_vm_upload(&overlay, Some("stayer"), None)
+        .await
+        .unwrap();
+    let port = vm.ports[0].host;
+    http(port, "PUT", "/kv/k", Some(b"v".to_vec()))
+        .await
+        .unwrap();
+
+    // Wrong token at the destination.
+    let err = a
+        .client()
+        .handoff("stayer", &b.url(), Some("wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(502), "{err}");
+    assert!(err.to_string().contains("401"), "{err}");
+    // A destination that is not there.
+    let err = a
+        .client()
+        .handoff("stayer", "http://127.0.0.1:1", Some(TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(502), "{err}");
+
+    let v = a.client().get_vm("stayer").await.unwrap();
+    assert_eq!(v.state, VmState::Running);
+    assert_eq!(v.generation, 1);
+    assert_eq!(http(port, "GET", "/kv/k", None).await.unwrap().text(), "v");
+    assert!(b.client().list_vms().await.unwrap().is_empty());
+    assert!(b.vm_files().is_empty(), "{:?}", b.vm_files());
+}
