@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: a local cloudlet with the embedded defaults provisions a real
-# app (the translator back end) from an overlay in a registry, and a client
-# talks to it. Prints how long each stage took.
+# app (the translator back end) from an overlay in a registry, a client talks
+# to it, then the running app moves live to a second cloudlet and answers
+# there. Prints how long each stage took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/target/release
@@ -10,6 +11,7 @@ WORK=$PWD/target/demo
 export CLOUDLET_HOME="${CLOUDLET_HOME:-$WORK/home}"
 TOKEN=demo-token-$$
 API=127.0.0.1:7450
+API2=127.0.0.1:7451
 REG=127.0.0.1:7460
 mkdir -p "$WORK" "$CLOUDLET_HOME"
 
@@ -46,10 +48,16 @@ echo "== 3. the cloud tier: an overlay registry; the edge: a cloudlet (embedded 
 rm -rf "$WORK/registry"
 $BIN/cloudlet registry serve "$WORK/registry" --listen $REG --push-token "$TOKEN" >"$WORK/registry.log" 2>&1 &
 pids+=($!)
-$BIN/cloudletd --listen $API --token "$TOKEN" >"$WORK/cloudletd.log" 2>&1 &
+$BIN/cloudletd --listen $API --token "$TOKEN" --name edge-1 >"$WORK/cloudletd.log" 2>&1 &
+pids+=($!)
+# A second cloudlet next door (same base VMs), for the handoff.
+mkdir -p "$WORK/home2" && ln -sfn "$CLOUDLET_HOME/bases" "$WORK/home2/bases"
+$BIN/cloudletd --listen $API2 --token "$TOKEN" --name edge-2 --home "$WORK/home2" \
+  --vm-dir /dev/shm/cloudlet-edge-2 >"$WORK/cloudletd2.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
-  curl -sf "http://$API/health" >/dev/null && curl -sf "http://$REG/health" >/dev/null && break
+  curl -sf "http://$API/health" >/dev/null && curl -sf "http://$API2/health" >/dev/null \
+    && curl -sf "http://$REG/health" >/dev/null && break
   sleep 0.1
 done
 export CLOUDLET_URL=http://$API CLOUDLET_TOKEN=$TOKEN
@@ -64,6 +72,13 @@ answer=$(curl -sf "http://$endpoint/translate?text=hello+world+good+morning")
 echo "   first answer: $answer"
 echo "   request -> first answer: $(since "$t")"
 
-echo "== 5. clean up"
-$BIN/cloudlet vm delete translator
+echo "== 5. the user moves: the running translator follows, live, to the next cloudlet"
+$BIN/cloudlet handoff translator --to "http://$API2" --dest-token "$TOKEN"
+endpoint2=$($BIN/cloudlet --cloudlet "http://$API2" vm show translator --output json | sed -n 's/.*"endpoint": "\(.*\)".*/\1/p' | head -1)
+echo "   answer at the new cloudlet ($endpoint2): $(curl -sf "http://$endpoint2/translate?text=good+night+friend")"
+echo "   the first cloudlet keeps a record:"
+$BIN/cloudlet vm list
+
+echo "== 6. clean up"
+$BIN/cloudlet --cloudlet "http://$API2" vm delete translator
 echo "done"
