@@ -577,7 +577,9 @@ async fn send_vm(
                 progress.set_stage("switchover");
                 phases.push(phase("memory_precopy", t));
                 // The VM is stopped: carry over disk writes made meanwhile.
-                if dirty_count(&q).await > 0 {
+                let dirty = dirty_count(&q).await;
+                tracing::info!(vm_id = %id, dirty, "disk writes during the handoff");
+                if dirty > 0 {
                     let (vd, bd, sd) = (vm_disk.clone(), base_disk.clone(), sent_disk.clone());
                     let chunks =
                         tokio::task::spawn_blocking(move || changed_disk_chunks(&vd, &bd, &sd))
@@ -708,11 +710,15 @@ async fn commit_with_retries(
     Err(last.unwrap_or(HandoffError::Stream("commit failed".into())))
 }
 
+/// Bytes written to the disk since the handoff began (QEMU's dirty bitmap);
+/// `u64::MAX` when that cannot be read, so the caller rescans rather than
+/// risk losing a write.
 async fn dirty_count(q: &cloudlet_qemu::QmpClient) -> u64 {
     let Ok(v) = q.execute("query-block", None).await else {
         return u64::MAX;
     };
-    v.as_array()
+    let counts: Vec<u64> = v
+        .as_array()
         .into_iter()
         .flatten()
         .flat_map(|d| {
@@ -725,7 +731,11 @@ async fn dirty_count(q: &cloudlet_qemu::QmpClient) -> u64 {
         })
         .filter(|b| b.get("name").and_then(Value::as_str) == Some("handoff"))
         .map(|b| b.get("count").and_then(Value::as_u64).unwrap_or(u64::MAX))
-        .sum()
+        .collect();
+    if counts.is_empty() {
+        return u64::MAX;
+    }
+    counts.iter().fold(0u64, |a, c| a.saturating_add(*c))
 }
 
 /// The base VM's memory as the codec's dedup source (block `mem`).

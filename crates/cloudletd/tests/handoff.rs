@@ -94,6 +94,14 @@ async fn kvstore_moves_with_every_key_and_keeps_running() {
     assert_eq!(before["pid"], after["pid"], "same process: no reboot");
     assert!(after["uptime_s"].as_u64() >= before["uptime_s"].as_u64());
 
+    // The disk's dirty bitmap was read at the switchover (not guessed).
+    let log = a.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("disk writes during the handoff"))
+        .expect("logged");
+    assert!(!line.contains(&u64::MAX.to_string()), "{line}");
+
     // Both sides recorded the outcome.
     let src = a.client().get_vm("mover").await.unwrap();
     assert_eq!(src.state, VmState::Moved);
