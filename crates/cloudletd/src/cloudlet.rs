@@ -439,6 +439,16 @@ fn valid_name(n: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// The id of the VM named by `id_or_name`.
+pub(crate) fn key_of(m: &HashMap<String, Entry>, id_or_name: &str) -> Option<String> {
+    if m.contains_key(id_or_name) {
+        return Some(id_or_name.to_string());
+    }
+    m.iter()
+        .find(|(_, e)| e.record.info.name == id_or_name)
+        .map(|(k, _)| k.clone())
+}
+
 pub(crate) fn kill_pid(pid: Option<u32>) {
     if let Some(pid) = pid {
         // SAFETY: signalling a pid we recorded as our QEMU.
@@ -672,11 +682,7 @@ impl CloudletOps for Arc<Cloudlet> {
                 .vms
                 .lock()
                 .map_err(|_| VmOpError::NotFound(id.into()))?;
-            let key = m
-                .iter()
-                .find(|(k, e)| k.as_str() == id || e.record.info.name == id)
-                .map(|(k, _)| k.clone())
-                .ok_or_else(|| VmOpError::NotFound(id.into()))?;
+            let key = key_of(&m, id).ok_or_else(|| VmOpError::NotFound(id.into()))?;
             let e = m
                 .get_mut(&key)
                 .ok_or_else(|| VmOpError::NotFound(id.into()))?;

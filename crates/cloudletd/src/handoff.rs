@@ -191,6 +191,40 @@ fn data_extents(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64)>>
     Ok(out)
 }
 
+/// The disk's side of a handoff: what differs from the base, once live and
+/// again at the switchover for what was written meanwhile.
+struct DiskSync {
+    vm_disk: std::path::PathBuf,
+    base_disk: std::path::PathBuf,
+    /// Offset -> hash of what the destination got.
+    sent: HashMap<u64, [u8; 32]>,
+    bytes: u64,
+}
+
+impl DiskSync {
+    async fn send_changes(
+        &mut self,
+        tx: &tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), HandoffError> {
+        let (vd, bd, sent) = (
+            self.vm_disk.clone(),
+            self.base_disk.clone(),
+            self.sent.clone(),
+        );
+        let chunks = tokio::task::spawn_blocking(move || changed_disk_chunks(&vd, &bd, &sent))
+            .await
+            .map_err(|e| HandoffError::Stream(e.to_string()))??;
+        for (off, data) in chunks {
+            self.sent.insert(off, *blake3::hash(&data).as_bytes());
+            self.bytes += data.len() as u64;
+            tx.send(Bytes::from(session::disk_frame(off, &data)))
+                .await
+                .map_err(|_| HandoffError::Stream("the destination stopped reading".into()))?;
+        }
+        Ok(())
+    }
+}
+
 /// The source side: `POST /v1/vms/{id}/handoff`.
 pub async fn handoff_vm(
     c: &Arc<Cloudlet>,
@@ -203,11 +237,8 @@ pub async fn handoff_vm(
             .vms
             .lock()
             .map_err(|_| HandoffError::NotFound(id.into()))?;
-        let key = m
-            .iter()
-            .find(|(k, e)| k.as_str() == id || e.record.info.name == id)
-            .map(|(k, _)| k.clone())
-            .ok_or_else(|| HandoffError::NotFound(id.into()))?;
+        let key =
+            crate::cloudlet::key_of(&m, id).ok_or_else(|| HandoffError::NotFound(id.into()))?;
         let e = m
             .get_mut(&key)
             .ok_or_else(|| HandoffError::NotFound(id.into()))?;
@@ -354,11 +385,10 @@ async fn send_vm(
     progress: &Arc<SynthProgress>,
     start: Instant,
 ) -> Result<HandoffReport, HandoffError> {
-    let fail0 = |e: HandoffError| e;
     let base = c
         .bases
         .get_by_id(&rec.info.base_id)
-        .map_err(|e| fail0(HandoffError::Stream(e.to_string())))?;
+        .map_err(|e| HandoffError::Stream(e.to_string()))?;
     let offer = HandoffOffer {
         handoff_id: handoff_id.to_string(),
         vm_id: id.to_string(),
@@ -376,11 +406,8 @@ async fn send_vm(
     };
     let mut phases = Vec::new();
     let t = Instant::now();
-    post(dest, token, "/v1/handoff/prepare", &offer)
-        .await
-        .map_err(fail0)?;
+    post(dest, token, "/v1/handoff/prepare", &offer).await?;
     phases.push(phase("prepare", t));
-    let fail = |e: HandoffError| e;
 
     // The session body flows through a small bounded queue.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(SEND_QUEUE);
@@ -409,7 +436,7 @@ async fn send_vm(
                 .map_err(|_| HandoffError::Stream("the destination stopped reading".into()))
         }
     };
-    send(SESSION_MAGIC.to_vec()).await.map_err(fail)?;
+    send(SESSION_MAGIC.to_vec()).await?;
 
     let q = vm.qmp().clone();
     let mut events = q.events();
@@ -421,25 +448,14 @@ async fn send_vm(
         "block-dirty-bitmap-add",
         Some(json!({"node": "disk0", "name": "handoff"})),
     )
-    .await
-    .map_err(|e| fail(e.into()))?;
-    let mut sent_disk: HashMap<u64, [u8; 32]> = HashMap::new();
-    let mut disk_bytes = 0u64;
-    let vm_disk = vm.spec().disk_path.clone();
-    let base_disk = base.disk_path();
-    {
-        let (vd, bd) = (vm_disk.clone(), base_disk.clone());
-        let chunks =
-            tokio::task::spawn_blocking(move || changed_disk_chunks(&vd, &bd, &HashMap::new()))
-                .await
-                .map_err(|e| fail(HandoffError::Stream(e.to_string())))?
-                .map_err(|e| fail(e.into()))?;
-        for (off, data) in chunks {
-            sent_disk.insert(off, *blake3::hash(&data).as_bytes());
-            disk_bytes += data.len() as u64;
-            send(session::disk_frame(off, &data)).await.map_err(fail)?;
-        }
-    }
+    .await?;
+    let mut disk = DiskSync {
+        vm_disk: vm.spec().disk_path.clone(),
+        base_disk: base.disk_path(),
+        sent: HashMap::new(),
+        bytes: 0,
+    };
+    disk.send_changes(&tx).await?;
     phases.push(phase("disk", t));
 
     // Memory and devices: QEMU migrates into our socket.
@@ -447,33 +463,29 @@ async fn send_vm(
     let t = Instant::now();
     let sock = vm.spec().socket_dir().join("migrate-out.sock");
     let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| fail(e.into()))?;
+    let listener = tokio::net::UnixListener::bind(&sock)?;
     q.set_migration_capabilities(&[
         ("x-ignore-shared", false),
         ("pause-before-switchover", true),
         ("auto-converge", true),
     ])
-    .await
-    .map_err(|e| fail(e.into()))?;
+    .await?;
     q.execute(
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": 1_000_000_000_000i64, "downtime-limit": 300})),
     )
-    .await
-    .map_err(|e| fail(e.into()))?;
+    .await?;
     q.execute(
         "migrate",
         Some(json!({"uri": format!("unix:{}", sock.display())})),
     )
-    .await
-    .map_err(|e| fail(e.into()))?;
+    .await?;
     let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
-        .map_err(|_| fail(HandoffError::Stream("QEMU did not connect".into())))?
-        .map_err(|e| fail(e.into()))?;
+        .map_err(|_| HandoffError::Stream("QEMU did not connect".into()))??;
     let _ = std::fs::remove_file(&sock);
 
-    let base_mem = cloudlet_handoff_base(&base).map_err(fail)?;
+    let base_mem = cloudlet_handoff_base(&base)?;
     // The reader never waits for QMP: QEMU may hold its big lock while it
     // writes, and would not answer QMP until we read.
     let reader = {
@@ -550,10 +562,7 @@ async fn send_vm(
     let mut switched = false;
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let v = q
-            .execute("query-migrate", None)
-            .await
-            .map_err(|e| fail(e.into()))?;
+        let v = q.execute("query-migrate", None).await?;
         let status = v.get("status").and_then(Value::as_str).unwrap_or("");
         if let Some(ram) = v.get("ram") {
             let g = |k: &str| ram.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -567,10 +576,10 @@ async fn send_vm(
         match status {
             "completed" => break,
             "failed" | "cancelled" => {
-                return Err(fail(HandoffError::Stream(format!(
+                return Err(HandoffError::Stream(format!(
                     "QEMU migration {status}: {}",
                     v.get("error-desc").and_then(Value::as_str).unwrap_or("")
-                ))))
+                )))
             }
             "pre-switchover" if !switched => {
                 switched = true;
@@ -580,21 +589,10 @@ async fn send_vm(
                 let dirty = dirty_count(&q).await;
                 tracing::info!(vm_id = %id, dirty, "disk writes during the handoff");
                 if dirty > 0 {
-                    let (vd, bd, sd) = (vm_disk.clone(), base_disk.clone(), sent_disk.clone());
-                    let chunks =
-                        tokio::task::spawn_blocking(move || changed_disk_chunks(&vd, &bd, &sd))
-                            .await
-                            .map_err(|e| fail(HandoffError::Stream(e.to_string())))?
-                            .map_err(|e| fail(e.into()))?;
-                    for (off, data) in chunks {
-                        sent_disk.insert(off, *blake3::hash(&data).as_bytes());
-                        disk_bytes += data.len() as u64;
-                        send(session::disk_frame(off, &data)).await.map_err(fail)?;
-                    }
+                    disk.send_changes(&tx).await?;
                 }
                 q.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
-                    .await
-                    .map_err(|e| fail(e.into()))?;
+                    .await?;
             }
             _ => {}
         }
@@ -605,14 +603,12 @@ async fn send_vm(
     drop(tx);
     let raw_bytes = reader
         .await
-        .map_err(|e| fail(HandoffError::Stream(e.to_string())))??;
-    q.wait_migration(Duration::from_secs(30))
-        .await
-        .map_err(|e| fail(e.into()))?;
+        .map_err(|e| HandoffError::Stream(e.to_string()))??;
+    q.wait_migration(Duration::from_secs(30)).await?;
     if !switched {
-        return Err(fail(HandoffError::Stream(
+        return Err(HandoffError::Stream(
             "QEMU never paused before switchover".into(),
-        )));
+        ));
     }
     let mut stop_us: i64 = 0;
     while let Ok(ev) = events.try_recv() {
@@ -622,15 +618,13 @@ async fn send_vm(
     }
     let resp = upload
         .await
-        .map_err(|e| fail(HandoffError::Stream(e.to_string())))?
-        .map_err(|e| {
-            fail(HandoffError::Unreachable {
-                url: dest.into(),
-                detail: e.to_string(),
-            })
+        .map_err(|e| HandoffError::Stream(e.to_string()))?
+        .map_err(|e| HandoffError::Unreachable {
+            url: dest.into(),
+            detail: e.to_string(),
         })?;
-    let _: HandoffLoaded = serde_json::from_value(answer(dest, resp).await.map_err(fail)?)
-        .map_err(|e| fail(HandoffError::Stream(format!("bad answer: {e}"))))?;
+    let _: HandoffLoaded = serde_json::from_value(answer(dest, resp).await?)
+        .map_err(|e| HandoffError::Stream(format!("bad answer: {e}")))?;
     phases.push(phase("memory", t));
 
     // Commit point: the move is recorded, the source QEMU never runs again.
@@ -644,8 +638,8 @@ async fn send_vm(
             e.record.info.ports.clear();
             e.record.info.progress = e.progress.snapshot();
         })
-        .ok_or_else(|| fail(HandoffError::NotFound(id.into())))?;
-    c.store.put(&moved).map_err(|e| fail(e.into()))?;
+        .ok_or_else(|| HandoffError::NotFound(id.into()))?;
+    c.store.put(&moved)?;
     let committed = commit_with_retries(dest, token, handoff_id).await;
     let committed = match committed {
         Ok(v) => v,
@@ -659,7 +653,7 @@ async fn send_vm(
             }) {
                 let _ = c.store.put(&rec);
             }
-            return Err(fail(e));
+            return Err(e);
         }
     };
     phases.push(phase("commit", t));
@@ -669,15 +663,15 @@ async fn send_vm(
     }
     c.paths(id).remove();
     let wire = sent_bytes.load(Ordering::Relaxed);
-    tracing::info!(vm_id = %id, dest, wire, raw = raw_bytes + disk_bytes, "VM handed off");
+    tracing::info!(vm_id = %id, dest, wire, raw = raw_bytes + disk.bytes, "VM handed off");
     Ok(HandoffReport {
         vm: committed.vm,
         total_ms: start.elapsed().as_millis() as u64,
         source_stop_us: stop_us,
         destination_resume_us: committed.resume_us,
         wire_bytes: wire,
-        raw_bytes: raw_bytes + disk_bytes,
-        disk_bytes,
+        raw_bytes: raw_bytes + disk.bytes,
+        disk_bytes: disk.bytes,
         phases,
     })
 }
