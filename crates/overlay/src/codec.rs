@@ -84,6 +84,15 @@ pub(crate) fn compress(codec: SegmentCodec, level: i32, raw: &[u8]) -> std::io::
             let mut c = zstd::bulk::Compressor::new(level)?;
             c.include_contentsize(true)?;
             c.include_checksum(false)?;
+            if raw.len() > 1 << 20 {
+                // A window as large as the segment, and long-distance
+                // matching: app state repeats itself far apart (a file in
+                // the page cache and the structures parsed from it).
+                use zstd::zstd_safe::CParameter;
+                let log = (usize::BITS - (raw.len() - 1).leading_zeros()).clamp(20, 26);
+                c.set_parameter(CParameter::WindowLog(log))?;
+                c.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+            }
             c.compress(raw)
         }
     }

@@ -25,6 +25,7 @@ pub use apply::{
 pub use codec::Codec;
 pub use create::{
     create_overlay, create_overlay_to_writer, CreateConfig, CreateOverlayError, OverlayStats,
+    DEFAULT_SEGMENT_SIZE,
 };
 pub use format::{FormatError, Hash, Header, Image, Manifest, FORMAT_VERSION};
 pub use inspect::{

@@ -213,3 +213,32 @@ fn metadata_is_bounded_and_kept() {
     assert!(err.to_string().contains("metadata"), "{err}");
     assert!(!ov.exists());
 }
+
+#[test]
+fn large_segments_use_long_distance_matching_and_roundtrip() {
+    // Segments over 1 MiB are compressed with a segment-sized window and
+    // long-distance matching: the reader must take them.
+    let mut vm = random_vm(21, 700, 700, 0, 0);
+    // 2.4 MiB of fresh, somewhat compressible memory, with far repeats.
+    let mut x: u64 = 1;
+    for (i, b) in vm.launch_mem[..600 * common::CS].iter_mut().enumerate() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *b = if i % 3 == 0 {
+            (x >> 59) as u8
+        } else {
+            b'a' + (i % 23) as u8
+        };
+    }
+    let far = vm.launch_mem[..64 * common::CS].to_vec();
+    vm.launch_mem[500 * common::CS + 100..564 * common::CS + 100].copy_from_slice(&far);
+    vm.write();
+    let ov = overlay_path(vm.dir.path());
+    let mut config = vm.create_config(Codec::default());
+    config.segment_size = cloudlet_overlay::DEFAULT_SEGMENT_SIZE;
+    let stats = create_overlay(&config, &ov).unwrap();
+    assert!(stats.payload_raw_bytes > 1 << 20, "{stats:?}");
+    apply_overlay(&ov, &vm.apply_config()).unwrap();
+    vm.check_output();
+}

@@ -60,8 +60,11 @@ pub struct PackageConfig {
     pub warmup_commands: Vec<String>,
     /// Pause between the app's first answer and the save.
     pub settle: Duration,
-    /// Overlay codec.
+    /// Overlay codec (default XOR + zstd level 9: packaging is rare, the
+    /// overlay is fetched many times).
     pub codec: Codec,
+    /// Payload segment size (None: the engine's default).
+    pub segment_size: Option<u32>,
     /// The overlay file to write.
     pub output: PathBuf,
     /// Where the temporary VM files go (a subdirectory is created and
@@ -93,7 +96,8 @@ impl PackageConfig {
             ready_timeout: Duration::from_secs(300),
             warmup_commands: Vec::new(),
             settle: Duration::from_secs(1),
-            codec: Codec::default(),
+            codec: Codec::XorZstd { level: 9 },
+            segment_size: None,
             output: output.into(),
             work_dir: std::env::temp_dir(),
             keep_launch: None,
@@ -125,6 +129,8 @@ pub struct PackageImagesConfig {
     /// App metadata stored in the overlay, if any.
     pub app: Option<AppInfo>,
     pub codec: Codec,
+    /// Payload segment size (None: the engine's default).
+    pub segment_size: Option<u32>,
     pub output: PathBuf,
     pub work_dir: PathBuf,
 }
@@ -401,7 +407,7 @@ pub async fn package_app(
         &work.path("memory.ram"),
         &work.path("state"),
         Some(&app),
-        cfg.codec,
+        (cfg.codec, cfg.segment_size),
         &cfg.output,
         &progress,
     )
@@ -445,7 +451,7 @@ pub async fn package_images(
         &cfg.memory,
         &cfg.state,
         cfg.app.as_ref(),
-        cfg.codec,
+        (cfg.codec, cfg.segment_size),
         &cfg.output,
         &progress,
     )
@@ -479,7 +485,7 @@ async fn create(
     memory: &Path,
     state: &Path,
     app: Option<&AppInfo>,
-    codec: Codec,
+    (codec, segment_size): (Codec, Option<u32>),
     output: &Path,
     progress: &impl Fn(PackageEvent),
 ) -> Result<PackageReport> {
@@ -496,6 +502,9 @@ async fn create(
         base.manifest.id.clone(),
     );
     config.codec = codec;
+    if let Some(size) = segment_size {
+        config.segment_size = size;
+    }
     if let Some(app) = app {
         config.metadata = serde_json::to_vec(app).unwrap_or_default();
     }

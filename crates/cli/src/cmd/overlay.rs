@@ -60,7 +60,7 @@ pub struct CodecArgs {
     #[arg(long, value_enum, default_value_t = CodecName::XorZstd)]
     codec: CodecName,
     /// zstd level.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 9)]
     level: i32,
     /// Payload segment size in MiB (default: the engine's).
     #[arg(long)]
