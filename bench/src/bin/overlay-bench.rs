@@ -87,13 +87,10 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         eprintln!("measuring {app} ...");
-        rows.push(measure(
-            app,
-            &dir,
-            &base.disk_path(),
-            &base.memory_path(),
-            &args,
-        )?);
+        let row = measure(app, &dir, &base.disk_path(), &base.memory_path(), &args)?;
+        // Each row as soon as it is measured: the baselines are slow.
+        print_table(std::slice::from_ref(&row), &args);
+        rows.push(row);
     }
     let _ = std::fs::remove_dir_all(&args.work);
     println!("\n=== all apps");
