@@ -646,8 +646,9 @@ fn launch_image_hash(s: &Shared, image: Image) -> Result<Hash> {
                     }
                     let start = (first + (b * BLOCK) as u64) * cs as u64;
                     let len = ((size - start) as usize).min(BLOCK * cs);
-                    if start >= base_size {
-                        // Past the end of the base: zeros, nothing to read.
+                    if start >= base_size || fsutil::is_hole(file, start, len as u64) {
+                        // Past the end of the base, or a hole: zeros, nothing
+                        // to read (most of a sparse base disk).
                         buf[..len].fill(0);
                     } else {
                         fsutil::read_padded(file, base_size, start, &mut buf[..len])

@@ -70,6 +70,18 @@ impl Drop for TempOutput {
     }
 }
 
+/// Whether `[start, start + len)` of `file` is one hole (reads as zeros
+/// without touching the disk). False when unknown.
+pub(crate) fn is_hole(file: &File, start: u64, len: u64) -> bool {
+    // SAFETY: plain syscall on a file descriptor we own; the file position it
+    // moves is not used (every read is positional).
+    let data = unsafe { libc::lseek(file.as_raw_fd(), start as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    data as u64 >= start.saturating_add(len)
+}
+
 /// Copies `len` bytes of `src` into `dst` at the same offsets, skipping holes
 /// and leaving them as holes; `dst` must be empty.
 pub(crate) fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
