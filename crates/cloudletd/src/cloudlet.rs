@@ -417,7 +417,10 @@ impl Cloudlet {
 
     pub(crate) fn view(e: &Entry) -> VmInfo {
         let mut info = e.record.info.clone();
-        if info.state == VmState::Synthesizing {
+        if matches!(
+            info.state,
+            VmState::Synthesizing | VmState::HandingOff | VmState::Receiving
+        ) {
             info.progress = e.progress.snapshot();
         }
         info

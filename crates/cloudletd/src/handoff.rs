@@ -38,6 +38,8 @@ use crate::synth::{SynthProgress, VmPaths};
 const DISK_CHUNK: usize = 64 * 1024;
 /// Frames in flight between the migration reader and the network.
 const SEND_QUEUE: usize = 4;
+/// How long a destination waits for the next bytes of a session.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the whole handoff may take.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -287,19 +289,23 @@ pub async fn handoff_vm(
         Err(err) => {
             tracing::warn!(vm_id = %id, "handoff failed, the VM stays here: {err}");
             recover_source(&vm).await;
-            let _ = post(
-                &dest,
-                &token,
-                &format!("/v1/handoff/{handoff_id}/abort"),
-                &json!({}),
-            )
-            .await;
             if let Some(rec) = c.update(&id, |e| {
                 e.record.info.state = VmState::Running;
                 e.record.info.error = Some(format!("Last handoff failed: {err}"));
             }) {
                 let _ = c.store.put(&rec);
             }
+            // Tell the destination to discard its copy, in the background
+            // (the link may be down); it also gives up on its own.
+            tokio::spawn(async move {
+                let path = format!("/v1/handoff/{handoff_id}/abort");
+                for attempt in 0..6u32 {
+                    match post(&dest, &token, &path, &json!({})).await {
+                        Ok(_) | Err(HandoffError::Refused { .. }) => return,
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1 << attempt)).await,
+                    }
+                }
+            });
             Err(err)
         }
     }
@@ -472,7 +478,15 @@ async fn send_vm(
     .await?;
     q.execute(
         "migrate-set-parameters",
-        Some(json!({"max-bandwidth": 1_000_000_000_000i64, "downtime-limit": 300})),
+        // Auto-converge throttles the guest sooner and harder than QEMU's
+        // defaults (20%, then +10%): over a WAN one pass takes long.
+        Some(json!({
+            "max-bandwidth": 1_000_000_000_000i64,
+            "downtime-limit": 300,
+            "cpu-throttle-initial": 40,
+            "cpu-throttle-increment": 20,
+            "throttle-trigger-threshold": 30
+        })),
     )
     .await?;
     q.execute(
@@ -576,10 +590,15 @@ async fn send_vm(
         match status {
             "completed" => break,
             "failed" | "cancelled" => {
+                // The reader usually knows why (the destination stopped
+                // reading or answered with an error): report that first.
+                if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), reader).await {
+                    return Err(e);
+                }
                 return Err(HandoffError::Stream(format!(
                     "QEMU migration {status}: {}",
                     v.get("error-desc").and_then(Value::as_str).unwrap_or("")
-                )))
+                )));
             }
             "pre-switchover" if !switched => {
                 switched = true;
@@ -925,7 +944,15 @@ where
     let mut reader = SessionReader::new();
     let mut out = Vec::new();
     let (mut raw, mut disk_bytes) = (0u64, 0u64);
-    while let Some(chunk) = body.next().await {
+    loop {
+        // A source behind a cut link sends nothing, and nothing tells us:
+        // give up (and discard the arrival) after a quiet spell.
+        let next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, body.next())
+            .await
+            .map_err(|_| {
+                ReceiveHandoffError::Read(format!("Nothing arrived for {STREAM_IDLE_TIMEOUT:?}"))
+            })?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ReceiveHandoffError::Read(e.to_string()))?;
         for f in reader.feed(&chunk)? {
             match f {

@@ -19,8 +19,9 @@ struct Args {
     /// Listen address (overrides the config).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// State directory (overrides the config; default $CLOUDLET_HOME).
-    #[arg(long, env = "CLOUDLET_HOME")]
+    /// State directory (overrides the config; the config's default is
+    /// $CLOUDLET_HOME, else /var/lib/cloudlet as root).
+    #[arg(long)]
     home: Option<PathBuf>,
     /// Where VM RAM files go (overrides the config).
     #[arg(long)]

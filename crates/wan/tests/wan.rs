@@ -126,7 +126,10 @@ fn bulk_mbit(wan: &Wan, port: u16, duration: Duration, skip: Duration) -> f64 {
 }
 
 fn assert_within(what: &str, measured: f64, expected: f64, tolerance: f64) {
-    let err = (measured - expected).abs() / expected;
+    // A loaded 2-core machine adds scheduling delay of a few ms: allow that
+    // much on top of the relative tolerance (matters for small delays).
+    let slack = if what.contains("RTT") { 0.012 } else { 0.0 };
+    let err = ((measured - expected).abs() - slack).max(0.0) / expected;
     assert!(
         err <= tolerance,
         "{what}: measured {measured:.2}, expected {expected:.2} +-{:.0}%",
