@@ -91,36 +91,17 @@ pub async fn synthesize(
             }
         })
     };
-    let show_progress = output == Output::Text && std::io::stderr().is_terminal();
-    let mut last = String::new();
-    let vm = loop {
-        if create.is_finished() {
-            break create.await??;
-        }
-        if show_progress {
-            if let Ok(v) = client.get_vm(&name).await {
-                let p = &v.progress;
-                let line = format!(
-                    "\r{:>6.1}s  {:<10} {:>7.1}/{:.1} MB  segments {}/{}",
-                    start.elapsed().as_secs_f64(),
-                    p.stage,
-                    p.bytes_fetched as f64 / 1e6,
-                    p.bytes_total as f64 / 1e6,
-                    p.segments_applied,
-                    p.segments_total
-                );
-                if line != last {
-                    eprint!("{line}");
-                    let _ = std::io::stderr().flush();
-                    last = line;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    if show_progress && !last.is_empty() {
-        eprintln!();
-    }
+    let vm = follow(client, &name, create, output, |p, secs| {
+        format!(
+            "{secs:>6.1}s  {:<10} {:>7.1}/{:.1} MB  segments {}/{}",
+            p.stage,
+            p.bytes_fetched as f64 / 1e6,
+            p.bytes_total as f64 / 1e6,
+            p.segments_applied,
+            p.segments_total
+        )
+    })
+    .await?;
     print_vm(&vm, output)?;
     if output == Output::Text {
         println!(
@@ -148,7 +129,6 @@ pub struct HandoffArgs {
 }
 
 pub async fn handoff(client: &Client, args: HandoffArgs, output: Output) -> anyhow::Result<()> {
-    let start = Instant::now();
     let task = {
         let (c, vm, to, tok) = (
             client.clone(),
@@ -158,36 +138,17 @@ pub async fn handoff(client: &Client, args: HandoffArgs, output: Output) -> anyh
         );
         tokio::spawn(async move { c.handoff(&vm, &to, tok.as_deref()).await })
     };
-    let show = output == Output::Text && std::io::stderr().is_terminal();
-    let mut last = String::new();
-    let report = loop {
-        if task.is_finished() {
-            break task.await??;
-        }
-        if show {
-            if let Ok(v) = client.get_vm(&args.vm).await {
-                let p = &v.progress;
-                let line = format!(
-                    "\r{:>6.1}s  {:<11} sent {:>8.1} MB  {:>6.1} Mbit/s  iteration {}  remaining {:.1} MB",
-                    start.elapsed().as_secs_f64(),
-                    p.stage,
-                    p.bytes_fetched as f64 / 1e6,
-                    p.rate_bps as f64 / 1e6,
-                    p.iteration,
-                    p.remaining_bytes as f64 / 1e6,
-                );
-                if line != last {
-                    eprint!("{line}");
-                    let _ = std::io::stderr().flush();
-                    last = line;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    if show && !last.is_empty() {
-        eprintln!();
-    }
+    let report = follow(client, &args.vm, task, output, |p, secs| {
+        format!(
+            "{secs:>6.1}s  {:<11} sent {:>8.1} MB  {:>6.1} Mbit/s  iteration {}  remaining {:.1} MB",
+            p.stage,
+            p.bytes_fetched as f64 / 1e6,
+            p.rate_bps as f64 / 1e6,
+            p.iteration,
+            p.remaining_bytes as f64 / 1e6,
+        )
+    })
+    .await?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Text => {
@@ -216,6 +177,40 @@ pub async fn handoff(client: &Client, args: HandoffArgs, output: Output) -> anyh
         }
     }
     Ok(())
+}
+
+/// Wait for `task` (a long API call about VM `vm`), showing the VM's
+/// progress on a terminal line meanwhile.
+async fn follow<T>(
+    client: &Client,
+    vm: &str,
+    task: tokio::task::JoinHandle<Result<T, cloudlet_client::ClientError>>,
+    output: Output,
+    line: impl Fn(&cloudlet_api::Progress, f64) -> String,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    let show = output == Output::Text && std::io::stderr().is_terminal();
+    let mut last = String::new();
+    let result = loop {
+        if task.is_finished() {
+            break task.await??;
+        }
+        if show {
+            if let Ok(v) = client.get_vm(vm).await {
+                let l = line(&v.progress, start.elapsed().as_secs_f64());
+                if l != last {
+                    eprint!("\r{l}");
+                    let _ = std::io::stderr().flush();
+                    last = l;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    };
+    if !last.is_empty() {
+        eprintln!();
+    }
+    Ok(result)
 }
 
 pub async fn vm(client: &Client, cmd: VmCommand, output: Output) -> anyhow::Result<()> {
