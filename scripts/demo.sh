@@ -61,6 +61,9 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 export CLOUDLET_URL=http://$API CLOUDLET_TOKEN=$TOKEN
+# Leftovers of an interrupted earlier run (daemons re-adopt running VMs).
+$BIN/cloudlet vm delete translator >/dev/null 2>&1 || true
+$BIN/cloudlet --cloudlet "http://$API2" vm delete translator >/dev/null 2>&1 || true
 $BIN/cloudlet info
 $BIN/cloudlet registry push "$WORK/translator.overlay" --registry "http://$REG" --name translator --registry-token "$TOKEN"
 
@@ -81,4 +84,5 @@ $BIN/cloudlet vm list
 
 echo "== 6. clean up"
 $BIN/cloudlet --cloudlet "http://$API2" vm delete translator
+$BIN/cloudlet vm delete translator   # the first cloudlet's record of the move
 echo "done"

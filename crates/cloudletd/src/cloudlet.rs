@@ -447,8 +447,12 @@ pub(crate) fn key_of(m: &HashMap<String, Entry>, id_or_name: &str) -> Option<Str
     if m.contains_key(id_or_name) {
         return Some(id_or_name.to_string());
     }
-    m.iter()
-        .find(|(_, e)| e.record.info.name == id_or_name)
+    // Names are unique among live VMs; records of moved or failed ones may
+    // share a name with a live one, which wins.
+    let named = || m.iter().filter(|(_, e)| e.record.info.name == id_or_name);
+    named()
+        .find(|(_, e)| holds_resources(e.record.info.state))
+        .or_else(|| named().max_by_key(|(_, e)| e.record.info.created_unix))
         .map(|(k, _)| k.clone())
 }
 
@@ -543,8 +547,8 @@ impl CloudletOps for Arc<Cloudlet> {
             .vms
             .lock()
             .map_err(|_| VmOpError::NotFound(id.into()))?;
-        m.get(id)
-            .or_else(|| m.values().find(|e| e.record.info.name == id))
+        key_of(&m, id)
+            .and_then(|k| m.get(&k))
             .map(Cloudlet::view)
             .ok_or_else(|| VmOpError::NotFound(id.into()))
     }
