@@ -111,11 +111,17 @@ impl NsDaemon {
                 vm_dir.display(),
             ),
         )?;
-        let log = std::fs::File::create(dir.path().join("daemon.log"))?;
+        // Kept after the run (the last run of each side), for a look at
+        // what the daemons decided: CLOUDLET_LOG=info for more.
+        let log_path = std::env::temp_dir().join(format!("handoff-bench-{side:?}.log"));
+        let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(&config)
-            .env("CLOUDLET_LOG", "warn")
+            .env(
+                "CLOUDLET_LOG",
+                std::env::var("CLOUDLET_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("CLOUDLET_HOME")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -619,7 +625,7 @@ async fn main() -> anyhow::Result<()> {
                 Err(e) => eprintln!("ours {rate} Mbit/s churn {churn}: setup failed: {e:#}"),
             }
         }
-        for mode in &args.qemu_modes {
+        for mode in args.qemu_modes.iter().filter(|m| !m.is_empty()) {
             match run_qemu(&args, &bin, mode, churn).await {
                 Ok(r) => qemu.push(r),
                 Err(e) => qemu.push(QemuRun {

@@ -209,6 +209,15 @@ pub struct HandoffLoaded {
     pub disk_bytes: u64,
 }
 
+/// `GET /v1/handoff/{id}` on the destination: how much of the session
+/// stream has arrived (the source compares it with what it sent to know
+/// how much is still in flight on the link).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HandoffArrival {
+    pub received_bytes: u64,
+    pub loaded: bool,
+}
+
 /// The destination's answer to commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HandoffCommitted {

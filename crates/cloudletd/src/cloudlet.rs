@@ -113,6 +113,10 @@ pub trait CloudletOps: Send + Sync + 'static {
         &self,
         hid: &str,
     ) -> impl Future<Output = Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError>> + Send;
+    fn incoming_arrival(
+        &self,
+        hid: &str,
+    ) -> Result<cloudlet_api::HandoffArrival, ReceiveHandoffError>;
     fn abort_incoming(
         &self,
         hid: &str,
@@ -758,6 +762,13 @@ impl CloudletOps for Arc<Cloudlet> {
 
     async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {
         crate::handoff::abort_incoming(self, hid).await
+    }
+
+    fn incoming_arrival(
+        &self,
+        hid: &str,
+    ) -> Result<cloudlet_api::HandoffArrival, ReceiveHandoffError> {
+        crate::handoff::incoming_arrival(self, hid)
     }
 
     fn metrics(&self) -> String {

@@ -23,6 +23,7 @@ use cloudlet_api::{
     HandoffCommitted, HandoffLoaded, HandoffOffer, HandoffPrepared, HandoffReport, HandoffRequest,
     Progress, StageTiming, VmInfo, VmState,
 };
+use cloudlet_handoff::converge::{ConvergeConfig, Convergence};
 use cloudlet_handoff::session::{self, SessionFrame, SessionReader, SESSION_MAGIC};
 use cloudlet_handoff::{BaseMemory, Decoder, DecoderConfig, Encoder, EncoderConfig};
 use cloudlet_qemu::{DiskFormat, Vm};
@@ -33,6 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::cloudlet::{now_unix, Cloudlet, Entry};
 use crate::store::{VmRecord, RECORD_FORMAT};
 use crate::synth::{SynthProgress, VmPaths};
+use crate::throttle::DutyCycle;
 
 /// Disk is compared with the base in chunks of this size.
 const DISK_CHUNK: usize = 64 * 1024;
@@ -40,6 +42,54 @@ const DISK_CHUNK: usize = 64 * 1024;
 const SEND_QUEUE: usize = 4;
 /// How long a destination waits for the next bytes of a session.
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the source asks the destination how much has arrived.
+const FLOW_POLL: Duration = Duration::from_millis(40);
+/// Smallest window of session bytes in flight...
+const MIN_WINDOW: u64 = 256 * 1024;
+/// ...otherwise this much time at the measured link rate.
+const WINDOW_TIME: Duration = Duration::from_millis(300);
+
+/// Application-level flow control of the session stream.
+#[derive(Default)]
+struct FlowWindow {
+    received: AtomicU64,
+    window: AtomicU64,
+}
+
+impl FlowWindow {
+    fn set_window(&self, wire_bytes_per_sec: f64) {
+        let w = (wire_bytes_per_sec * WINDOW_TIME.as_secs_f64()) as u64;
+        self.window.store(w.max(MIN_WINDOW), Ordering::Relaxed);
+    }
+
+    async fn wait_for_room(&self, sent: u64) {
+        // Bounded: a destination that stops answering the poll must not
+        // stall the stream for ever (the stream has its own timeouts).
+        for _ in 0..500 {
+            let window = self.window.load(Ordering::Relaxed).max(MIN_WINDOW);
+            if sent.saturating_sub(self.received.load(Ordering::Relaxed)) <= window {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// In-flight session bytes at which the link counts as drained.
+const DRAINED_BYTES: u64 = 16 * 1024;
+/// QEMU's downtime limit until we let it switch over (ms)...
+const HOLD_DOWNTIME_MS: u64 = 1;
+/// ...and once we do: large, so that it stops at its next check.
+const RELEASE_DOWNTIME_MS: u64 = 60_000;
 /// How long the whole handoff may take.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -105,6 +155,8 @@ pub struct Incoming {
     pub vm: Arc<Vm>,
     pub paths: VmPaths,
     pub loaded: bool,
+    /// Session bytes read so far (`GET /v1/handoff/{id}`).
+    pub received: Arc<AtomicU64>,
 }
 
 fn phase(name: &str, since: Instant) -> StageTiming {
@@ -269,6 +321,8 @@ pub async fn handoff_vm(
         return Err(HandoffError::NoToken(dest));
     };
     let handoff_id = hex::encode(rand::random::<[u8; 8]>());
+    let duty = DutyCycle::start(vm.qmp().clone());
+    let refusal = Arc::new(tokio::sync::OnceCell::new());
     let run = send_vm(
         c,
         &id,
@@ -278,15 +332,21 @@ pub async fn handoff_vm(
         &token,
         &handoff_id,
         &progress,
+        &duty,
+        &refusal,
         start,
     );
     let result = match tokio::time::timeout(HANDOFF_TIMEOUT, run).await {
         Ok(r) => r,
         Err(_) => Err(HandoffError::Timeout(HANDOFF_TIMEOUT)),
     };
+    // Before anything else touches the run state: no pause of ours may
+    // follow a resume after a failure.
+    duty.stop().await;
     match result {
         Ok(report) => Ok(report),
         Err(err) => {
+            let err = with_refusal(err, &refusal).await;
             tracing::warn!(vm_id = %id, "handoff failed, the VM stays here: {err}");
             recover_source(&vm).await;
             if let Some(rec) = c.update(&id, |e| {
@@ -309,6 +369,21 @@ pub async fn handoff_vm(
             Err(err)
         }
     }
+}
+
+/// A stream error says only that the destination stopped reading; its
+/// answer (if it comes within a moment) says why.
+async fn with_refusal(err: HandoffError, refusal: &tokio::sync::OnceCell<String>) -> HandoffError {
+    if !matches!(&err, HandoffError::Stream(m) if m.contains("stopped reading")) {
+        return err;
+    }
+    for _ in 0..40 {
+        if let Some(why) = refusal.get() {
+            return HandoffError::Stream(format!("the destination stopped reading: {why}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    err
 }
 
 /// Put the source VM back to running after a failed handoff.
@@ -348,7 +423,7 @@ async fn post<T: serde::Serialize>(
     path: &str,
     body: &T,
 ) -> Result<Value, HandoffError> {
-    let resp = reqwest::Client::new()
+    let resp = http_client()
         .post(format!("{dest}{path}"))
         .bearer_auth(token)
         .json(body)
@@ -360,6 +435,32 @@ async fn post<T: serde::Serialize>(
             detail: e.to_string(),
         })?;
     answer(dest, resp).await
+}
+
+/// One client for all calls to destinations: the commit reuses the
+/// connection of the calls before it (a round trip less in the downtime).
+fn http_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_default()
+    })
+}
+
+/// Session bytes the destination has read so far.
+async fn destination_received(dest: &str, token: &str, hid: &str) -> Option<u64> {
+    let resp = http_client()
+        .get(format!("{dest}/v1/handoff/{hid}"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    let a: cloudlet_api::HandoffArrival = resp.error_for_status().ok()?.json().await.ok()?;
+    Some(a.received_bytes)
 }
 
 async fn answer(dest: &str, resp: reqwest::Response) -> Result<Value, HandoffError> {
@@ -389,6 +490,8 @@ async fn send_vm(
     token: &str,
     handoff_id: &str,
     progress: &Arc<SynthProgress>,
+    duty: &DutyCycle,
+    refusal: &Arc<tokio::sync::OnceCell<String>>,
     start: Instant,
 ) -> Result<HandoffReport, HandoffError> {
     let base = c
@@ -415,25 +518,67 @@ async fn send_vm(
     post(dest, token, "/v1/handoff/prepare", &offer).await?;
     phases.push(phase("prepare", t));
 
-    // The session body flows through a small bounded queue.
+    // The session body flows through a small bounded queue, and no more
+    // than a window of it may be on its way (sent, not yet read by the
+    // destination): the kernel's socket buffers would otherwise hold
+    // seconds of data, which QEMU cannot see and which the last pages
+    // would queue behind while the VM is stopped.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(SEND_QUEUE);
     let sent_bytes = Arc::new(AtomicU64::new(0));
-    let counter = sent_bytes.clone();
-    let body_stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    })
-    .inspect(move |r| {
-        if let Ok(b) = r {
-            counter.fetch_add(b.len() as u64, Ordering::Relaxed);
-        }
+    let flow = Arc::new(FlowWindow::default());
+    let body_stream = {
+        let (counter, flow) = (sent_bytes.clone(), flow.clone());
+        futures::stream::unfold(rx, move |mut rx| {
+            let (counter, flow) = (counter.clone(), flow.clone());
+            async move {
+                let b = rx.recv().await?;
+                flow.wait_for_room(counter.load(Ordering::Relaxed)).await;
+                counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Some((Ok::<_, std::io::Error>(b), rx))
+            }
+        })
+    };
+    let flow_poller = Some({
+        let (flow, dest, token, hid) = (
+            flow.clone(),
+            dest.to_string(),
+            token.to_string(),
+            handoff_id.to_string(),
+        );
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                if let Some(r) = destination_received(&dest, &token, &hid).await {
+                    flow.received.store(r, Ordering::Relaxed);
+                }
+                tokio::time::sleep(FLOW_POLL).await;
+            }
+        }))
     });
-    let upload = reqwest::Client::new()
+    let upload = http_client()
         .post(format!("{dest}/v1/handoff/{handoff_id}/stream"))
         .bearer_auth(token)
         .header("content-type", "application/octet-stream")
         .body(reqwest::Body::wrap_stream(body_stream))
         .send();
-    let upload = tokio::spawn(upload);
+    // The destination's answer; a refusal is kept for the error report
+    // (the stream only sees that the destination stopped reading).
+    let upload = {
+        let refusal = refusal.clone();
+        let dest = dest.to_string();
+        tokio::spawn(async move {
+            let r = match upload.await {
+                Ok(resp) => answer(&dest, resp).await,
+                Err(e) => Err(HandoffError::Unreachable {
+                    url: dest.clone(),
+                    detail: error_chain(&e),
+                }),
+            };
+            if let Err(e) = &r {
+                let _ = refusal.set(e.to_string());
+            }
+            r
+        })
+    };
     let send = |b: Vec<u8>| {
         let tx = tx.clone();
         async move {
@@ -446,6 +591,16 @@ async fn send_vm(
 
     let q = vm.qmp().clone();
     let mut events = q.events();
+    // The guest's dirty rate, sampled while the disk moves (QEMU hashes a
+    // sample of pages now and after a second); see `converge`.
+    let sampling = q
+        .execute(
+            "calc-dirty-rate",
+            Some(json!({"calc-time": 1, "sample-pages": 4096})),
+        )
+        .await
+        .is_ok();
+    let mut conv = Convergence::new(ConvergeConfig::default());
 
     // Disk, live.
     progress.set_stage("disk");
@@ -473,19 +628,20 @@ async fn send_vm(
     q.set_migration_capabilities(&[
         ("x-ignore-shared", false),
         ("pause-before-switchover", true),
-        ("auto-converge", true),
+        // Our duty cycle (`throttle`) replaces QEMU's vCPU throttling.
+        ("auto-converge", false),
     ])
     .await?;
     q.execute(
         "migrate-set-parameters",
-        // Auto-converge throttles the guest sooner and harder than QEMU's
-        // defaults (20%, then +10%): over a WAN one pass takes long.
+        // QEMU judges the link by what it wrote into our socket over the
+        // last 100 ms, which says nothing about the WAN (pages equal to the
+        // base cost nothing on the link; buffers absorb bursts): it would
+        // stop the VM with tens of MB left. We decide when the remainder
+        // fits our downtime target and only then raise this limit.
         Some(json!({
             "max-bandwidth": 1_000_000_000_000i64,
-            "downtime-limit": 300,
-            "cpu-throttle-initial": 40,
-            "cpu-throttle-increment": 20,
-            "throttle-trigger-threshold": 30
+            "downtime-limit": HOLD_DOWNTIME_MS
         })),
     )
     .await?;
@@ -502,10 +658,13 @@ async fn send_vm(
     let base_mem = cloudlet_handoff_base(&base)?;
     // The reader never waits for QMP: QEMU may hold its big lock while it
     // writes, and would not answer QMP until we read.
+    // Set while the link drains before the switchover: QEMU's writes wait.
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let send_tx = tx.clone();
         let sent_bytes = sent_bytes.clone();
         let progress = progress.clone();
+        let hold = hold.clone();
         tokio::spawn(async move {
             let send = |b: Vec<u8>| {
                 let tx = send_tx.clone();
@@ -520,7 +679,26 @@ async fn send_vm(
             let mut out = Vec::new();
             let mut raw_bytes = 0u64;
             let mut last_rate = (Instant::now(), 0u64);
+            let mut held_since: Option<Instant> = None;
             loop {
+                if hold.load(Ordering::Relaxed) {
+                    // The control loop lets go within seconds; if it is
+                    // gone (an error), so is this task.
+                    let since = *held_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(10) || send_tx.is_closed() {
+                        return Err(HandoffError::Stream("the handoff was abandoned".into()));
+                    }
+                    encoder
+                        .flush(&mut out)
+                        .map_err(|e| HandoffError::Stream(e.to_string()))?;
+                    if !out.is_empty() {
+                        send(session::migration_frame(&out)).await?;
+                        out.clear();
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                held_since = None;
                 // Flush whenever QEMU pauses, so that small tails (the device
                 // state) are never held back.
                 let n = match tokio::time::timeout(Duration::from_millis(5), conn.read(&mut buf))
@@ -572,12 +750,22 @@ async fn send_vm(
         })
     };
 
-    // Control: follow QEMU, carry disk writes over at the switchover.
+    // Control: follow QEMU, throttle the guest if its memory would not
+    // converge over this link, carry disk writes over at the switchover.
     let mut switched = false;
+    let mut sampled = !sampling;
+    let mut last_tick = Instant::now();
+    let mut link_window = (Instant::now(), sent_bytes.load(Ordering::Relaxed));
+    let mut stop_us: i64 = 0;
+    let mut switch_at: Option<Instant> = None;
+    let mut released = false;
+    let mut last_sync = (0u64, Instant::now());
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let v = q.execute("query-migrate", None).await?;
         let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+        conv.tick(last_tick.elapsed());
+        last_tick = Instant::now();
         if let Some(ram) = v.get("ram") {
             let g = |k: &str| ram.get(k).and_then(Value::as_u64).unwrap_or(0);
             progress
@@ -586,7 +774,85 @@ async fn send_vm(
             progress
                 .remaining_bytes
                 .store(g("remaining"), Ordering::Relaxed);
+            let page = ram.get("page-size").and_then(Value::as_u64).unwrap_or(4096);
+            conv.observe_qemu(g("dirty-sync-count"), (g("dirty-pages-rate") * page) as f64);
         }
+        let el = link_window.0.elapsed();
+        if el >= Duration::from_millis(500) {
+            let now = sent_bytes.load(Ordering::Relaxed);
+            // A full queue: the link, not the encoder, set the pace.
+            conv.observe_link(now - link_window.1, el, tx.capacity() == 0);
+            if let Some(rate) = conv.link_rate() {
+                flow.set_window(rate);
+            }
+            link_window = (Instant::now(), now);
+            if !sampled {
+                if let Some(rate) = sampled_dirty_rate(&q).await {
+                    sampled = true;
+                    tracing::info!(vm_id = %id, mib_per_s = rate / 1048576.0, "guest dirty rate sampled");
+                    conv.observe_sampled_dirty_rate(rate);
+                }
+            }
+        }
+        if status == "active" && !released {
+            duty.set(conv.duty());
+            let ram = v.get("ram");
+            let g = |k: &str| {
+                ram.and_then(|r| r.get(k))
+                    .and_then(|x| x.as_u64())
+                    .unwrap_or(0)
+            };
+            let sync = g("dirty-sync-count");
+            if sync != last_sync.0 {
+                last_sync = (sync, Instant::now());
+            }
+            // What QEMU will find dirty at its final sync: what is left of
+            // this pass and what the guest dirtied since the last sync.
+            let page = ram
+                .and_then(|r| r.get("page-size"))
+                .and_then(|x| x.as_u64())
+                .unwrap_or(4096);
+            let expected = g("remaining")
+                + (g("dirty-pages-rate") as f64 * page as f64 * last_sync.1.elapsed().as_secs_f64())
+                    as u64;
+            if !released && sync >= 2 && conv.ready_to_switch(expected, t.elapsed()) {
+                released = true;
+                // Let the link drain first, so that the last pages do not
+                // queue behind earlier ones while the VM is stopped; the
+                // guest runs at the lowest duty meanwhile.
+                hold.store(true, Ordering::Relaxed);
+                duty.set(0.0);
+                let drain = Instant::now();
+                let mut in_flight = u64::MAX;
+                while drain.elapsed() < Duration::from_secs(3) {
+                    if let Some(r) = destination_received(dest, token, handoff_id).await {
+                        in_flight = sent_bytes.load(Ordering::Relaxed).saturating_sub(r);
+                        if in_flight <= DRAINED_BYTES && tx.capacity() == SEND_QUEUE {
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tracing::info!(
+                    vm_id = %id,
+                    expected,
+                    link_mbit = conv.link_rate().unwrap_or(0.0) * 8e-6,
+                    drain_ms = drain.elapsed().as_millis() as u64,
+                    in_flight,
+                    "switching over"
+                );
+                // The VM runs until QEMU stops it for the switchover (a
+                // pause of ours would count as downtime).
+                duty.run_now().await;
+                hold.store(false, Ordering::Relaxed);
+                q.execute(
+                    "migrate-set-parameters",
+                    Some(json!({"downtime-limit": RELEASE_DOWNTIME_MS})),
+                )
+                .await?;
+            }
+        }
+        drain_stops(&mut events, &mut stop_us);
         match status {
             "completed" => break,
             "failed" | "cancelled" => {
@@ -602,8 +868,24 @@ async fn send_vm(
             }
             "pre-switchover" if !switched => {
                 switched = true;
+                // QEMU has stopped the VM; no pause/resume of ours may come
+                // after this point.
+                duty.stop().await;
+                drain_stops(&mut events, &mut stop_us);
                 progress.set_stage("switchover");
                 phases.push(phase("memory_precopy", t));
+                switch_at = Some(Instant::now());
+                let ram = v.get("ram").cloned().unwrap_or(Value::Null);
+                let qemu_mbps = ram.get("mbps").and_then(|x| x.as_f64()).unwrap_or(0.0);
+                let remaining = ram.get("remaining").and_then(|x| x.as_u64()).unwrap_or(0);
+                tracing::info!(
+                    vm_id = %id,
+                    since_stop_ms = (now_us() - stop_us) / 1000,
+                    qemu_mbps,
+                    remaining,
+                    sent = sent_bytes.load(Ordering::Relaxed),
+                    "QEMU paused before the switchover"
+                );
                 // The VM is stopped: carry over disk writes made meanwhile.
                 let dirty = dirty_count(&q).await;
                 tracing::info!(vm_id = %id, dirty, "disk writes during the handoff");
@@ -623,27 +905,32 @@ async fn send_vm(
     let raw_bytes = reader
         .await
         .map_err(|e| HandoffError::Stream(e.to_string()))??;
+    let ms = |i: Option<Instant>| i.map_or(0, |i| i.elapsed().as_millis() as u64);
+    tracing::info!(vm_id = %id, after_switch_ms = ms(switch_at), "stream read to the end");
     q.wait_migration(Duration::from_secs(30)).await?;
     if !switched {
         return Err(HandoffError::Stream(
             "QEMU never paused before switchover".into(),
         ));
     }
-    let mut stop_us: i64 = 0;
-    while let Ok(ev) = events.try_recv() {
-        if ev.event == "STOP" && stop_us == 0 {
-            stop_us = ev.timestamp.as_micros();
-        }
+    if conv.min_duty_applied() < 1.0 {
+        tracing::info!(
+            vm_id = %id,
+            throttled_ms = conv.throttled().as_millis() as u64,
+            min_duty = conv.min_duty_applied(),
+            pauses = duty.cycles(),
+            dirty_mib_per_s = conv.dirty_rate().unwrap_or(0.0) / 1048576.0,
+            link_mbit = conv.link_rate().unwrap_or(0.0) * 8e-6,
+            "the guest was throttled so that its memory converged"
+        );
     }
-    let resp = upload
+    let loaded = upload
         .await
-        .map_err(|e| HandoffError::Stream(e.to_string()))?
-        .map_err(|e| HandoffError::Unreachable {
-            url: dest.into(),
-            detail: e.to_string(),
-        })?;
-    let _: HandoffLoaded = serde_json::from_value(answer(dest, resp).await?)
+        .map_err(|e| HandoffError::Stream(e.to_string()))??;
+    let _: HandoffLoaded = serde_json::from_value(loaded)
         .map_err(|e| HandoffError::Stream(format!("bad answer: {e}")))?;
+    drop(flow_poller);
+    tracing::info!(vm_id = %id, after_switch_ms = ms(switch_at), "destination loaded the VM");
     phases.push(phase("memory", t));
 
     // Commit point: the move is recorded, the source QEMU never runs again.
@@ -721,6 +1008,52 @@ async fn commit_with_retries(
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
     }
     Err(last.unwrap_or(HandoffError::Stream("commit failed".into())))
+}
+
+/// Remember the last STOP event: with throttling the VM stops many times;
+/// the downtime starts at the last stop before the switchover.
+fn drain_stops(
+    events: &mut tokio::sync::broadcast::Receiver<cloudlet_qemu::QmpEvent>,
+    stop_us: &mut i64,
+) {
+    use tokio::sync::broadcast::error::TryRecvError;
+    loop {
+        match events.try_recv() {
+            Ok(ev) if ev.event == "STOP" => *stop_us = ev.timestamp.as_micros(),
+            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// An error with its causes ("a: b: c"): reqwest's own message alone
+/// hides what went wrong on the connection.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The result of `calc-dirty-rate` once QEMU has measured it, bytes/s.
+async fn sampled_dirty_rate(q: &cloudlet_qemu::QmpClient) -> Option<f64> {
+    let v = q.execute("query-dirty-rate", None).await.ok()?;
+    if v.get("status").and_then(Value::as_str) != Some("measured") {
+        return None;
+    }
+    // QEMU reports MiB/s.
+    let mib = v.get("dirty-rate").and_then(Value::as_i64)?;
+    Some(mib.max(0) as f64 * 1048576.0)
 }
 
 /// Bytes written to the disk since the handoff began (QEMU's dirty bitmap);
@@ -868,6 +1201,7 @@ pub async fn prepare_incoming(
                 vm,
                 paths,
                 loaded: false,
+                received: Arc::default(),
             },
         );
     }
@@ -876,6 +1210,23 @@ pub async fn prepare_incoming(
         handoff_id: offer.handoff_id,
         ports: info.unwrap_or_default(),
     })
+}
+
+/// Destination: `GET /v1/handoff/{id}`.
+pub fn incoming_arrival(
+    c: &Cloudlet,
+    hid: &str,
+) -> Result<cloudlet_api::HandoffArrival, ReceiveHandoffError> {
+    c.incoming
+        .lock()
+        .ok()
+        .and_then(|m| {
+            m.get(hid).map(|i| cloudlet_api::HandoffArrival {
+                received_bytes: i.received.load(Ordering::Relaxed),
+                loaded: i.loaded,
+            })
+        })
+        .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))
 }
 
 fn incoming_parts(
@@ -904,7 +1255,8 @@ where
     E: std::fmt::Display,
 {
     let r = receive_inner(c, hid, body).await;
-    if r.is_err() {
+    if let Err(e) = &r {
+        tracing::warn!(handoff = hid, "arrival discarded: {e}");
         let _ = abort_incoming(c, hid).await;
     }
     r
@@ -944,6 +1296,12 @@ where
     let mut reader = SessionReader::new();
     let mut out = Vec::new();
     let (mut raw, mut disk_bytes) = (0u64, 0u64);
+    let received = c
+        .incoming
+        .lock()
+        .ok()
+        .and_then(|m| m.get(hid).map(|i| i.received.clone()))
+        .unwrap_or_default();
     loop {
         // A source behind a cut link sends nothing, and nothing tells us:
         // give up (and discard the arrival) after a quiet spell.
@@ -954,6 +1312,7 @@ where
             })?;
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ReceiveHandoffError::Read(e.to_string()))?;
+        received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         for f in reader.feed(&chunk)? {
             match f {
                 SessionFrame::Disk { offset, data } => {
@@ -975,6 +1334,7 @@ where
     if !reader.is_ended() {
         return Err(ReceiveHandoffError::Truncated);
     }
+    tracing::info!(vm_id = %vm_id, raw, "handoff stream ended");
     decoder.finish()?;
     qemu.shutdown().await?;
     disk.sync_data()?;

@@ -189,7 +189,7 @@ type ApiResult<T> = Result<T, ApiFailure>;
 #[openapi(
     info(title = "cloudlet", description = "Cloudlet REST API: base VMs, VM synthesis, handoff"),
     paths(cloudlet_info, list_bases, import_base, delete_base, list_vms, create_vm, get_vm, delete_vm, metrics,
-        handoff_vm, handoff_prepare, handoff_stream, handoff_commit, handoff_abort),
+        handoff_vm, handoff_prepare, handoff_stream, handoff_commit, handoff_abort, handoff_arrival),
     components(schemas(
         CloudletInfo, BaseVmInfo, VmInfo, CreateVmRequest, ApiError,
         cloudlet_api::Location, cloudlet_api::Resources, cloudlet_api::Flavor, cloudlet_api::VmState,
@@ -244,6 +244,10 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
         .route(
             "/v1/handoff/{hid}/abort",
             axum::routing::post(handoff_abort::<C>),
+        )
+        .route(
+            "/v1/handoff/{hid}",
+            axum::routing::get(handoff_arrival::<C>),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -470,6 +474,16 @@ async fn handoff_commit<C: CloudletOps>(
     Path(hid): Path<String>,
 ) -> ApiResult<Json<cloudlet_api::HandoffCommitted>> {
     Ok(Json(st.ops.commit_incoming(&hid).await?))
+}
+
+/// Cloudlet to cloudlet: how much of the session stream has arrived.
+#[utoipa::path(get, path = "/v1/handoff/{hid}", security(("bearer" = [])),
+    responses((status = 200, body = cloudlet_api::HandoffArrival), (status = 404, body = ApiError)))]
+async fn handoff_arrival<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Path(hid): Path<String>,
+) -> ApiResult<Json<cloudlet_api::HandoffArrival>> {
+    Ok(Json(st.ops.incoming_arrival(&hid)?))
 }
 
 /// Cloudlet to cloudlet: discard an arrival that was not committed.

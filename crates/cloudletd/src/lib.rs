@@ -5,6 +5,7 @@
 //! - [`cloudlet`]: the domain: VM registry, capacity, synthesis, recovery;
 //! - [`synth`] and [`fetch`]: the synthesis pipeline;
 //! - [`http`]: the REST API and its OpenAPI document;
+//! - [`handoff`] and [`throttle`]: live handoff to another cloudlet;
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod cloudlet;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod store;
 pub mod synth;
+pub mod throttle;
 
 use std::sync::Arc;
 
@@ -33,6 +35,14 @@ pub async fn serve(
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()?,
         ops: cloudlet,
+    });
+    use axum::serve::ListenerExt;
+    // Small answers (a handoff's "loaded", a commit) must not wait for
+    // Nagle: they sit inside a VM's downtime.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
+        }
     });
     axum::serve(listener, http::router(state)).await?;
     Ok(())

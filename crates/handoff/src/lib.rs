@@ -14,7 +14,10 @@
 //!   the base, batched compression with a per-frame codec.
 //! - [`AdaptivePolicy`]: picks the codec, level and delta mode that maximize
 //!   the rate at which VM state crosses the link.
+//! - [`converge::Convergence`]: how much of the time the guest may run so that
+//!   precopy converges over a link slower than the guest dirties memory.
 
+pub mod converge;
 pub mod session;
 pub mod stream;
 pub mod synth;
