@@ -17,6 +17,11 @@
 //! Compatibility rule: fields are only ever added, with `#[serde(default)]`;
 //! an agent answers an operation it does not know with an error, never by
 //! closing the port. [`PROTOCOL_VERSION`] rises when a change is not additive.
+//!
+//! Operations added within a version are listed in [`Reply::Pong`]'s `ops`
+//! (empty from agents that predate the list): a host checks it before it
+//! sends a newer operation, instead of waiting for an error. Added so far:
+//! [`Op::ZeroFreeMemory`] (`"zero_free_memory"`).
 
 use serde::{Deserialize, Serialize};
 
@@ -101,8 +106,63 @@ pub enum Op {
         #[serde(default)]
         fstrim: bool,
     },
+    /// Zero the guest's free memory: map anonymous memory in chunks of
+    /// `chunk_bytes` (the kernel hands out zero-filled pages) while
+    /// `MemFree` stays above `reserve_bytes` plus a chunk (and at most
+    /// `max_bytes` in all, when not 0), then unmap it all. The freed pages
+    /// stay zero, so a snapshot taken soon after holds zeros there instead
+    /// of stale data. Stops at the first failed mapping; the mapping is done
+    /// by a child process that the OOM killer picks first.
+    ZeroFreeMemory {
+        #[serde(default = "default_zero_reserve")]
+        reserve_bytes: u64,
+        #[serde(default = "default_zero_chunk")]
+        chunk_bytes: u64,
+        #[serde(default)]
+        max_bytes: u64,
+    },
     /// Power the guest off.
     Poweroff {},
+}
+
+impl Op {
+    /// The operation's name on the wire (the key of its JSON object).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Ping {} => "ping",
+            Op::Exec { .. } => "exec",
+            Op::PutFile { .. } => "put_file",
+            Op::WaitPort { .. } => "wait_port",
+            Op::SetIdentity { .. } => "set_identity",
+            Op::Sync { .. } => "sync",
+            Op::ZeroFreeMemory { .. } => "zero_free_memory",
+            Op::Poweroff {} => "poweroff",
+        }
+    }
+}
+
+/// Every operation this version of the protocol defines, by wire name.
+pub const OPS: &[&str] = &[
+    "ping",
+    "exec",
+    "put_file",
+    "wait_port",
+    "set_identity",
+    "sync",
+    "zero_free_memory",
+    "poweroff",
+];
+
+/// Default [`Op::ZeroFreeMemory`] reserve: 48 MiB left free.
+pub const ZERO_RESERVE_DEFAULT: u64 = 48 << 20;
+/// Default [`Op::ZeroFreeMemory`] chunk: 4 MiB per mapping.
+pub const ZERO_CHUNK_DEFAULT: u64 = 4 << 20;
+
+fn default_zero_reserve() -> u64 {
+    ZERO_RESERVE_DEFAULT
+}
+fn default_zero_chunk() -> u64 {
+    ZERO_CHUNK_DEFAULT
 }
 
 fn default_exec_timeout() -> u64 {
@@ -137,6 +197,10 @@ pub enum Reply {
         uptime_ms: u64,
         hostname: String,
         vm_id: Option<String>,
+        /// Operations the agent knows (see the module docs); empty from
+        /// agents that predate the list.
+        #[serde(default)]
+        ops: Vec<String>,
     },
     Exited {
         code: Option<i32>,
@@ -160,6 +224,15 @@ pub enum Reply {
         reseeded: bool,
     },
     Synced {},
+    FreeMemoryZeroed {
+        /// Bytes mapped, zero-filled and unmapped again.
+        zeroed_bytes: u64,
+        /// `MemFree` and `MemAvailable` before, in bytes.
+        mem_free_bytes: u64,
+        mem_available_bytes: u64,
+        /// Why it stopped: `reserve`, `max`, or the mapping error.
+        stopped: String,
+    },
     PoweringOff {},
 }
 
@@ -201,6 +274,49 @@ mod tests {
             serde_json::to_string(&e).unwrap(),
             r#"{"id":2,"err":"No such file"}"#
         );
+    }
+
+    #[test]
+    fn op_names_match_the_wire_and_the_list() {
+        let ops = [
+            Op::Ping {},
+            Op::Sync {
+                drop_caches: true,
+                fstrim: false,
+            },
+            Op::ZeroFreeMemory {
+                reserve_bytes: 1,
+                chunk_bytes: 2,
+                max_bytes: 3,
+            },
+            Op::Poweroff {},
+        ];
+        for op in ops {
+            let v = serde_json::to_value(&op).unwrap();
+            let key = v.as_object().unwrap().keys().next().unwrap().clone();
+            assert_eq!(key, op.name());
+            assert!(OPS.contains(&op.name()));
+        }
+    }
+
+    #[test]
+    fn zero_free_memory_defaults_and_old_pongs() {
+        let r: Request = serde_json::from_str(r#"{"id":1,"op":{"zero_free_memory":{}}}"#).unwrap();
+        assert_eq!(
+            r.op,
+            Op::ZeroFreeMemory {
+                reserve_bytes: ZERO_RESERVE_DEFAULT,
+                chunk_bytes: ZERO_CHUNK_DEFAULT,
+                max_bytes: 0
+            }
+        );
+        // A pong from an agent that predates `ops`.
+        let old = r#"{"id":1,"ok":{"pong":{"protocol":1,"agent_version":"0.1.0",
+            "uptime_ms":5,"hostname":"h","vm_id":null}}}"#;
+        match serde_json::from_str::<Response>(old).unwrap().result {
+            ResponseResult::Ok(Reply::Pong { ops, .. }) => assert!(ops.is_empty()),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

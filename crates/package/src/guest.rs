@@ -1,5 +1,5 @@
 //! The steps that run inside the guest: copy the app in, install, start it,
-//! wait until it answers, save the launch state.
+//! wait until it answers, scrub, save the launch state.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::time::Duration;
 use cloudlet_agent_proto::{Op, Reply, AUTOSTART_PATH};
 use cloudlet_qemu::{AgentClient, AgentError, Vm};
 
+use crate::scrub::{scrub_guest, ScrubReport};
 use crate::{
     PackageAppError, PackageConfig, PackageEvent, Result, Steps, WorkDir, APP_DIR, APP_LOG,
 };
@@ -25,14 +26,15 @@ fn agent_err(step: &'static str) -> impl FnOnce(AgentError) -> PackageAppError {
 }
 
 /// Everything between the restored base and the saved launch state: on
-/// return (Ok) the device state is in `work/state`, the VM is paused.
+/// return (Ok) the device state is in `work/state`, the VM is paused; what
+/// scrubbing did, if it ran.
 pub(crate) async fn prepare_launch(
     vm: &Vm,
     cfg: &PackageConfig,
     work: &WorkDir,
     steps: &mut Steps,
     progress: &impl Fn(PackageEvent),
-) -> Result<()> {
+) -> Result<Option<ScrubReport>> {
     let mut agent = vm
         .agent(AGENT_TIMEOUT)
         .await
@@ -162,15 +164,23 @@ pub(crate) async fn prepare_launch(
             });
         }
     }
-    drop(agent);
     tokio::time::sleep(cfg.settle).await;
+    let scrubbed = if cfg.scrub {
+        progress(PackageEvent::Scrubbing);
+        let r = scrub_guest(&mut agent).await?;
+        steps.finish("scrub");
+        Some(r)
+    } else {
+        None
+    };
+    drop(agent);
 
     progress(PackageEvent::Saving);
     vm.save_device_state(&work.path("state"))
         .await
         .map_err(PackageAppError::Save)?;
     steps.finish("save");
-    Ok(())
+    Ok(scrubbed)
 }
 
 fn env() -> Vec<(String, String)> {

@@ -3,7 +3,9 @@
 //! [`package_app`] restores a base VM, copies the app's directory into the
 //! guest at `/opt/app`, runs the install commands, starts the app (and lists
 //! it in the guest's autostart file, so that a cold boot starts it too),
-//! waits until its port answers, pauses the VM in that *launch state*, saves
+//! waits until its port answers, scrubs the guest (trims the disk's free
+//! blocks, drops clean caches, zeroes free memory: [`scrub`], unless
+//! [`PackageConfig::scrub`] is off), pauses the VM in that *launch state*, saves
 //! its device state and writes an overlay against the base, carrying the
 //! app's [`AppInfo`] as metadata.
 //!
@@ -15,6 +17,7 @@
 
 mod guest;
 mod report;
+pub mod scrub;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -27,6 +30,7 @@ use cloudlet_qemu::{AgentError, SaveVmError};
 use serde::Serialize;
 
 pub use report::{contributors, Contributor};
+pub use scrub::ScrubReport;
 
 /// Where the app is copied in the guest, and the working directory of its
 /// commands.
@@ -58,8 +62,12 @@ pub struct PackageConfig {
     /// Shell commands run in the guest once the app answers, before the
     /// launch state is saved (e.g. to warm a cache or load data).
     pub warmup_commands: Vec<String>,
-    /// Pause between the app's first answer and the save.
+    /// Pause between the app's first answer (and the warm-up) and the
+    /// scrub and save.
     pub settle: Duration,
+    /// Scrub the guest before the save (see [`scrub`]): trim the disk,
+    /// drop clean caches, zero free memory. On by default.
+    pub scrub: bool,
     /// Overlay codec (default XOR + zstd level 9: packaging is rare, the
     /// overlay is fetched many times).
     pub codec: Codec,
@@ -96,6 +104,7 @@ impl PackageConfig {
             ready_timeout: Duration::from_secs(300),
             warmup_commands: Vec::new(),
             settle: Duration::from_secs(1),
+            scrub: true,
             codec: Codec::XorZstd { level: 9 },
             segment_size: None,
             output: output.into(),
@@ -166,6 +175,8 @@ pub enum PackageEvent {
         total: usize,
         command: String,
     },
+    /// Trimming the disk, dropping caches, zeroing free memory.
+    Scrubbing,
     Saving,
     Flattening,
     CreatingOverlay {
@@ -196,6 +207,8 @@ pub struct PackageReport {
     pub stats: OverlayStats,
     /// What took the space, biggest first (by stored bytes).
     pub contributors: Vec<Contributor>,
+    /// What scrubbing did (None: not scrubbed).
+    pub scrub: Option<ScrubReport>,
     pub steps: Vec<StepTime>,
     pub total_seconds: f64,
 }
@@ -392,7 +405,7 @@ pub async fn package_app(
     steps.finish("restore");
     let prepared = guest::prepare_launch(&vm, cfg, &work, &mut steps, &progress).await;
     vm.kill().await;
-    prepared?;
+    let scrubbed = prepared?;
 
     progress(PackageEvent::Flattening);
     let (top, flat) = (work.path("disk.qcow2"), work.path("disk.raw"));
@@ -412,6 +425,7 @@ pub async fn package_app(
         &progress,
     )
     .await?;
+    report.scrub = scrubbed;
     steps.finish("create overlay");
 
     if let Some(keep) = &cfg.keep_launch {
@@ -531,6 +545,7 @@ async fn create(
         base_id: base.manifest.id.clone(),
         launch_bytes: manifest.disk_size + manifest.mem_size,
         contributors: contributors(&manifest),
+        scrub: None,
         stats,
         steps: Vec::new(),
         total_seconds: 0.0,

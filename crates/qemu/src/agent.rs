@@ -275,13 +275,5 @@ impl AgentClient {
 }
 
 fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Ping {} => "ping",
-        Op::Exec { .. } => "exec",
-        Op::PutFile { .. } => "put_file",
-        Op::WaitPort { .. } => "wait_port",
-        Op::SetIdentity { .. } => "set_identity",
-        Op::Sync { .. } => "sync",
-        Op::Poweroff {} => "poweroff",
-    }
+    op.name()
 }

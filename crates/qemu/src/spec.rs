@@ -260,6 +260,9 @@ mod tests {
         assert!(a.contains("mem-path=/run/a,,b/ram,share=on"), "{a}");
         assert!(a.contains("hostfwd=tcp::40000-:8080"));
         assert!(a.contains("romfile="));
+        // Guest discards (fstrim before a save) must reach the disk file:
+        // trimmed clusters then read back as zeros.
+        assert!(a.contains("node-name=disk0,discard=unmap,"), "{a}");
         assert!(a.contains("-accel tcg"));
         assert!(!a.contains("-incoming"));
         assert!(spec()

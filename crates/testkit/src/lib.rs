@@ -26,11 +26,13 @@ pub fn test_home() -> PathBuf {
         .unwrap_or_else(|| target_dir().join("test-home"))
 }
 
-/// A static binary built for the guest by `make guest`.
+/// A static binary built for the guest by `make guest` (in
+/// `$CLOUDLET_GUEST_DIR` when set, e.g. a private target dir's).
 pub fn guest_bin(name: &str) -> PathBuf {
-    let p = target_dir()
-        .join("guest/x86_64-unknown-linux-gnu/release")
-        .join(name);
+    let dir = std::env::var_os("CLOUDLET_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("guest/x86_64-unknown-linux-gnu/release"));
+    let p = dir.join(name);
     assert!(
         p.is_file(),
         "{} is missing: run `make guest` first",

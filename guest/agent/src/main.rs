@@ -7,6 +7,7 @@
 
 mod ops;
 mod port;
+mod zero;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,9 @@ use cloudlet_agent_proto::{Request, Response, ResponseResult, MAX_LINE};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(zero::CHILD_FLAG) {
+        std::process::exit(zero::run_child(&args[2..]));
+    }
     if args.iter().any(|a| a == "--init") {
         run_init(&args[0]);
     }
@@ -102,7 +106,20 @@ fn serve() -> ! {
             }
             let req: Request = match serde_json::from_slice(&line) {
                 Ok(r) => r,
-                Err(_) => continue, // a fragment from an earlier host session
+                Err(e) => {
+                    // An operation from a newer host gets an error; anything
+                    // else is a fragment from an earlier host session.
+                    if let Some((id, name)) = unknown_request(&line) {
+                        let resp = Response {
+                            id,
+                            result: ResponseResult::Err(format!(
+                                "Unknown or malformed operation {name:?}: {e}"
+                            )),
+                        };
+                        write_response(&writer, &resp);
+                    }
+                    continue;
+                }
             };
             let writer = Arc::clone(&writer);
             std::thread::spawn(move || {
@@ -112,18 +129,50 @@ fn serve() -> ! {
                     Err(e) => ResponseResult::Err(e),
                 };
                 let after = ops::after_reply(&result);
-                let resp = Response { id, result };
-                if let Ok(mut out) = serde_json::to_vec(&resp) {
-                    out.push(b'\n');
-                    if let Ok(mut w) = writer.lock() {
-                        let _ = w.write_all(&out);
-                        let _ = w.flush();
-                    }
-                }
+                write_response(&writer, &Response { id, result });
                 if let Some(f) = after {
                     f();
                 }
             });
         }
+    }
+}
+
+fn write_response(writer: &Mutex<std::fs::File>, resp: &Response) {
+    if let Ok(mut out) = serde_json::to_vec(resp) {
+        out.push(b'\n');
+        if let Ok(mut w) = writer.lock() {
+            let _ = w.write_all(&out);
+            let _ = w.flush();
+        }
+    }
+}
+
+/// The id and operation name of a request that is well-formed JSON with an
+/// id and an op, but whose op this agent does not know (a newer host).
+fn unknown_request(line: &[u8]) -> Option<(u64, String)> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    let id = v.get("id")?.as_u64()?;
+    let name = match v.get("op")? {
+        serde_json::Value::Object(o) => o.keys().next().cloned().unwrap_or_default(),
+        serde_json::Value::String(s) => s.clone(),
+        _ => String::new(),
+    };
+    Some((id, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_operations_are_recognised_and_fragments_are_not() {
+        assert_eq!(
+            unknown_request(br#"{"id":4,"op":{"teleport":{"to":"mars"}}}"#),
+            Some((4, "teleport".into()))
+        );
+        assert_eq!(unknown_request(br#"{"id":4,"op":{"pi"#), None);
+        assert_eq!(unknown_request(br#"ng":{}}}"#), None);
+        assert_eq!(unknown_request(br#"{"op":{"ping":{}}}"#), None);
     }
 }

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use cloudlet_agent_proto::{Op, Reply, ResponseResult, AUTOSTART_PATH, PROTOCOL_VERSION};
+use cloudlet_agent_proto::{Op, Reply, ResponseResult, AUTOSTART_PATH, OPS, PROTOCOL_VERSION};
 
 /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`, force the kernel CRNG to reseed.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
@@ -82,6 +82,7 @@ pub fn handle(op: Op, started: Instant) -> Result<Reply, String> {
             vm_id: std::fs::read_to_string(VM_ID_PATH)
                 .ok()
                 .map(|s| s.trim().to_string()),
+            ops: OPS.iter().map(|s| s.to_string()).collect(),
         }),
         Op::Exec {
             argv,
@@ -121,6 +122,11 @@ pub fn handle(op: Op, started: Instant) -> Result<Reply, String> {
             }
             Ok(Reply::Synced {})
         }
+        Op::ZeroFreeMemory {
+            reserve_bytes,
+            chunk_bytes,
+            max_bytes,
+        } => crate::zero::zero_free_memory(reserve_bytes, chunk_bytes, max_bytes),
         Op::Poweroff {} => Ok(Reply::PoweringOff {}),
     }
 }

@@ -19,7 +19,7 @@ use crate::Output;
 pub enum OverlayCommand {
     /// Package an app: restore the base, copy DIR in, install, start CMD,
     /// wait for its port, save the launch state as an overlay.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// An overlay from launch images given directly (disk raw or qcow2 top
     /// over the base disk, RAM file, device state).
     CreateRaw(CreateRawArgs),
@@ -104,6 +104,11 @@ pub struct CreateArgs {
     /// Shell command run once the app answers, before the save (repeatable).
     #[arg(long = "warmup-cmd")]
     warmup_cmd: Vec<String>,
+    /// Do not scrub the guest before the save (by default its disk is
+    /// trimmed, clean caches dropped and free memory zeroed, so that the
+    /// overlay does not carry deleted files' blocks and stale memory).
+    #[arg(long)]
+    no_scrub: bool,
     /// Seconds each install command may take.
     #[arg(long, default_value_t = 1800)]
     install_timeout: u64,
@@ -167,6 +172,7 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
             cfg.segment_size = a.codec.segment_mib.map(|m| m.saturating_mul(1 << 20));
             cfg.work_dir = a.work_dir.clone();
             cfg.keep_launch = a.keep_launch.clone();
+            cfg.scrub = !a.no_scrub;
             let display = Progress::new();
             let report = package_app(&store, &cfg, |e| display.event(&e)).await;
             display.clear();
@@ -314,6 +320,26 @@ fn print_report(r: &PackageReport, output: Output) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(sc) = &r.scrub {
+        let trimmed = sc
+            .trimmed_bytes
+            .map(|b| format!("fstrim trimmed {}", mb(b)))
+            .unwrap_or_else(|| "disk not trimmed".into());
+        let zeroed = match (sc.zeroed_bytes, sc.mem_free_bytes) {
+            (Some(z), Some(f)) => format!("zeroed {} of {} free memory", mb(z), mb(f)),
+            (Some(z), None) => format!("zeroed {} of free memory", mb(z)),
+            _ => "free memory not zeroed".into(),
+        };
+        let dropped = if sc.caches_dropped {
+            ", clean caches dropped"
+        } else {
+            ""
+        };
+        println!("scrub: {trimmed}{dropped}, {zeroed}");
+        for note in &sc.notes {
+            println!("  note: {note}");
+        }
+    }
     println!("top contributors (by bytes in the overlay):");
     println!(
         "  {:<13} {:<16} {:>9} {:>11} {:>11}",
@@ -381,6 +407,9 @@ impl Progress {
                 total,
                 command,
             } => format!("warming up [{index}/{total}] {command}"),
+            PackageEvent::Scrubbing => {
+                "scrubbing: fstrim, dropping caches, zeroing free memory".into()
+            }
             PackageEvent::Saving => "pausing and saving the launch state".into(),
             PackageEvent::Flattening => "flattening the launch disk".into(),
             PackageEvent::CreatingOverlay { percent } => match percent {
