@@ -43,7 +43,7 @@ struct Args {
     /// The cloudletd binary (default: next to this program).
     #[arg(long)]
     cloudletd: Option<PathBuf>,
-    /// Link rates for our handoff, Mbit/s.
+    /// Link rates for our handoff, Mbit/s (0: skip ours).
     #[arg(long, value_delimiter = ',', default_values_t = vec![10.0, 25.0, 50.0])]
     rates: Vec<f64>,
     /// Churn rates of the workloads, MiB/s (moderate, heavy).
@@ -267,6 +267,35 @@ struct OurRun {
     churn: u32,
     result: anyhow::Result<HandoffReport>,
     link_bytes: u64,
+    /// The information the move needed, measured offline on the memory the
+    /// destination holds right after it: (unique changed bytes, zstd -19).
+    needed: Option<(u64, u64)>,
+}
+
+/// Pages of `ram` that differ from `base` (and are not zero), deduplicated,
+/// then compressed with zstd -19 and long-distance matching: what a perfect
+/// one-shot transfer of the final memory would have to send.
+fn needed_memory(ram: &Path, base: &Path) -> anyhow::Result<(u64, u64)> {
+    const PAGE: usize = 4096;
+    let ram = std::fs::read(ram)?;
+    let base = std::fs::read(base)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut unique = Vec::new();
+    for (i, page) in ram.chunks(PAGE).enumerate() {
+        let b = base.get(i * PAGE..(i + 1) * PAGE);
+        if Some(page) == b || page.iter().all(|&x| x == 0) {
+            continue;
+        }
+        if seen.insert(*blake3::hash(page).as_bytes()) {
+            unique.extend_from_slice(page);
+        }
+    }
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 19)?;
+    enc.long_distance_matching(true)?;
+    enc.window_log(27)?;
+    std::io::Write::write_all(&mut enc, &unique)?;
+    let out = enc.finish()?;
+    Ok((unique.len() as u64, out.len() as u64))
 }
 
 async fn run_ours(args: &Args, bin: &Path, rate: f64, churn: u32) -> anyhow::Result<OurRun> {
@@ -305,11 +334,32 @@ async fn run_ours(args: &Args, bin: &Path, rate: f64, churn: u32) -> anyhow::Res
         ),
         Err(e) => eprintln!("  FAILED: {e}"),
     }
+    let mut needed = None;
+    if let (Ok(r), Some(b)) = (&result, &s.b) {
+        let ram = b.vm_dir.join(&r.vm.id).join("ram");
+        let base = cloudlet_base::BaseStore::new(args.home.clone())
+            .get_by_id(&r.vm.base_id)
+            .map(|b| b.memory_path());
+        if let Ok(base) = base {
+            match tokio::task::spawn_blocking(move || needed_memory(&ram, &base)).await? {
+                Ok(n) => {
+                    eprintln!(
+                        "  information needed: {:.1} MB of unique changed pages, {:.1} MB after zstd -19",
+                        n.0 as f64 / 1e6,
+                        n.1 as f64 / 1e6
+                    );
+                    needed = Some(n);
+                }
+                Err(e) => eprintln!("  information needed: not measured: {e:#}"),
+            }
+        }
+    }
     Ok(OurRun {
         rate,
         churn,
         result,
         link_bytes,
+        needed,
     })
 }
 
@@ -356,12 +406,13 @@ async fn run_qemu(args: &Args, bin: &Path, mode: &str, churn: u32) -> anyhow::Re
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    let src_qmp = QmpClient::connect(&src_dir.join("qmp.sock")).await?;
+    // cloudletd keeps a VM's sockets in `VM_DIR/ID/run`.
+    let src_qmp = QmpClient::connect(&src_dir.join("run").join("qmp.sock")).await?;
 
     // The destination: the same machine, its own files, waiting on the WAN.
     let dst_dir = args.workdir.join("hbq");
     let _ = std::fs::remove_dir_all(&dst_dir);
-    std::fs::create_dir_all(&dst_dir)?;
+    std::fs::create_dir_all(dst_dir.join("run"))?;
     let mut dst_args: Vec<String> = Vec::new();
     let mut src_disk = None;
     for a in &argv[1..] {
@@ -414,7 +465,7 @@ async fn run_qemu(args: &Args, bin: &Path, mode: &str, churn: u32) -> anyhow::Re
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dst_dir.join("stderr.log"))?);
     let mut dst_child = s.wan.spawn_in(Side::B, cmd)?;
-    let dst_qmp_path = dst_dir.join("qmp.sock");
+    let dst_qmp_path = dst_dir.join("run").join("qmp.sock");
     let mut dst_qmp = None;
     for _ in 0..300 {
         if let Ok(q) = QmpClient::connect(&dst_qmp_path).await {
@@ -619,7 +670,7 @@ async fn main() -> anyhow::Result<()> {
     let mut ours = Vec::new();
     let mut qemu = Vec::new();
     for &churn in &args.workloads {
-        for &rate in &args.rates {
+        for &rate in args.rates.iter().filter(|r| **r > 0.0) {
             match run_ours(&args, &bin, rate, churn).await {
                 Ok(r) => ours.push(r),
                 Err(e) => eprintln!("ours {rate} Mbit/s churn {churn}: setup failed: {e:#}"),
@@ -713,6 +764,22 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!();
+    println!("Distance from the physical limit (memory: wire bytes / unique changed pages of the final memory after zstd -19; the disk adds its few MB to both):");
+    for r in &ours {
+        if let (Ok(rep), Some((unique, best))) = (&r.result, r.needed) {
+            println!(
+                "  {:<20} {:>4} Mbit: wire {} MB, needed {} MB ({} MB unique) -> {:.2}x",
+                workload_name(r.churn, &args),
+                r.rate,
+                mb(rep.wire_bytes),
+                mb(best),
+                mb(unique),
+                rep.wire_bytes as f64 / best.max(1) as f64
+            );
+        }
+    }
+
+    println!();
     println!("Targets at {} Mbit/s:", args.qemu_rate);
     for &churn in &args.workloads {
         let w = workload_name(churn, &args);
@@ -728,14 +795,16 @@ async fn main() -> anyhow::Result<()> {
         let qemu_time = |mode: &str| {
             qemu.iter()
                 .find(|q| q.churn == churn && q.mode == mode)
-                .map(|q| match &q.outcome {
-                    QemuOutcome::Done { total, .. } => Some(total.as_secs_f64()),
-                    _ => None,
+                .and_then(|q| match &q.outcome {
+                    QemuOutcome::Done { total, .. } => Some(Some(total.as_secs_f64())),
+                    QemuOutcome::DidNotConverge { .. } => Some(None),
+                    // A failed reference run shows nothing either way.
+                    QemuOutcome::Failed(_) => None,
                 })
         };
         let describe = |t: Option<Option<f64>>, target: f64| {
             match t {
-            None => "not run".to_string(),
+            None => "not run or failed: nothing shown".to_string(),
             Some(None) => format!(
                 "QEMU did not converge (>= {} s): ours {:.1} s, ratio >= {:.1}x (target {target}x) {}",
                 args.qemu_cap_s,
