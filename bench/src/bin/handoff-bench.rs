@@ -11,9 +11,16 @@
 //! Real downtime is the source QEMU's STOP event to the destination QEMU's
 //! RESUME event (QMP event timestamps, same host clock).
 //!
-//! Usage (as root, after `cloudlet base build debian --name debian-1g
-//! --memory-mib 1024` and `cloudlet overlay create ... -o /tmp/kvstore-1g.overlay`):
-//! `CLOUDLET_HOME=/tmp/clhome target/release/handoff-bench`
+//! Usage (as root; kvstore's churn rewrites its default 64 MiB buffer):
+//! ```text
+//! export CLOUDLET_HOME=/tmp/clhome
+//! cloudlet base build debian --name debian-1g --memory-mib 1024
+//! cloudlet overlay create --base debian-1g --install DIR_WITH_KVSTORE --name kvstore \
+//!     --port 8080 --health /health --run "./kvstore --port 8080" -o /tmp/kvstore-1g.overlay
+//! target/release/handoff-bench [--rates 10,25,50] [--qemu-cap-s 480]
+//! ```
+//! It also reports, per run, the information the move needed: the unique
+//! pages of the final memory that differ from the base, after zstd -19.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

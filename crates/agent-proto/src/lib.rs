@@ -21,7 +21,8 @@
 //! Operations added within a version are listed in [`Reply::Pong`]'s `ops`
 //! (empty from agents that predate the list): a host checks it before it
 //! sends a newer operation, instead of waiting for an error. Added so far:
-//! [`Op::ZeroFreeMemory`] (`"zero_free_memory"`).
+//! [`Op::ZeroFreeMemory`] (`"zero_free_memory"`), [`Op::SetClock`]
+//! (`"set_clock"`).
 
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +122,12 @@ pub enum Op {
         #[serde(default)]
         max_bytes: u64,
     },
+    /// Set the guest's wall clock. A VM resumed from a snapshot (synthesis)
+    /// or after a move (its clocks stop while it is paused) is behind.
+    SetClock {
+        /// Nanoseconds since the Unix epoch, read on the host just before.
+        unix_ns: u64,
+    },
     /// Power the guest off.
     Poweroff {},
 }
@@ -136,6 +143,7 @@ impl Op {
             Op::SetIdentity { .. } => "set_identity",
             Op::Sync { .. } => "sync",
             Op::ZeroFreeMemory { .. } => "zero_free_memory",
+            Op::SetClock { .. } => "set_clock",
             Op::Poweroff {} => "poweroff",
         }
     }
@@ -150,6 +158,7 @@ pub const OPS: &[&str] = &[
     "set_identity",
     "sync",
     "zero_free_memory",
+    "set_clock",
     "poweroff",
 ];
 
@@ -232,6 +241,10 @@ pub enum Reply {
         mem_available_bytes: u64,
         /// Why it stopped: `reserve`, `max`, or the mapping error.
         stopped: String,
+    },
+    ClockSet {
+        /// How far the guest's clock was behind (negative: ahead), ms.
+        behind_ms: i64,
     },
     PoweringOff {},
 }

@@ -152,3 +152,51 @@ async fn two_restores_of_one_snapshot_differ_in_entropy_and_identity() {
     assert_ne!(seen[0].0, seen[1].0, "random numbers differ");
     assert_ne!(seen[0].1, seen[1].1, "ids differ");
 }
+
+/// A paused VM's clocks stop (so does a VM restored from an old snapshot):
+/// the agent brings the guest's wall clock back to the host's.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_sets_a_lagging_guest_clock() {
+    let (_store, base) = tiny_base().await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = target(dir.path(), "clock", free_port());
+    let vm = base
+        .restore("clock", &t.ram_path, &t.disk_path, &t.run_dir, vec![])
+        .await
+        .expect("restore from base");
+    let mut agent = vm.agent(Duration::from_secs(30)).await.expect("agent");
+    let behind = |out: String| {
+        let guest: i64 = out.trim().parse().expect("date +%s");
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        host - guest
+    };
+    // Set it once so the test does not depend on the base's age.
+    agent
+        .set_clock()
+        .await
+        .expect("set_clock")
+        .expect("agent knows set_clock");
+    vm.pause().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    vm.resume().await.unwrap();
+    let out = agent
+        .exec(&["date", "+%s"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let lag = behind(out.stdout);
+    assert!(
+        lag >= 4,
+        "the guest clock kept running while paused ({lag} s behind)"
+    );
+    let ms = agent.set_clock().await.unwrap().unwrap();
+    assert!(ms >= 4000, "reported {ms} ms behind");
+    let out = agent
+        .exec(&["date", "+%s"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(behind(out.stdout).abs() <= 2, "clock not set");
+    vm.kill().await;
+}

@@ -1387,6 +1387,22 @@ pub async fn commit_incoming(
     if let Ok(mut m) = c.incoming.lock() {
         m.remove(hid);
     }
+    // Its clocks stopped while it was paused (and throttled): catch up,
+    // after the answer (not part of the downtime).
+    {
+        let (vm, vm_id) = (vm.clone(), vm_id.clone());
+        tokio::spawn(async move {
+            let r = match vm.agent(Duration::from_secs(10)).await {
+                Ok(mut a) => a.set_clock().await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(Some(ms)) => tracing::info!(vm_id = %vm_id, behind_ms = ms, "guest clock set"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(vm_id = %vm_id, "setting the guest clock: {e}"),
+            }
+        });
+    }
     c.watch(vm_id.clone(), vm);
     tracing::info!(vm_id = %vm_id, "handoff committed: VM runs here");
     Ok(HandoffCommitted {

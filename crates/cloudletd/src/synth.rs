@@ -250,6 +250,12 @@ pub async fn synthesize(
             .set_identity(req.vm_id, req.name)
             .await
             .map_err(SynthesizeError::Agent)?;
+        // The snapshot's clock is the packaging time: bring it to now.
+        match agent.set_clock().await {
+            Ok(Some(ms)) => tracing::debug!(behind_ms = ms, "guest clock set"),
+            Ok(None) => tracing::debug!("the base's agent cannot set the clock"),
+            Err(e) => tracing::warn!("setting the guest clock: {e}"),
+        }
         timings.push(stage("identity", t));
         if let Some(&port) = req.app.ports.first() {
             let t = Instant::now();

@@ -267,6 +267,32 @@ impl AgentClient {
         .map(|_| ())
     }
 
+    /// Set the guest's wall clock to the host's, if the agent knows how
+    /// (an agent older than `set_clock` is left alone: `Ok(None)`). Returns
+    /// how far behind the guest was, in ms.
+    pub async fn set_clock(&mut self) -> Result<Option<i64>, AgentError> {
+        let knows = match self.ping().await? {
+            Reply::Pong { ops, .. } => ops.iter().any(|o| o == "set_clock"),
+            _ => false,
+        };
+        if !knows {
+            return Ok(None);
+        }
+        let unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        match self
+            .call(Op::SetClock { unix_ns }, Duration::from_secs(5))
+            .await?
+        {
+            Reply::ClockSet { behind_ms } => Ok(Some(behind_ms)),
+            other => Err(AgentError::Unexpected {
+                op: "set_clock",
+                reply: Box::new(other),
+            }),
+        }
+    }
+
     pub async fn poweroff(&mut self) -> Result<(), AgentError> {
         self.call(Op::Poweroff {}, Duration::from_secs(5))
             .await

@@ -65,6 +65,30 @@ pub fn autostart() {
     }
 }
 
+fn set_clock(unix_ns: u64) -> Result<Reply, String> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+    let guest_ns = now.tv_sec as i128 * 1_000_000_000 + now.tv_nsec as i128;
+    let want = libc::timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: as above; the agent runs as root (PID 1).
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &want) } != 0 {
+        return Err(format!(
+            "clock_settime: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(Reply::ClockSet {
+        behind_ms: ((unix_ns as i128 - guest_ns) / 1_000_000) as i64,
+    })
+}
+
 fn is_mountpoint(path: &str) -> bool {
     std::fs::read_to_string("/proc/self/mounts")
         .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(path)))
@@ -127,6 +151,7 @@ pub fn handle(op: Op, started: Instant) -> Result<Reply, String> {
             chunk_bytes,
             max_bytes,
         } => crate::zero::zero_free_memory(reserve_bytes, chunk_bytes, max_bytes),
+        Op::SetClock { unix_ns } => set_clock(unix_ns),
         Op::Poweroff {} => Ok(Reply::PoweringOff {}),
     }
 }
