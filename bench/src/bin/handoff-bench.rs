@@ -489,7 +489,12 @@ async fn run_qemu(args: &Args, bin: &Path, mode: &str, churn: u32) -> anyhow::Re
         );
     };
 
-    let outcome = qemu_migrate(args, &s, &src_qmp, &dst_qmp, mode).await;
+    let outcome = qemu_migrate(args, &s, &src_qmp, &dst_qmp, mode)
+        .await
+        .map_err(|e| {
+            let log = std::fs::read_to_string(dst_dir.join("stderr.log")).unwrap_or_default();
+            e.context(format!("destination QEMU said: {}", log.trim()))
+        });
     let _ = dst_child.kill();
     let _ = dst_child.wait();
     kill_matching(&needle);
@@ -523,16 +528,17 @@ async fn qemu_migrate(
     dst: &QmpClient,
     mode: &str,
 ) -> anyhow::Result<QemuOutcome> {
-    let caps: Vec<(&str, bool)> = match mode {
-        "default" => vec![],
-        "xbzrle" => vec![("xbzrle", true)],
-        "multifd-zstd" => vec![("multifd", true)],
+    // The daemon restored the source with x-ignore-shared (RAM in a shared
+    // file is not sent): here all of it must cross.
+    let mut caps: Vec<(&str, bool)> = vec![("x-ignore-shared", false)];
+    match mode {
+        "default" => {}
+        "xbzrle" => caps.push(("xbzrle", true)),
+        "multifd-zstd" => caps.push(("multifd", true)),
         other => bail!("unknown QEMU mode {other}"),
     };
     for q in [src, dst] {
-        if !caps.is_empty() {
-            q.set_migration_capabilities(&caps).await?;
-        }
+        q.set_migration_capabilities(&caps).await?;
         if mode == "multifd-zstd" {
             q.execute(
                 "migrate-set-parameters",

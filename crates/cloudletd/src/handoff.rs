@@ -841,9 +841,9 @@ async fn send_vm(
                     in_flight,
                     "switching over"
                 );
-                // The VM runs until QEMU stops it for the switchover (a
-                // pause of ours would count as downtime).
-                duty.run_now().await;
+                // Back to the throttled pace (a short pause of ours may
+                // still come right before QEMU's stop: at most a period).
+                duty.set(conv.duty());
                 hold.store(false, Ordering::Relaxed);
                 q.execute(
                     "migrate-set-parameters",

@@ -17,15 +17,15 @@ use cloudlet_handoff::converge::duty_split;
 use cloudlet_qemu::QmpClient;
 use tokio::sync::watch;
 
-/// One run + pause cycle.
-pub const PERIOD: Duration = Duration::from_millis(200);
+/// One run + pause cycle: short, because a pause of ours that QEMU's
+/// switchover stop falls into counts as downtime (up to one period).
+pub const PERIOD: Duration = Duration::from_millis(50);
 
 /// A running duty cycle (1.0 = the VM runs all the time).
 pub struct DutyCycle {
     duty: watch::Sender<f64>,
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     cycles: Arc<AtomicU64>,
-    running_ack: Arc<tokio::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 impl DutyCycle {
@@ -33,13 +33,11 @@ impl DutyCycle {
     pub fn start(q: QmpClient) -> Self {
         let (tx, rx) = watch::channel(1.0f64);
         let cycles = Arc::new(AtomicU64::new(0));
-        let running_ack = Arc::new(tokio::sync::Mutex::new(None));
-        let task = tokio::spawn(run(q, rx, cycles.clone(), running_ack.clone()));
+        let task = tokio::spawn(run(q, rx, cycles.clone()));
         DutyCycle {
             duty: tx,
             task: tokio::sync::Mutex::new(Some(task)),
             cycles,
-            running_ack,
         }
     }
 
@@ -53,16 +51,6 @@ impl DutyCycle {
             }
             changed
         });
-    }
-
-    /// Resume the VM now if a cycle has it paused, and keep it running
-    /// (duty 1.0) until the next [`DutyCycle::set`]. Returns once the VM
-    /// runs (or QEMU refused, because it is completing the migration).
-    pub async fn run_now(&self) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        *self.running_ack.lock().await = Some(tx);
-        self.duty.send_replace(1.0);
-        let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
     }
 
     /// Pause cycles done so far.
@@ -89,9 +77,7 @@ impl Drop for DutyCycle {
     }
 }
 
-type Ack = Arc<tokio::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>;
-
-async fn run(q: QmpClient, mut rx: watch::Receiver<f64>, cycles: Arc<AtomicU64>, ack: Ack) {
+async fn run(q: QmpClient, mut rx: watch::Receiver<f64>, cycles: Arc<AtomicU64>) {
     let mut paused = false;
     loop {
         let duty = *rx.borrow_and_update();
@@ -106,9 +92,6 @@ async fn run(q: QmpClient, mut rx: watch::Receiver<f64>, cycles: Arc<AtomicU64>,
             paused = false;
         }
         if duty >= 0.999 {
-            if let Some(a) = ack.lock().await.take() {
-                let _ = a.send(());
-            }
             if rx.changed().await.is_err() {
                 return;
             }

@@ -483,6 +483,16 @@ async fn a_guest_dirtying_faster_than_the_link_still_moves() {
     assert!(missing.is_empty(), "lost: {missing:?}");
     let churn: serde_json::Value = serde_json::from_str(&churn).unwrap();
     assert_eq!(churn["running"], true, "the app kept running: {churn}");
+    // Its clocks stopped while it was throttled: the destination sets them.
+    let start = Instant::now();
+    while !rig.b.log().contains("guest clock set") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the destination did not set the guest clock:\n{}",
+            rig.b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Cut the link while the memory streams; the source must give up in
