@@ -169,16 +169,25 @@ fn phase(name: &str, since: Instant) -> StageTiming {
 /// Chunks of `vm_disk` that differ from `base_disk` at the same offset,
 /// considering only ranges where either holds data. `skip` gives chunks
 /// already sent with the hash they had.
+/// `only`: look at these byte ranges only (the writes QEMU's dirty bitmap
+/// recorded) instead of every range that holds data.
 fn changed_disk_chunks(
     vm_disk: &Path,
     base_disk: &Path,
     sent: &HashMap<u64, [u8; 32]>,
+    only: Option<Vec<(u64, u64)>>,
 ) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
     let vm = std::fs::File::open(vm_disk)?;
     let base = std::fs::File::open(base_disk)?;
     let len = vm.metadata()?.len();
-    let mut extents = data_extents(&vm, len)?;
-    extents.extend(data_extents(&base, len)?);
+    let mut extents = match only {
+        Some(e) => e,
+        None => {
+            let mut e = data_extents(&vm, len)?;
+            e.extend(data_extents(&base, len)?);
+            e
+        }
+    };
     extents.sort();
     let mut out = Vec::new();
     let mut a = vec![0u8; DISK_CHUNK];
@@ -259,15 +268,17 @@ impl DiskSync {
     async fn send_changes(
         &mut self,
         tx: &tokio::sync::mpsc::Sender<Bytes>,
+        only: Option<Vec<(u64, u64)>>,
     ) -> Result<(), HandoffError> {
         let (vd, bd, sent) = (
             self.vm_disk.clone(),
             self.base_disk.clone(),
             self.sent.clone(),
         );
-        let chunks = tokio::task::spawn_blocking(move || changed_disk_chunks(&vd, &bd, &sent))
-            .await
-            .map_err(|e| HandoffError::Stream(e.to_string()))??;
+        let chunks =
+            tokio::task::spawn_blocking(move || changed_disk_chunks(&vd, &bd, &sent, only))
+                .await
+                .map_err(|e| HandoffError::Stream(e.to_string()))??;
         for (off, data) in chunks {
             self.sent.insert(off, *blake3::hash(&data).as_bytes());
             self.bytes += data.len() as u64;
@@ -616,7 +627,7 @@ async fn send_vm(
         sent: HashMap::new(),
         bytes: 0,
     };
-    disk.send_changes(&tx).await?;
+    disk.send_changes(&tx, None).await?;
     phases.push(phase("disk", t));
 
     // Memory and devices: QEMU migrates into our socket.
@@ -890,7 +901,20 @@ async fn send_vm(
                 let dirty = dirty_count(&q).await;
                 tracing::info!(vm_id = %id, dirty, "disk writes during the handoff");
                 if dirty > 0 {
-                    disk.send_changes(&tx).await?;
+                    // Only what the bitmap recorded; the whole disk if it
+                    // cannot be read (never risk losing a write).
+                    let only = match dirty_extents(&q, vm).await {
+                        Ok(e) => {
+                            let bytes: u64 = e.iter().map(|(a, b)| b - a).sum();
+                            tracing::info!(vm_id = %id, extents = e.len(), bytes, "dirty disk extents");
+                            Some(e)
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm_id = %id, "dirty extents unknown, rescanning the disk: {e}");
+                            None
+                        }
+                    };
+                    disk.send_changes(&tx, only).await?;
                 }
                 q.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
                     .await?;
@@ -1054,6 +1078,78 @@ async fn sampled_dirty_rate(q: &cloudlet_qemu::QmpClient) -> Option<f64> {
     // QEMU reports MiB/s.
     let mib = v.get("dirty-rate").and_then(Value::as_i64)?;
     Some(mib.max(0) as f64 * 1048576.0)
+}
+
+/// The byte ranges written since the handoff began: QEMU copies the
+/// clusters its dirty bitmap marks into a scratch qcow2 (`blockdev-backup
+/// sync=incremental`), whose allocation map is then the answer. Runs while
+/// the VM is stopped.
+async fn dirty_extents(q: &cloudlet_qemu::QmpClient, vm: &Vm) -> Result<Vec<(u64, u64)>, String> {
+    let size = std::fs::metadata(&vm.spec().disk_path)
+        .map_err(|e| e.to_string())?
+        .len();
+    let scratch = vm.spec().socket_dir().join("handoff-dirty.qcow2");
+    let _ = std::fs::remove_file(&scratch);
+    {
+        let s = scratch.clone();
+        tokio::task::spawn_blocking(move || cloudlet_qemu::image::create_qcow2(&s, size))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    let mut events = q.events();
+    let run = async {
+        q.execute(
+            "blockdev-add",
+            Some(json!({"driver": "qcow2", "node-name": "hdirty",
+                "file": {"driver": "file", "filename": scratch}})),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        q.execute(
+            "blockdev-backup",
+            Some(
+                json!({"job-id": "hdirty", "device": "disk0", "target": "hdirty",
+                "sync": "incremental", "bitmap": "handoff"}),
+            ),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, events.recv()).await {
+                Ok(Ok(ev))
+                    if ev.event == "BLOCK_JOB_COMPLETED"
+                        && ev.data.get("device").and_then(Value::as_str) == Some("hdirty") =>
+                {
+                    if let Some(err) = ev.data.get("error").and_then(Value::as_str) {
+                        return Err(format!("backup job: {err}"));
+                    }
+                    return Ok(());
+                }
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("backup job did not finish in 30 s".into()),
+            }
+        }
+    };
+    let r = run.await;
+    let _ = q
+        .execute("blockdev-del", Some(json!({"node-name": "hdirty"})))
+        .await;
+    let r = match r {
+        Ok(()) => {
+            let s = scratch.clone();
+            tokio::task::spawn_blocking(move || cloudlet_qemu::image::allocated_extents(&s))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        }
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&scratch);
+    r
 }
 
 /// Bytes written to the disk since the handoff began (QEMU's dirty bitmap);

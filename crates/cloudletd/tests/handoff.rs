@@ -150,3 +150,95 @@ async fn a_refused_or_unreachable_destination_leaves_the_vm_running_here() {
     assert!(b.client().list_vms().await.unwrap().is_empty());
     assert!(b.vm_files().is_empty(), "{:?}", b.vm_files());
 }
+
+/// Disk writes made while the VM moves reach the destination's disk, and
+/// only the blocks QEMU's dirty bitmap recorded are re-read at the
+/// switchover: after the move the guest drops its page cache and reads back
+/// what it synced on the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_writes_made_during_the_move_arrive() {
+    use cloudlet_qemu::AgentClient;
+    use std::time::Duration;
+    let overlay = kvstore_overlay().await;
+    let a = Daemon::start("").await;
+    let b = Daemon::start("").await;
+    let vm = a
+        .client()
+        .create_vm_upload(&overlay, Some("diskw"), None)
+        .await
+        .unwrap();
+    let sock = |d: &Daemon| d.vm_dir.join(&vm.id).join("run").join("agent.sock");
+    let mut agent = AgentClient::connect(&sock(&a), Duration::from_secs(30))
+        .await
+        .expect("source agent");
+    // Replace a file and sync, 20 times a second, until killed.
+    let script = "mkdir -p /cltest; echo $$ > /cltest/pid; i=0; \
+                  while :; do i=$((i+1)); echo $i > /cltest/n.tmp; mv /cltest/n.tmp /cltest/n; sync; sleep 0.05; done";
+    agent.spawn(&["sh", "-c", script], None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(agent);
+
+    a.client()
+        .handoff("diskw", &b.url(), Some(TOKEN))
+        .await
+        .expect("handoff");
+    // The log may be coloured: drop ANSI escapes.
+    let mut log = String::new();
+    let mut esc = false;
+    for c in a.log().chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
+    let line = log
+        .lines()
+        .find(|l| l.contains("dirty disk extents"))
+        .unwrap_or_else(|| panic!("no dirty extents read at the switchover:\n{log}"));
+    let bytes: u64 = line
+        .split("bytes=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        bytes > 0 && bytes < 16 << 20,
+        "the switchover re-read {bytes} bytes, not just the written blocks: {line}"
+    );
+
+    let mut agent = AgentClient::connect(&sock(&b), Duration::from_secs(30))
+        .await
+        .expect("destination agent");
+    let sh = |cmd: &'static str| ["sh", "-c", cmd];
+    let out = agent
+        .exec(
+            &sh("kill $(cat /cltest/pid); cat /cltest/n"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let cached: u64 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out:?}"));
+    let out = agent
+        .exec(
+            &sh("sync; echo 3 > /proc/sys/vm/drop_caches; cat /cltest/n"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let on_disk: u64 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out:?}"));
+    assert!(cached > 1, "the writer ran: {cached}");
+    assert_eq!(
+        cached, on_disk,
+        "the destination's disk has what the guest wrote"
+    );
+}

@@ -60,6 +60,59 @@ pub fn create_top(base: &Path, top: &Path) -> Result<(), ImageError> {
     .map(|_| ())
 }
 
+/// Create an empty qcow2 of `size` bytes, without a backing file.
+pub fn create_qcow2(path: &Path, size: u64) -> Result<(), ImageError> {
+    qemu_img(
+        "create",
+        path,
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+    )
+    .map(|_| ())
+}
+
+/// The byte ranges `[start, end)` allocated in the qcow2 `path` itself
+/// (`qemu-img map`): for an image without a backing file, what was written.
+pub fn allocated_extents(path: &Path) -> Result<Vec<(u64, u64)>, ImageError> {
+    let out = qemu_img(
+        "map",
+        path,
+        &[
+            "map".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    let bad = |detail: String| ImageError::Failed {
+        op: "map",
+        path: path.to_path_buf(),
+        detail,
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| bad(e.to_string()))?;
+    let mut extents = Vec::new();
+    for e in v.as_array().ok_or_else(|| bad("not a JSON array".into()))? {
+        let n = |k: &str| e.get(k).and_then(serde_json::Value::as_u64);
+        let present = e.get("present").and_then(serde_json::Value::as_bool);
+        let data = e.get("data").and_then(serde_json::Value::as_bool);
+        // Allocated here: data, or a cluster written with zeros.
+        if present == Some(true) || data == Some(true) {
+            let (Some(start), Some(len)) = (n("start"), n("length")) else {
+                return Err(bad(format!("entry without start/length: {e}")));
+            };
+            extents.push((start, start + len));
+        }
+    }
+    Ok(extents)
+}
+
 /// Write the clusters of `top` into its backing file.
 pub fn commit_top(top: &Path) -> Result<(), ImageError> {
     qemu_img(
