@@ -79,7 +79,19 @@ async fn kvstore_moves_with_every_key_and_keeps_running() {
     for i in 0..50 {
         let r = http(new_port, "GET", &format!("/kv/before{i}"), None)
             .await
-            .unwrap();
+            .unwrap_or_else(|e| {
+                let console = std::fs::read_to_string(
+                    b.vm_dir.join(&vm.id).join("run").join("console.log"),
+                )
+                .unwrap_or_default();
+                panic!(
+                    "before{i} at the new endpoint {}: {e}\nreport: {report:?}\n--- source\n{}\n--- destination\n{}\n--- destination console (tail)\n{}",
+                    report.vm.ports[0].endpoint,
+                    a.log(),
+                    b.log(),
+                    &console[console.len().saturating_sub(3000)..]
+                )
+            });
         assert_eq!(r.status, 200, "before{i}");
     }
     let acked = acked.lock().unwrap().clone();
