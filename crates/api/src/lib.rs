@@ -207,6 +207,10 @@ pub struct HandoffPrepared {
 pub struct HandoffLoaded {
     pub raw_bytes: u64,
     pub disk_bytes: u64,
+    /// BLAKE3 of the loaded guest memory (hex), when the destination
+    /// verifies memory (`verify_memory`).
+    #[serde(default)]
+    pub memory_blake3: Option<String>,
 }
 
 /// `GET /v1/handoff/{id}` on the destination: how much of the session

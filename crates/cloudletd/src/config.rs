@@ -33,6 +33,11 @@ pub struct CloudletConfig {
     pub peers: Vec<Peer>,
     /// This cloudlet's own API address as peers reach it (for records).
     pub advertise_url: Option<String>,
+    /// Before a handoff commits, compare a hash of the whole moved memory on
+    /// both sides and refuse to commit on a difference (the VM then stays
+    /// where it was). Costs about a second per GiB of guest memory on each
+    /// side, inside the downtime; both cloudlets must enable it.
+    pub verify_memory: bool,
 }
 
 /// Another cloudlet.
@@ -82,6 +87,7 @@ impl Default for CloudletConfig {
             host_ports: [20000, 29999],
             peers: vec![],
             advertise_url: None,
+            verify_memory: false,
         }
     }
 }

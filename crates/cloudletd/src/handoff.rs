@@ -943,6 +943,12 @@ async fn send_vm(
     let ms = |i: Option<Instant>| i.map_or(0, |i| i.elapsed().as_millis() as u64);
     tracing::info!(vm_id = %id, after_switch_ms = ms(switch_at), "stream read to the end");
     q.wait_migration(Duration::from_secs(30)).await?;
+    // QEMU is done and the VM stopped: its memory is final. Hash it while
+    // the destination finishes loading.
+    let source_hash = c
+        .config
+        .verify_memory
+        .then(|| tokio::spawn(hash_memory(vm.spec().ram_path.clone())));
     if !switched {
         return Err(HandoffError::Stream(
             "QEMU never paused before switchover".into(),
@@ -962,8 +968,25 @@ async fn send_vm(
     let loaded = upload
         .await
         .map_err(|e| HandoffError::Stream(e.to_string()))??;
-    let _: HandoffLoaded = serde_json::from_value(loaded)
+    let loaded: HandoffLoaded = serde_json::from_value(loaded)
         .map_err(|e| HandoffError::Stream(format!("bad answer: {e}")))?;
+    if let Some(h) = source_hash {
+        let ours = h
+            .await
+            .map_err(|e| HandoffError::Stream(e.to_string()))?
+            .map_err(HandoffError::Io)?;
+        match &loaded.memory_blake3 {
+            Some(theirs) if *theirs == ours => {
+                tracing::info!(vm_id = %id, "moved memory verified")
+            }
+            Some(theirs) => {
+                return Err(HandoffError::Stream(format!(
+                    "the destination's memory differs from the source's ({theirs} vs {ours}): not committing"
+                )))
+            }
+            None => tracing::warn!(vm_id = %id, "the destination does not verify memory"),
+        }
+    }
     drop(flow_poller);
     tracing::info!(vm_id = %id, after_switch_ms = ms(switch_at), "destination loaded the VM");
     phases.push(phase("memory", t));
@@ -1072,6 +1095,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// BLAKE3 of a guest's RAM file (hex), on all cores.
+async fn hash_memory(path: std::path::PathBuf) -> std::io::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let mut h = blake3::Hasher::new();
+        h.update_mmap_rayon(&path)?;
+        Ok(h.finalize().to_hex().to_string())
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 fn now_us() -> i64 {
@@ -1446,6 +1480,15 @@ where
     qemu.shutdown().await?;
     disk.sync_data()?;
     vm.qmp().wait_migration(Duration::from_secs(60)).await?;
+    let memory_blake3 = if c.config.verify_memory {
+        Some(
+            hash_memory(vm.spec().ram_path.clone())
+                .await
+                .map_err(|e| ReceiveHandoffError::Read(format!("hashing the memory: {e}")))?,
+        )
+    } else {
+        None
+    };
     if let Ok(mut m) = c.incoming.lock() {
         if let Some(i) = m.get_mut(hid) {
             i.loaded = true;
@@ -1455,6 +1498,7 @@ where
     Ok(HandoffLoaded {
         raw_bytes: raw,
         disk_bytes,
+        memory_blake3,
     })
 }
 

@@ -106,6 +106,8 @@ async fn kvstore_moves_with_every_key_and_keeps_running() {
     assert_eq!(before["pid"], after["pid"], "same process: no reboot");
     assert!(after["uptime_s"].as_u64() >= before["uptime_s"].as_u64());
 
+    // The moved memory was compared with the source's before the commit.
+    assert!(a.log().contains("moved memory verified"), "{}", a.log());
     // The disk's dirty bitmap was read at the switchover (not guessed).
     let log = a.log();
     let line = log

@@ -79,7 +79,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "name = \"test-cloudlet\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [{first}, {}]\n{extra_config}",
+                "name = \"test-cloudlet\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nverify_memory = true\nhost_ports = [{first}, {}]\n{extra_config}",
                 home.display(),
                 vm_dir.display(),
                 first + 99
