@@ -66,7 +66,7 @@ impl OverlaySource {
                     .await
                     .map_err(|e| FetchOverlayError::Connect {
                         url: url.clone(),
-                        detail: error_chain(&e),
+                        detail: crate::error_chain(&e),
                     })?;
                 let status = resp.status().as_u16();
                 let skip = match status {
@@ -79,7 +79,9 @@ impl OverlaySource {
                         })
                     }
                 };
-                let stream = resp.bytes_stream().map(|r| r.map_err(|e| error_chain(&e)));
+                let stream = resp
+                    .bytes_stream()
+                    .map(|r| r.map_err(|e| crate::error_chain(&e)));
                 Ok(ByteStream::new(
                     Box::pin(stream),
                     skip,
@@ -146,17 +148,6 @@ impl OverlaySource {
     ) -> Result<ByteStream, FetchOverlayError> {
         self.range(data_offset, Some(file_len)).await
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 type Inner = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;

@@ -592,7 +592,7 @@ async fn send_vm(
                 Ok(resp) => answer(&dest, resp).await,
                 Err(e) => Err(HandoffError::Unreachable {
                     url: dest.clone(),
-                    detail: error_chain(&e),
+                    detail: crate::error_chain(&e),
                 }),
             };
             if let Err(e) = &r {
@@ -1082,19 +1082,6 @@ fn drain_stops(
             Err(_) => return,
         }
     }
-}
-
-/// An error with its causes ("a: b: c"): reqwest's own message alone
-/// hides what went wrong on the connection.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// BLAKE3 of a guest's RAM file (hex), on all cores.

@@ -58,21 +58,6 @@ impl IntoResponse for ApiFailure {
     }
 }
 
-/// Full error chain, capital first, as the CLI prints it.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 impl From<CreateVmError> for ApiFailure {
     fn from(e: CreateVmError) -> Self {
         use CreateVmError as E;
@@ -108,7 +93,7 @@ impl From<CreateVmError> for ApiFailure {
             },
             E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
         };
-        ApiFailure::new(status, kind, chain(&e))
+        ApiFailure::new(status, kind, crate::error_chain(&e))
     }
 }
 
@@ -121,7 +106,7 @@ impl From<VmOpError> for ApiFailure {
             VmOpError::Busy { .. } => (StatusCode::CONFLICT, "busy"),
             VmOpError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
         };
-        ApiFailure::new(status, kind, chain(&e))
+        ApiFailure::new(status, kind, crate::error_chain(&e))
     }
 }
 
@@ -139,7 +124,7 @@ impl From<BaseOpError> for ApiFailure {
             }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "base_store"),
         };
-        ApiFailure::new(status, kind, chain(&e))
+        ApiFailure::new(status, kind, crate::error_chain(&e))
     }
 }
 
@@ -156,7 +141,7 @@ impl From<HandoffError> for ApiFailure {
             H::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
         };
-        ApiFailure::new(status, kind, chain(&e))
+        ApiFailure::new(status, kind, crate::error_chain(&e))
     }
 }
 
@@ -178,7 +163,7 @@ impl From<ReceiveHandoffError> for ApiFailure {
             }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
         };
-        ApiFailure::new(status, kind, chain(&e))
+        ApiFailure::new(status, kind, crate::error_chain(&e))
     }
 }
 

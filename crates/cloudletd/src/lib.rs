@@ -23,6 +23,22 @@ use std::sync::Arc;
 pub use cloudlet::{Cloudlet, CloudletOps};
 pub use config::CloudletConfig;
 
+/// An error with its causes ("a: b: c", each cause once): the top-level
+/// message of many errors (reqwest's, for one) hides what went wrong.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Run a cloudlet on `listener` until the process ends.
 pub async fn serve(
     cloudlet: Arc<Cloudlet>,
