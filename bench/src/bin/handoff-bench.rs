@@ -781,7 +781,7 @@ async fn main() -> anyhow::Result<()> {
     for r in &ours {
         if let (Ok(rep), Some((unique, best))) = (&r.result, r.needed) {
             println!(
-                "  {:<20} {:>4} Mbit: wire {} MB, needed {} MB ({} MB unique) -> {:.2}x",
+                "  {:<20} {:>4} Mbit: wire {}, needed {} ({} unique) -> {:.2}x",
                 workload_name(r.churn, &args),
                 r.rate,
                 mb(rep.wire_bytes),
