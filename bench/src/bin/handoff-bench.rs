@@ -71,6 +71,10 @@ struct Args {
     /// Seconds of churn before the move starts.
     #[arg(long, default_value_t = 10)]
     warmup_s: u64,
+    /// Both daemons compare a hash of the moved memory before the commit
+    /// (`verify_memory`; adds the hashing to the downtime).
+    #[arg(long)]
+    verify_memory: bool,
     /// Where VM RAM files go.
     #[arg(long, default_value = "/dev/shm")]
     workdir: PathBuf,
@@ -113,9 +117,10 @@ impl NsDaemon {
         std::fs::write(
             &config,
             format!(
-                "name = \"bench-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [21000, 21099]\nadvertise_url = \"http://{addr}\"\n",
+                "name = \"bench-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [21000, 21099]\nadvertise_url = \"http://{addr}\"\nverify_memory = {}\n",
                 home.display(),
                 vm_dir.display(),
+                args.verify_memory,
             ),
         )?;
         // Kept after the run (the last run of each side), for a look at
