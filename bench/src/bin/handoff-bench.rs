@@ -177,36 +177,9 @@ impl NsDaemon {
 impl Drop for NsDaemon {
     fn drop(&mut self) {
         self.kill_daemon();
-        kill_matching(&self.vm_dir.display().to_string());
+        cloudlet_testkit::kill_processes_with(&self.vm_dir.display().to_string());
         let _ = std::fs::remove_dir_all(&self.vm_dir);
     }
-}
-
-/// SIGKILL every process whose command line contains `needle`.
-fn kill_matching(needle: &str) {
-    for pid in pids_matching(needle) {
-        // SAFETY: killing a QEMU this program started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-fn pids_matching(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if pid == std::process::id() as i32 {
-                continue;
-            }
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains(needle) {
-                out.push(pid);
-            }
-        }
-    }
-    out
 }
 
 /// A fresh WAN, a source cloudletd in A with the kvstore VM churning.
@@ -409,7 +382,7 @@ async fn run_qemu(args: &Args, bin: &Path, mode: &str, churn: u32) -> anyhow::Re
     s.a.kill_daemon();
     let src_dir = s.a.vm_dir.join(&s.vm_id);
     let needle = src_dir.display().to_string();
-    let pids = pids_matching(&needle);
+    let pids = cloudlet_testkit::pids_with(&needle);
     let Some(&src_pid) = pids.first() else {
         bail!("no source QEMU found");
     };
@@ -502,7 +475,7 @@ async fn run_qemu(args: &Args, bin: &Path, mode: &str, churn: u32) -> anyhow::Re
         });
     let _ = dst_child.kill();
     let _ = dst_child.wait();
-    kill_matching(&needle);
+    cloudlet_testkit::kill_processes_with(&needle);
     let _ = std::fs::remove_dir_all(&dst_dir);
     drop(s);
     let outcome = outcome.unwrap_or_else(|e| QemuOutcome::Failed(format!("{e:#}")));

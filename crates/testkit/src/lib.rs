@@ -102,19 +102,35 @@ pub async fn http(
     .map_err(std::io::Error::other)?
 }
 
+/// Processes (other than this one) with `needle` on their command line.
+pub fn pids_with(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (pid != me
+                && String::from_utf8_lossy(&cmd)
+                    .replace('\0', " ")
+                    .contains(needle))
+            .then_some(pid)
+        })
+        .collect()
+}
+
 /// Whether any process has `needle` on its command line.
 pub fn process_running_with(needle: &str) -> bool {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten().any(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .map(|c| {
-                        String::from_utf8_lossy(&c)
-                            .replace('\0', " ")
-                            .contains(needle)
-                    })
-                    .unwrap_or(false)
-            })
-        })
-        .unwrap_or(false)
+    !pids_with(needle).is_empty()
+}
+
+/// SIGKILL every process with `needle` on its command line (QEMUs a test
+/// started under its own directory: they outlive their daemon by design).
+pub fn kill_processes_with(needle: &str) {
+    for pid in pids_with(needle) {
+        // SAFETY: signalling processes that name this test's own directory.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
 }
