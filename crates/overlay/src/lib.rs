@@ -6,6 +6,8 @@
 //!   against a base.
 //! - [`apply_overlay`] rebuilds the launch images; [`Applier`] does the same
 //!   segment by segment, as they arrive.
+//! - [`LaunchPlan`] says which segments a VM needs before it can start
+//!   early, and which segment each memory page waits on.
 //!
 //! The file format (version [`FORMAT_VERSION`]) is documented in [`format`].
 //! Pure Rust: no QEMU, no network.
@@ -13,6 +15,7 @@
 mod apply;
 pub mod codec;
 mod create;
+pub mod early;
 pub mod format;
 mod fsutil;
 pub mod fuzzing;
@@ -27,6 +30,7 @@ pub use create::{
     create_overlay, create_overlay_to_writer, CreateConfig, CreateOverlayError, OverlayStats,
     DEFAULT_SEGMENT_SIZE,
 };
+pub use early::{EarlyStartError, LaunchPlan};
 pub use format::{FormatError, Hash, Header, Image, Manifest, FORMAT_VERSION};
 pub use inspect::{
     chunk_stats, info, inspect, verify, BaseImages, ChunkStats, InspectOverlayError, KindStats,
