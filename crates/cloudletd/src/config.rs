@@ -38,6 +38,12 @@ pub struct CloudletConfig {
     /// where it was). Costs about a second per GiB of guest memory on each
     /// side, inside the downtime; both cloudlets must enable it.
     pub verify_memory: bool,
+    /// Experimental, and only with `verify_memory`: cap QEMU's rate during a
+    /// handoff so that its own switchover decision reflects the link (see
+    /// `handoff::CAP_MARGIN`). Sub-0.5 s downtime over 25 Mbit/s, but more
+    /// passes, and QEMU 7.2 (TCG) then lost pages in some moves (caught by
+    /// the verification, which fails the handoff: the VM stays).
+    pub handoff_rate_cap: bool,
 }
 
 /// Another cloudlet.
@@ -88,6 +94,7 @@ impl Default for CloudletConfig {
             peers: vec![],
             advertise_url: None,
             verify_memory: false,
+            handoff_rate_cap: false,
         }
     }
 }

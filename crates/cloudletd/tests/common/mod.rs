@@ -76,10 +76,16 @@ impl Daemon {
         // Each test daemon hands out its own range of host ports.
         let first = 20000 + (rand::random::<u16>() % 400) * 100;
         let config = dir.path().join("cloudletd.toml");
+        // On unless the test sets it (in `extra_config`).
+        let verify = if extra_config.contains("verify_memory") {
+            ""
+        } else {
+            "verify_memory = true\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "name = \"test-cloudlet\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nverify_memory = true\nhost_ports = [{first}, {}]\n{extra_config}",
+                "name = \"test-cloudlet\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\n{verify}host_ports = [{first}, {}]\n{extra_config}",
                 home.display(),
                 vm_dir.display(),
                 first + 99
