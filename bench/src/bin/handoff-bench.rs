@@ -75,6 +75,11 @@ struct Args {
     /// (`verify_memory`; adds the hashing to the downtime).
     #[arg(long)]
     verify_memory: bool,
+    /// Experimental: the daemons cap QEMU's rate so that its switchover
+    /// decision reflects the link (`handoff_rate_cap`; implies
+    /// `--verify-memory`, which a capped move needs).
+    #[arg(long)]
+    rate_cap: bool,
     /// Where VM RAM files go.
     #[arg(long, default_value = "/dev/shm")]
     workdir: PathBuf,
@@ -117,14 +122,17 @@ impl NsDaemon {
         std::fs::write(
             &config,
             format!(
-                "name = \"bench-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [21000, 21099]\nadvertise_url = \"http://{addr}\"\nverify_memory = {}\n",
+                "name = \"bench-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [21000, 21099]\nadvertise_url = \"http://{addr}\"\nverify_memory = {}\nhandoff_rate_cap = {}\n",
                 home.display(),
                 vm_dir.display(),
-                args.verify_memory,
+                args.verify_memory || args.rate_cap,
+                args.rate_cap,
             ),
         )?;
         // Kept after the run (the last run of each side), for a look at
-        // what the daemons decided: CLOUDLET_LOG=info for more.
+        // what the daemons decided: CLOUDLET_LOG=info for more. The
+        // handoff's timestamps through the switchover ("downtime mark")
+        // are always logged: the downtime's breakdown is read from them.
         let log_path = std::env::temp_dir().join(format!("handoff-bench-{side:?}.log"));
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(bin);
@@ -132,7 +140,8 @@ impl NsDaemon {
             .arg(&config)
             .env(
                 "CLOUDLET_LOG",
-                std::env::var("CLOUDLET_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("CLOUDLET_LOG")
+                    .unwrap_or_else(|_| "warn,cloudletd::handoff=info".into()),
             )
             .env_remove("CLOUDLET_HOME")
             .stdin(Stdio::null())
@@ -283,6 +292,47 @@ fn needed_memory(ram: &Path, base: &Path) -> anyhow::Result<(u64, u64)> {
     Ok((unique.len() as u64, out.len() as u64))
 }
 
+/// The handoff's timestamps through the switchover, from both daemons'
+/// logs ("downtime mark" lines: `at_us`, host clock), in ms after `stop_us`.
+fn downtime_marks(stop_us: i64) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for side in ["A", "B"] {
+        let path = std::env::temp_dir().join(format!("handoff-bench-{side}.log"));
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("downtime mark")) {
+            // Drop ANSI colours.
+            let mut plain = String::new();
+            let mut esc = false;
+            for c in line.chars() {
+                match (esc, c) {
+                    (false, '\x1b') => esc = true,
+                    (true, 'm') => esc = false,
+                    (true, _) => {}
+                    (false, c) => plain.push(c),
+                }
+            }
+            let field = |name: &str| {
+                plain
+                    .split(&format!("{name}="))
+                    .nth(1)
+                    .and_then(|v| v.split_whitespace().next())
+                    .map(|v| v.trim_matches('"').to_string())
+            };
+            if let (Some(at), Some(what)) = (
+                field("at_us").and_then(|v| v.parse::<i64>().ok()),
+                field("what"),
+            ) {
+                // Earlier handoffs of the same daemons are not this one.
+                if at >= stop_us - 1_000_000 {
+                    out.push((what, (at - stop_us) as f64 / 1e3));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.total_cmp(&b.1));
+    out
+}
+
 async fn run_ours(args: &Args, bin: &Path, rate: f64, churn: u32) -> anyhow::Result<OurRun> {
     eprintln!("ours: {rate} Mbit/s, churn {churn} MiB/s");
     let s = setup(args, bin, rate, churn, true).await?;
@@ -311,12 +361,21 @@ async fn run_ours(args: &Args, bin: &Path, rate: f64, churn: u32) -> anyhow::Res
     };
     let link_bytes = s.wan.stats().a_to_b.bytes - before;
     match &result {
-        Ok(r) => eprintln!(
-            "  done: total {:.1} s, downtime {:.3} s, wire {:.1} MB",
-            r.total_ms as f64 / 1e3,
-            (r.destination_resume_us - r.source_stop_us) as f64 / 1e6,
-            r.wire_bytes as f64 / 1e6
-        ),
+        Ok(r) => {
+            eprintln!(
+                "  done: total {:.1} s, downtime {:.3} s, wire {:.1} MB",
+                r.total_ms as f64 / 1e3,
+                (r.destination_resume_us - r.source_stop_us) as f64 / 1e6,
+                r.wire_bytes as f64 / 1e6
+            );
+            let marks = downtime_marks(r.source_stop_us);
+            if !marks.is_empty() {
+                eprintln!("  downtime, ms after the source's STOP (src: source daemon, dst: destination):");
+                for (what, ms) in marks {
+                    eprintln!("    {ms:8.1}  {what}");
+                }
+            }
+        }
         Err(e) => eprintln!("  FAILED: {e}"),
     }
     let mut needed = None;
