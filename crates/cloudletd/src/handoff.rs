@@ -1139,13 +1139,15 @@ async fn send_vm(
         // stream's tail still crosses the link. The destination resumes as
         // soon as it has loaded the VM (it waits for that), so the downtime
         // holds no round trip of ours. A destination that fails to load
-        // refuses the commit (the stream's answer says why).
-        drop(flow_poller);
+        // refuses the commit (the stream's answer says why). The flow
+        // window's poller runs on: the stream's tail may still be on its
+        // way, and waits for room in the window.
         phases.push(phase("memory", t_memory));
         progress.set_stage("committing");
         t = Instant::now();
         record_moved()?;
         let r = commit_with_retries(dest, token, handoff_id).await;
+        drop(flow_poller);
         match r {
             Ok(v) => {
                 tracing::info!(vm_id = %id, after_switch_ms = ms(switch_at), "destination loaded and resumed the VM");
