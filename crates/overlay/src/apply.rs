@@ -35,6 +35,11 @@ pub struct ApplyConfig {
     pub verify_launch_state: bool,
     /// fsync the outputs before renaming them into place. Default off.
     pub sync: bool,
+    /// Write the outputs at their final paths from the start instead of
+    /// temporary files renamed at the end, so that a VM can open them while
+    /// the apply runs (early start). They are removed if the apply fails.
+    /// Default off.
+    pub in_place: bool,
 }
 
 impl ApplyConfig {
@@ -51,6 +56,7 @@ impl ApplyConfig {
             out_mem: out_mem.into(),
             verify_launch_state: true,
             sync: false,
+            in_place: false,
         }
     }
 }
@@ -274,7 +280,7 @@ impl Applier {
         };
         let t0 = Instant::now();
         let outputs = match out {
-            Some((disk, mem)) => match prepare_outputs(&shared, disk, mem) {
+            Some((disk, mem)) => match prepare_outputs(&shared, disk, mem, config.in_place) {
                 Ok(o) => Some(o),
                 Err(e) => {
                     shared.cancel.store(true, Ordering::Release);
@@ -308,6 +314,29 @@ impl Applier {
     /// The manifest being applied.
     pub fn manifest(&self) -> &Manifest {
         &self.shared.manifest
+    }
+
+    /// The device state, once its segment has been applied.
+    pub fn device_state(&self) -> Option<Vec<u8>> {
+        self.device_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Read from the memory output as written so far. A chunk is final once
+    /// `Applier::new` returned (unchanged, zero and base-reference chunks) or
+    /// once the segment holding its payload (or its self reference's target
+    /// payload) was applied: see [`crate::early`].
+    pub fn read_memory(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &self.outputs {
+            Some(o) => o.mem.file.read_exact_at(buf, offset),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this applier writes no outputs",
+            )),
+        }
     }
 
     /// Segments not applied yet.
@@ -575,10 +604,15 @@ fn zero(out: &Outputs, image: Image, start: u64, end: u64) -> Result<()> {
     })
 }
 
-fn prepare_outputs(shared: &Shared, disk: &Path, mem: &Path) -> Result<Outputs> {
+fn prepare_outputs(shared: &Shared, disk: &Path, mem: &Path, in_place: bool) -> Result<Outputs> {
     let m = &shared.manifest;
     let create = |path: &Path| {
-        TempOutput::create(path).map_err(|source| ApplyOverlayError::WriteOutput {
+        let out = if in_place {
+            TempOutput::create_in_place(path)
+        } else {
+            TempOutput::create(path)
+        };
+        out.map_err(|source| ApplyOverlayError::WriteOutput {
             path: path.to_path_buf(),
             source,
         })

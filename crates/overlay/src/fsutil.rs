@@ -47,6 +47,23 @@ impl TempOutput {
         })
     }
 
+    /// Write straight at `dest` (no rename at commit; removed if dropped
+    /// uncommitted), for readers that open the file while it is written.
+    pub(crate) fn create_in_place(dest: &Path) -> io::Result<TempOutput> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dest)?;
+        Ok(TempOutput {
+            file,
+            tmp: dest.to_path_buf(),
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
+    }
+
     pub(crate) fn dest(&self) -> &Path {
         &self.dest
     }
@@ -56,7 +73,9 @@ impl TempOutput {
         if sync {
             self.file.sync_all()?;
         }
-        std::fs::rename(&self.tmp, &self.dest)?;
+        if self.tmp != self.dest {
+            std::fs::rename(&self.tmp, &self.dest)?;
+        }
         self.committed = true;
         Ok(())
     }

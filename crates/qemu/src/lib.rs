@@ -3,6 +3,8 @@
 //! - [`spec`]: a VM as a value and its QEMU command line;
 //! - [`qmp`]: an async QMP client (typed helpers, events, timeouts);
 //! - [`vm`]: one QEMU process: boot, restore, pause, save, kill, exit watch;
+//! - [`postcopy`]: early start, a restore whose memory arrives while the
+//!   guest already runs (we are the postcopy migration source);
 //! - [`snapshot`]: saved VMs on disk (device state + RAM file + disk top);
 //! - [`agent`]: the host side of the guest agent protocol;
 //! - [`accel`]: KVM where a probe boot shows it works, else TCG.
@@ -11,6 +13,7 @@ pub mod accel;
 pub mod agent;
 pub mod files;
 pub mod image;
+pub mod postcopy;
 pub mod qmp;
 pub mod snapshot;
 pub mod spec;

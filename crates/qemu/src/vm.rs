@@ -170,6 +170,46 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Start a VM that will be restored by postcopy (see [`crate::postcopy`]):
+    /// QEMU on a fresh, empty RAM file of the right size, listening for the
+    /// migration stream on `socket`, with `postcopy-ram` on. `cont` is given
+    /// at once, so the guest runs as soon as the stream's RUN command
+    /// arrives. The caller then connects to `socket` and serves the stream
+    /// ([`crate::postcopy::serve`]); [`QmpClient::wait_migration`] tells
+    /// when every page has arrived.
+    pub async fn start_postcopy(spec: VmSpec, socket: &Path) -> Result<Vm, RestoreVmError> {
+        let io = |source| {
+            RestoreVmError::Start(StartVmError::RunDir {
+                path: spec.ram_path.clone(),
+                source,
+            })
+        };
+        let _ = std::fs::remove_file(&spec.ram_path);
+        let f = std::fs::File::create(&spec.ram_path).map_err(io)?;
+        f.set_len(spec.machine.memory_bytes()).map_err(io)?;
+        drop(f);
+        let _ = std::fs::remove_file(socket);
+        let vm = Vm::start_incoming(spec).await?;
+        let ready = async {
+            vm.qmp
+                .set_migration_capabilities(&[("postcopy-ram", true), ("x-ignore-shared", false)])
+                .await?;
+            vm.qmp
+                .execute(
+                    "migrate-incoming",
+                    Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+                )
+                .await?;
+            vm.qmp.execute("cont", None).await
+        }
+        .await;
+        if let Err(e) = ready {
+            vm.kill().await;
+            return Err(RestoreVmError::Load(e));
+        }
+        Ok(vm)
+    }
+
     /// Take over a QEMU process started earlier (by a daemon that restarted).
     pub async fn adopt(spec: VmSpec, pid: u32) -> Result<Vm, StartVmError> {
         let qmp = QmpClient::connect(&spec.qmp_socket()).await?;
