@@ -20,7 +20,9 @@ use crate::fetch::{FetchOverlayError, OverlaySource};
 use crate::handoff::ReceiveHandoffError;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, VmRecord, RECORD_FORMAT};
-use crate::synth::{app_info, synthesize, SynthProgress, SynthRequest, SynthesizeError, VmPaths};
+use crate::synth::{
+    app_info, synthesize, SynthProgress, SynthRequest, SynthesizeError, Synthesized, VmPaths,
+};
 
 /// Why a VM could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -632,11 +634,33 @@ impl CloudletOps for Arc<Cloudlet> {
                 app: &app,
             },
             &progress,
+            self.config.early_start,
         )
         .await;
         match result {
-            Ok((vm, timings)) => {
+            Ok(Synthesized { vm, timings, tail }) => {
                 let vm = Arc::new(vm);
+                if let Some(tail) = tail {
+                    // Early start: the memory still streams in. If that
+                    // fails, the guest cannot be trusted: stop it (the exit
+                    // watch records it).
+                    let (vm, id) = (vm.clone(), id.clone());
+                    tokio::spawn(async move {
+                        match tail.await {
+                            Ok(Ok(stats)) => {
+                                tracing::info!(vm_id = %id, ?stats, "early start: memory complete")
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(vm_id = %id, "early start failed after the VM started, stopping it: {e}");
+                                vm.kill().await;
+                            }
+                            Err(e) => {
+                                tracing::error!(vm_id = %id, "early start task: {e}");
+                                vm.kill().await;
+                            }
+                        }
+                    });
+                }
                 let total = timings
                     .iter()
                     .find(|t| t.stage == "total")

@@ -44,6 +44,10 @@ pub struct CloudletConfig {
     /// passes, and QEMU 7.2 (TCG) then lost pages in some moves (caught by
     /// the verification, which fails the handoff: the VM stays).
     pub handoff_rate_cap: bool,
+    /// Early start: resume a synthesized VM as soon as its device state and
+    /// disk have arrived and stream its memory in behind it (QEMU postcopy;
+    /// needs `vm_dir` on a tmpfs). On by default.
+    pub early_start: bool,
 }
 
 /// Another cloudlet.
@@ -95,6 +99,7 @@ impl Default for CloudletConfig {
             advertise_url: None,
             verify_memory: false,
             handoff_rate_cap: false,
+            early_start: true,
         }
     }
 }

@@ -3,13 +3,15 @@
 //! - [`config`]: what an operator sets (TOML, embedded defaults);
 //! - [`store`]: VM records in an embedded database, written atomically;
 //! - [`cloudlet`]: the domain: VM registry, capacity, synthesis, recovery;
-//! - [`synth`] and [`fetch`]: the synthesis pipeline;
+//! - [`synth`], [`early`] and [`fetch`]: the synthesis pipeline (early
+//!   start: the VM resumes while its memory still arrives);
 //! - [`http`]: the REST API and its OpenAPI document;
 //! - [`handoff`] and [`throttle`]: live handoff to another cloudlet;
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod cloudlet;
 pub mod config;
+pub mod early;
 pub mod fetch;
 pub mod handoff;
 pub mod http;

@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 
 use cloudlet_api::{AppInfo, StageTiming};
 use cloudlet_base::BaseVm;
-use cloudlet_overlay::{Applier, ApplyConfig, ApplyOverlayError, Manifest};
+use cloudlet_overlay::{Applier, ApplyConfig, ApplyOverlayError, LaunchPlan, Manifest};
+use cloudlet_qemu::postcopy::PostcopyStats;
 use cloudlet_qemu::{AgentError, DiskFormat, PortForward, RestoreVmError, Vm};
 
+use crate::early::synthesize_early;
 use crate::fetch::{FetchOverlayError, OverlaySource};
 
 /// Segments in flight between the fetch task and the apply thread.
@@ -41,6 +43,8 @@ pub enum SynthesizeError {
     AppNotReady { port: u16, detail: String },
     #[error("Synthesis was cancelled")]
     Cancelled,
+    #[error("Early start failed: {0}")]
+    EarlyStart(String),
 }
 
 /// Live counters a client can follow.
@@ -125,8 +129,63 @@ pub struct SynthRequest<'a> {
     pub app: &'a AppInfo,
 }
 
+/// A synthesized VM. With early start, `tail` still streams memory into the
+/// running guest: await it (on failure the VM must be killed).
+pub struct Synthesized {
+    pub vm: Vm,
+    pub timings: Vec<StageTiming>,
+    pub tail: Option<tokio::task::JoinHandle<Result<EarlyStats, SynthesizeError>>>,
+}
+
+/// What the background part of an early start did.
+#[derive(Debug)]
+pub struct EarlyStats {
+    pub postcopy: PostcopyStats,
+    /// From the request to the last page in the guest.
+    pub memory_complete_ms: u64,
+    pub demand_fetches: u32,
+}
+
 /// Fetch + apply + restore; returns the running VM and stage timings.
+///
+/// With `early_start` (and an overlay and VM directory that allow it: 4 KiB
+/// chunks, the RAM file on a tmpfs), the guest resumes as soon as the device
+/// state and the disk's segments have arrived; its memory streams in behind
+/// it by postcopy ([`cloudlet_qemu::postcopy`]), pages the guest touches
+/// first fetched first.
 pub async fn synthesize(
+    req: SynthRequest<'_>,
+    progress: &SynthProgress,
+    early_start: bool,
+) -> Result<Synthesized, SynthesizeError> {
+    if early_start && on_tmpfs(&req.paths.run) {
+        match LaunchPlan::new(&req.manifest) {
+            Ok(plan) => return synthesize_early(req, progress, plan).await,
+            Err(e) => tracing::info!(vm_id = req.vm_id, "no early start: {e}"),
+        }
+    }
+    synthesize_full(req, progress)
+        .await
+        .map(|(vm, timings)| Synthesized {
+            vm,
+            timings,
+            tail: None,
+        })
+}
+
+fn on_tmpfs(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let _ = std::fs::create_dir_all(dir);
+    // SAFETY: statfs fills the struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC }
+}
+
+/// Synthesis that applies the whole overlay before the VM resumes.
+async fn synthesize_full(
     req: SynthRequest<'_>,
     progress: &SynthProgress,
 ) -> Result<(Vm, Vec<StageTiming>), SynthesizeError> {
@@ -235,47 +294,12 @@ pub async fn synthesize(
         &req.paths.ram(),
         &req.paths.disk(),
         &req.paths.run_dir(),
-        req.ports,
+        req.ports.clone(),
     );
     spec.disk_format = DiskFormat::Raw;
     let vm = Vm::restore(spec, &req.paths.state()).await?;
     timings.push(stage("restore", t));
-    let t = Instant::now();
-    let ready = async {
-        let mut agent = vm
-            .agent(Duration::from_secs(30))
-            .await
-            .map_err(SynthesizeError::Agent)?;
-        agent
-            .set_identity(req.vm_id, req.name)
-            .await
-            .map_err(SynthesizeError::Agent)?;
-        // The snapshot's clock is the packaging time: bring it to now.
-        match agent.set_clock().await {
-            Ok(Some(ms)) => tracing::debug!(behind_ms = ms, "guest clock set"),
-            Ok(None) => tracing::debug!("the base's agent cannot set the clock"),
-            Err(e) => tracing::warn!("setting the guest clock: {e}"),
-        }
-        timings.push(stage("identity", t));
-        if let Some(&port) = req.app.ports.first() {
-            let t = Instant::now();
-            agent
-                .wait_port(
-                    port,
-                    req.app.health_path.as_deref(),
-                    Duration::from_secs(60),
-                )
-                .await
-                .map_err(|e| SynthesizeError::AppNotReady {
-                    port,
-                    detail: e.to_string(),
-                })?;
-            timings.push(stage("app_ready", t));
-        }
-        Ok::<_, SynthesizeError>(())
-    }
-    .await;
-    if let Err(e) = ready {
+    if let Err(e) = app_ready(&vm, (req.vm_id, req.name, req.app), &mut timings).await {
         vm.kill().await;
         return Err(e);
     }
@@ -284,7 +308,43 @@ pub async fn synthesize(
     Ok((vm, timings))
 }
 
-fn stage(name: &str, since: Instant) -> StageTiming {
+/// Hand the guest its identity and clock, then wait until the app answers.
+pub(crate) async fn app_ready(
+    vm: &Vm,
+    (vm_id, name, app): (&str, &str, &AppInfo),
+    timings: &mut Vec<StageTiming>,
+) -> Result<(), SynthesizeError> {
+    let t = Instant::now();
+    let mut agent = vm
+        .agent(Duration::from_secs(30))
+        .await
+        .map_err(SynthesizeError::Agent)?;
+    agent
+        .set_identity(vm_id, name)
+        .await
+        .map_err(SynthesizeError::Agent)?;
+    // The snapshot's clock is the packaging time: bring it to now.
+    match agent.set_clock().await {
+        Ok(Some(ms)) => tracing::debug!(behind_ms = ms, "guest clock set"),
+        Ok(None) => tracing::debug!("the base's agent cannot set the clock"),
+        Err(e) => tracing::warn!("setting the guest clock: {e}"),
+    }
+    timings.push(stage("identity", t));
+    if let Some(&port) = app.ports.first() {
+        let t = Instant::now();
+        agent
+            .wait_port(port, app.health_path.as_deref(), Duration::from_secs(60))
+            .await
+            .map_err(|e| SynthesizeError::AppNotReady {
+                port,
+                detail: e.to_string(),
+            })?;
+        timings.push(stage("app_ready", t));
+    }
+    Ok(())
+}
+
+pub(crate) fn stage(name: &str, since: Instant) -> StageTiming {
     StageTiming {
         stage: name.into(),
         ms: since.elapsed().as_millis() as u64,

@@ -62,13 +62,17 @@ pub struct Daemon {
     pub config: PathBuf,
     child: Option<Child>,
     _dir: tempfile::TempDir,
+    _run: tempfile::TempDir,
 }
 
 impl Daemon {
     pub async fn start(extra_config: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
-        let vm_dir = dir.path().join("run");
+        // RAM files on a tmpfs, as the daemon's default: synthesis then
+        // takes the early start path (postcopy needs shared memory).
+        let run = tempfile::tempdir_in("/dev/shm").unwrap();
+        let vm_dir = run.path().join("run");
         std::fs::create_dir_all(&home).unwrap();
         let (store, _) = tiny_base().await;
         std::os::unix::fs::symlink(store.bases_dir(), home.join("bases")).unwrap();
@@ -99,6 +103,7 @@ impl Daemon {
             config,
             child: None,
             _dir: dir,
+            _run: run,
         };
         d.spawn().await;
         d
