@@ -120,7 +120,8 @@ const QEMU_STOP_TARGET: Duration = Duration::from_millis(150);
 /// in the test with 4 MiB/s of incompressible writes over 10 Mbit/s the
 /// destination's memory differed from the source's in 3 runs of 3 (176
 /// passes, then 13 and 14 with the cap lifted after 12), never without the
-/// cap: like the QEMU 7.2 (TCG) page loss seen with tiny downtime limits
+/// cap, and in 1 of 5 benchmark moves over 25 Mbit/s (8 MiB/s of churn):
+/// like the QEMU 7.2 (TCG) page loss seen with tiny downtime limits
 /// (docs/status.md). So the cap is opt-in (`handoff_rate_cap`), only with
 /// `verify_memory` (a difference fails the handoff, the VM stays at the
 /// source), and lifted after MAX_CAPPED_SYNCS passes.
