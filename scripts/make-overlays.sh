@@ -69,7 +69,7 @@ for app in $APPS; do
         mkdir -p "$d"
         cp scripts/overlay-apps/numpy/app.py scripts/overlay-apps/numpy/gen_data.py "$d/"
         make_overlay numpy "$d" 8080 /health "python3 app.py 8080" \
-            --install-cmd "apt-get update && apt-get install -y --no-install-recommends python3-numpy && apt-get clean" \
+            --install-cmd "apt-get update && apt-get install -y --no-install-recommends python3-numpy && apt-get clean && rm -rf /var/lib/apt/lists/*" \
             --install-cmd "python3 gen_data.py"
         ;;
     *) echo "unknown app $app" >&2; exit 1 ;;
