@@ -644,10 +644,12 @@ impl CloudletOps for Arc<Cloudlet> {
                     // Early start: the memory still streams in. If that
                     // fails, the guest cannot be trusted: stop it (the exit
                     // watch records it).
-                    let (vm, id) = (vm.clone(), id.clone());
+                    progress.set_stage(crate::synth::STAGE_STREAMING);
+                    let (vm, id, progress) = (vm.clone(), id.clone(), progress.clone());
                     tokio::spawn(async move {
                         match tail.await {
                             Ok(Ok(stats)) => {
+                                progress.set_stage("ready");
                                 tracing::info!(vm_id = %id, ?stats, "early start: memory complete")
                             }
                             Ok(Err(e)) => {

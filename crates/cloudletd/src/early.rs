@@ -366,6 +366,11 @@ pub(crate) async fn synthesize_early(
                 qmp.wait_migration(Duration::from_secs(60))
                     .await
                     .map_err(|e| SynthesizeError::EarlyStart(e.to_string()))?;
+                // Capabilities stay set: a later handoff of this VM must not
+                // announce postcopy to a destination that does not expect it.
+                qmp.set_migration_capabilities(&[("postcopy-ram", false)])
+                    .await
+                    .map_err(|e| SynthesizeError::EarlyStart(e.to_string()))?;
                 Ok::<_, SynthesizeError>(())
             }
             .await;

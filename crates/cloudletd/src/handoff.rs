@@ -139,6 +139,10 @@ pub enum HandoffError {
     NotFound(String),
     #[error("VM {id} is {state:?}, only a running VM can be handed off")]
     NotRunning { id: String, state: VmState },
+    #[error(
+        "VM {0} is still receiving its memory (early start): try again once its stage is \"ready\""
+    )]
+    StillStarting(String),
     #[error("No token for destination {0} (give one, or configure it as a peer)")]
     NoToken(String),
     #[error("Destination {url} refused: {status} {message}")]
@@ -358,6 +362,9 @@ pub async fn handoff_vm(
         let Some(vm) = e.vm.clone().filter(|_| state == VmState::Running) else {
             return Err(HandoffError::NotRunning { id: key, state });
         };
+        if e.progress.snapshot().stage == crate::synth::STAGE_STREAMING {
+            return Err(HandoffError::StillStarting(key));
+        }
         e.record.info.state = VmState::HandingOff;
         e.progress = Arc::default();
         e.progress.set_stage("preparing");

@@ -133,7 +133,7 @@ impl From<HandoffError> for ApiFailure {
         use HandoffError as H;
         let (status, kind) = match &e {
             H::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            H::NotRunning { .. } => (StatusCode::CONFLICT, "busy"),
+            H::NotRunning { .. } | H::StillStarting(_) => (StatusCode::CONFLICT, "busy"),
             H::NoToken(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             H::Refused { .. } | H::Unreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, "destination_failed")

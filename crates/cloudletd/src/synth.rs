@@ -47,6 +47,9 @@ pub enum SynthesizeError {
     EarlyStart(String),
 }
 
+/// The synthesis stage of a VM whose memory still streams in (early start).
+pub const STAGE_STREAMING: &str = "ready, memory streaming in";
+
 /// Live counters a client can follow.
 #[derive(Debug, Default)]
 pub struct SynthProgress {

@@ -36,6 +36,13 @@ async fn synthesize_use_and_delete_kvstore_from_a_registry() {
         "{:?}",
         vm.timings
     );
+    // VM files on a tmpfs: the early start path (device state first, the
+    // memory by postcopy), not the full apply.
+    assert!(
+        vm.timings.iter().any(|t| t.stage == "device_state"),
+        "early start: {:?}",
+        vm.timings
+    );
     let port = host_port(&vm);
     let r = http(port, "PUT", "/kv/hello", Some(b"world".to_vec()))
         .await
