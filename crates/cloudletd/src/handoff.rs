@@ -348,6 +348,27 @@ pub async fn handoff_vm(
     req: HandoffRequest,
 ) -> Result<HandoffReport, HandoffError> {
     let start = Instant::now();
+    // A VM that is still receiving its memory (early start) moves once it
+    // has all of it.
+    let deadline = start + Duration::from_secs(600);
+    loop {
+        let streaming = {
+            let m = c
+                .vms
+                .lock()
+                .map_err(|_| HandoffError::NotFound(id.into()))?;
+            crate::cloudlet::key_of(&m, id)
+                .and_then(|k| m.get(&k))
+                .is_some_and(|e| e.progress.snapshot().stage == crate::synth::STAGE_STREAMING)
+        };
+        if !streaming {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(HandoffError::StillStarting(id.into()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (id, vm, rec, progress) = {
         let mut m = c
             .vms
