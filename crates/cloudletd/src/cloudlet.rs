@@ -234,12 +234,22 @@ impl Cloudlet {
                     continue;
                 }
                 VmState::Running | VmState::HandingOff => {
-                    let adopted = match (&rec.spec, rec.pid) {
+                    let mut adopted = match (&rec.spec, rec.pid) {
                         (Some(spec), Some(pid)) if qemu_alive(pid, spec) => {
                             Vm::adopt(spec.clone(), pid).await.ok()
                         }
                         _ => None,
                     };
+                    // An early start whose memory was still streaming from
+                    // the daemon that died: the guest waits on pages nobody
+                    // will send. It cannot be saved; stop it.
+                    if let Some(vm) = &adopted {
+                        if incoming_unfinished(vm).await {
+                            tracing::warn!(vm_id = %id, "VM was still receiving its memory (early start) when the daemon stopped: stopping it");
+                            vm.kill().await;
+                            adopted = None;
+                        }
+                    }
                     match adopted {
                         Some(vm) => {
                             tracing::info!(vm_id = %id, pid = vm.pid(), "re-adopted running VM");
@@ -809,5 +819,17 @@ impl CloudletOps for Arc<Cloudlet> {
             })
             .unwrap_or(0);
         self.metrics.render(running, used, self.config.capacity)
+    }
+}
+
+/// Whether an adopted QEMU is still in a postcopy migration (only early
+/// starts use postcopy: handoffs are precopy).
+async fn incoming_unfinished(vm: &Vm) -> bool {
+    match vm.qmp().execute("query-migrate", None).await {
+        Ok(v) => matches!(
+            v.get("status").and_then(|s| s.as_str()),
+            Some("postcopy-active" | "postcopy-paused" | "postcopy-recover")
+        ),
+        Err(_) => false,
     }
 }
