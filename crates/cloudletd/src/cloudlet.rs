@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -217,6 +217,10 @@ impl Cloudlet {
             let paths = self.paths(&id);
             match rec.info.state {
                 VmState::Synthesizing => {
+                    // QEMU may already run (restore, or an early start
+                    // waiting for its memory): its pid is only in its pid
+                    // file, not yet in the record.
+                    kill_pid(qemu_in(&paths.run_dir()));
                     paths.remove();
                     rec.info.state = VmState::Failed;
                     rec.info.error = Some("The daemon restarted during synthesis".into());
@@ -488,6 +492,19 @@ pub(crate) fn kill_pid(pid: Option<u32>) {
         // SAFETY: signalling a pid we recorded as our QEMU.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
+}
+
+/// The QEMU whose run directory is `run_dir`, from its pid file, if it
+/// still runs (checked on its command line: pids get reused).
+fn qemu_in(run_dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(run_dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let c = String::from_utf8_lossy(&cmdline);
+    (c.contains("qemu-system") && c.contains(&run_dir.display().to_string())).then_some(pid)
 }
 
 /// Whether `pid` is still the QEMU that runs `spec` (pids get reused).

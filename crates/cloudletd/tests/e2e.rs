@@ -169,3 +169,108 @@ async fn a_daemon_restart_keeps_managing_its_running_vm() {
     d.client().delete_vm("survivor").await.unwrap();
     assert!(!qemu_running(&d, &vm.id));
 }
+
+/// An HTTP server with range support that sends the overlay's bytes up to
+/// `stall_at` and then stops sending (the connection stays open): a link
+/// that dies in the middle of a synthesis. Requests that start before
+/// `whole_below` (the header and manifest fetch) are served whole.
+async fn stalling_server(data: Vec<u8>, whole_below: u64, stall_at: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let data = std::sync::Arc::new(data);
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let data = data.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&req).to_lowercase();
+                let len = data.len() as u64;
+                let (start, end) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| {
+                        let (a, b) = r.trim().split_once('-')?;
+                        let a: u64 = a.parse().ok()?;
+                        let b: u64 = b.parse().unwrap_or(len - 1);
+                        Some((a, b.min(len - 1) + 1))
+                    })
+                    .unwrap_or((0, len));
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {start}-{}/{len}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    end - 1,
+                    end - start
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let upto = if start < whole_below {
+                    end
+                } else {
+                    end.min(stall_at.max(start))
+                };
+                let _ = sock.write_all(&data[start as usize..upto as usize]).await;
+                if upto < end {
+                    // Hold the connection, send nothing more.
+                    tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_crash_during_an_early_start_leaves_nothing_running() {
+    let overlay = kvstore_overlay().await;
+    let bytes = std::fs::read(&overlay).unwrap();
+    let (_, m) = cloudlet_overlay::format::parse_prefix(&bytes).unwrap();
+    // Everything up to the end of the device state segment; nothing after:
+    // QEMU starts (early start) and waits for the disk that never comes.
+    // When the daemon dies, QEMU's incoming stream breaks and QEMU exits
+    // (before RUN it cannot pause); the restarted daemon also stops any
+    // QEMU it finds in a synthesis' run directory, records the VM failed
+    // and removes its files.
+    let ds = &m.segments[m.device_state_segment as usize];
+    let stall_at = m.data_offset + ds.offset + ds.stored_len;
+    let url = stalling_server(bytes, m.data_offset, stall_at).await;
+    let mut d = Daemon::start("").await;
+    let client = d.client();
+    let create = tokio::spawn(async move {
+        client
+            .create_vm(&CreateVmRequest {
+                overlay: format!("{url}/overlay"),
+                name: Some("stuck".into()),
+                flavor: None,
+            })
+            .await
+    });
+    // Wait until QEMU of the synthesis runs, then kill the daemon.
+    let start = std::time::Instant::now();
+    let id = loop {
+        let vms = d.client().list_vms().await.unwrap();
+        if let Some(v) = vms.iter().find(|v| qemu_running(&d, &v.id)) {
+            break v.id.clone();
+        }
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "QEMU never started: {vms:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        d.client().get_vm(&id).await.unwrap().state,
+        VmState::Synthesizing
+    );
+    d.crash_and_restart().await;
+    create.abort();
+    let vm = d.client().get_vm(&id).await.unwrap();
+    assert_eq!(vm.state, VmState::Failed, "{vm:?}");
+    assert!(!qemu_running(&d, &id), "the early start's QEMU was stopped");
+    assert!(d.vm_files().is_empty(), "{:?}", d.vm_files());
+}
