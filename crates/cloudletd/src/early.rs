@@ -27,11 +27,12 @@ use std::time::{Duration, Instant};
 
 use cloudlet_overlay::{Applier, ApplyConfig, ApplyOverlayError, LaunchPlan};
 use cloudlet_qemu::postcopy::{self, PageSource, PostcopyProgress, SavedState, PAGE};
-use cloudlet_qemu::{DiskFormat, Vm};
+use cloudlet_qemu::Vm;
 
 use crate::fetch::{FetchConfig, FetchOverlayError, SegmentFetcher};
 use crate::synth::{
-    app_ready, stage, EarlyStats, SynthProgress, SynthRequest, SynthesizeError, Synthesized,
+    app_ready, stage, vm_spec, EarlyStats, SynthProgress, SynthRequest, SynthesizeError,
+    Synthesized,
 };
 
 /// The RAM block of our VMs' guest memory (the memory backend's id).
@@ -221,16 +222,13 @@ pub(crate) async fn synthesize_early(
     // 2. QEMU, and the postcopy stream into it.
     progress.set_stage("restoring");
     let t = Instant::now();
-    let mut spec = req.base.spec(
-        req.vm_id,
-        &req.paths.ram(),
-        &req.paths.disk(),
-        &req.paths.run_dir(),
-        req.ports.clone(),
-    );
-    spec.disk_format = DiskFormat::Raw;
     let sock = req.paths.run.join("postcopy.sock");
-    let vm = match Vm::start_postcopy(spec, &sock).await {
+    let vm = match Vm::start_postcopy(
+        vm_spec(req.vm_id, req.base, req.paths, req.ports.clone()),
+        &sock,
+    )
+    .await
+    {
         Ok(vm) => vm,
         Err(e) => {
             parts.abort();

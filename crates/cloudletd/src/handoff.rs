@@ -1332,21 +1332,8 @@ async fn wait_migration_done(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let v = q.execute("query-migrate", None).await?;
-        let status = v.get("status").and_then(Value::as_str).unwrap_or("none");
-        match status {
-            "completed" => return Ok(v),
-            "failed" | "cancelled" => {
-                return Err(cloudlet_qemu::QmpError::Command {
-                    command: "migrate".into(),
-                    class: status.into(),
-                    desc: v
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no detail")
-                        .into(),
-                })
-            }
-            _ => {}
+        if let Some(done) = cloudlet_qemu::qmp::migration_outcome(&v) {
+            return done.map(|()| v);
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(cloudlet_qemu::QmpError::Timeout {

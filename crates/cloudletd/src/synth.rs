@@ -17,7 +17,7 @@ use cloudlet_api::{AppInfo, StageTiming};
 use cloudlet_base::BaseVm;
 use cloudlet_overlay::{Applier, ApplyConfig, ApplyOverlayError, LaunchPlan, Manifest};
 use cloudlet_qemu::postcopy::PostcopyStats;
-use cloudlet_qemu::{AgentError, DiskFormat, PortForward, RestoreVmError, Vm};
+use cloudlet_qemu::{AgentError, DiskFormat, PortForward, RestoreVmError, Vm, VmSpec};
 
 use crate::early::synthesize_early;
 use crate::fetch::{FetchOverlayError, OverlaySource};
@@ -292,15 +292,11 @@ async fn synthesize_full(
     // Restore and hand the guest its identity.
     progress.set_stage("restoring");
     let t = Instant::now();
-    let mut spec = req.base.spec(
-        req.vm_id,
-        &req.paths.ram(),
-        &req.paths.disk(),
-        &req.paths.run_dir(),
-        req.ports.clone(),
-    );
-    spec.disk_format = DiskFormat::Raw;
-    let vm = Vm::restore(spec, &req.paths.state()).await?;
+    let vm = Vm::restore(
+        vm_spec(req.vm_id, req.base, req.paths, req.ports.clone()),
+        &req.paths.state(),
+    )
+    .await?;
     timings.push(stage("restore", t));
     if let Err(e) = app_ready(&vm, (req.vm_id, req.name, req.app), &mut timings).await {
         vm.kill().await;
@@ -309,6 +305,18 @@ async fn synthesize_full(
     timings.push(stage("total", start));
     progress.set_stage("ready");
     Ok((vm, timings))
+}
+
+/// The new VM's QEMU spec: the base's machine on this VM's files.
+pub(crate) fn vm_spec(
+    vm_id: &str,
+    base: &BaseVm,
+    paths: &VmPaths,
+    ports: Vec<PortForward>,
+) -> VmSpec {
+    let mut spec = base.spec(vm_id, &paths.ram(), &paths.disk(), &paths.run_dir(), ports);
+    spec.disk_format = DiskFormat::Raw;
+    spec
 }
 
 /// Hand the guest its identity and clock, then wait until the app answers.

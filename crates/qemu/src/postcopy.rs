@@ -53,6 +53,9 @@ use std::time::{Duration, Instant};
 /// The page size of x86 guests and of this host.
 pub const PAGE: usize = 4096;
 
+// The stream's wire constants, as `cloudlet_handoff::stream` has them too:
+// that crate is the pure codec (no QEMU, no runtime) and this one spawns
+// QEMU; neither should depend on the other for a dozen constants.
 const MAGIC: u32 = 0x5145_564d;
 const VERSION: u32 = 3;
 

@@ -254,21 +254,8 @@ impl QmpClient {
         let start = tokio::time::Instant::now();
         loop {
             let v = self.execute("query-migrate", None).await?;
-            let status = v.get("status").and_then(Value::as_str).unwrap_or("none");
-            match status {
-                "completed" => return Ok(v),
-                "failed" | "cancelled" => {
-                    return Err(QmpError::Command {
-                        command: "migrate".into(),
-                        class: status.into(),
-                        desc: v
-                            .get("error-desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("no detail")
-                            .into(),
-                    })
-                }
-                _ => {}
+            if let Some(done) = migration_outcome(&v) {
+                return done.map(|()| v);
             }
             if start.elapsed() > timeout {
                 return Err(QmpError::Timeout {
@@ -278,5 +265,24 @@ impl QmpClient {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// What a `query-migrate` reply says: `Some(Ok)` completed, `Some(Err)`
+/// failed or cancelled (with QEMU's reason), `None` still going.
+pub fn migration_outcome(v: &Value) -> Option<Result<(), QmpError>> {
+    let status = v.get("status").and_then(Value::as_str).unwrap_or("none");
+    match status {
+        "completed" => Some(Ok(())),
+        "failed" | "cancelled" => Some(Err(QmpError::Command {
+            command: "migrate".into(),
+            class: status.into(),
+            desc: v
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .unwrap_or("no detail")
+                .into(),
+        })),
+        _ => None,
     }
 }
