@@ -237,12 +237,9 @@ fn serve_connection(mut conn: UnixStream, shared: &Arc<Shared>) -> io::Result<()
                 continue;
             }
         }
-        if req.kind != CMD_FLUSH
-            && req
-                .offset
-                .checked_add(req.length as u64)
-                .map_or(true, |end| end > shared.export.size)
-        {
+        let in_bounds = matches!(req.offset.checked_add(req.length as u64),
+            Some(end) if end <= shared.export.size);
+        if req.kind != CMD_FLUSH && !in_bounds {
             reply(&writer, shared, &req, Err(EINVAL), &[])?;
             continue;
         }
