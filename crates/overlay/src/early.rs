@@ -81,6 +81,10 @@ pub struct LaunchPlan {
     pub fetch_order: Vec<u32>,
     /// The device state segment (first in `fetch_order`).
     pub device_state_segment: u32,
+    /// Disk chunks that wait on a segment: (chunk index, segment), ascending
+    /// by chunk index. Every other disk chunk is final as soon as the
+    /// [`Applier`](crate::Applier) exists.
+    disk_chunks: Vec<(u64, u32)>,
     /// Per memory page: the segment it waits on, or [`NO_SEGMENT`].
     page_segments: Vec<u32>,
     /// Per memory page, one bit: a zero chunk.
@@ -122,6 +126,7 @@ impl LaunchPlan {
         let mut page_segments = vec![NO_SEGMENT; npages];
         let mut zero_pages = vec![0u64; npages.div_ceil(64)];
         let mut disk = vec![false; nseg];
+        let mut waiting_disk = Vec::new();
         for (n, e) in m.entries.iter().enumerate() {
             let bad = |reason: String| EarlyStartError::InvalidEntry {
                 entry: n,
@@ -166,10 +171,14 @@ impl LaunchPlan {
                 )));
             }
             match e.image {
-                Image::Disk => disk[segment as usize] = true,
+                Image::Disk => {
+                    disk[segment as usize] = true;
+                    waiting_disk.push((e.index, segment));
+                }
                 Image::Mem => page_segments[e.index as usize] = segment,
             }
         }
+        waiting_disk.sort_unstable();
 
         let disk_segments: Vec<u32> = (0..nseg as u32).filter(|&s| disk[s as usize]).collect();
         let mut rest: Vec<u32> = (0..nseg as u32)
@@ -202,6 +211,7 @@ impl LaunchPlan {
             disk_segments,
             fetch_order,
             device_state_segment: ds,
+            disk_chunks: waiting_disk,
             page_segments,
             zero_pages,
             segment_start,
@@ -256,6 +266,38 @@ impl LaunchPlan {
     /// been applied (a predicate on segment indices).
     pub fn disk_ready(&self, applied: impl Fn(u32) -> bool) -> bool {
         self.disk_segments.iter().all(|&s| applied(s))
+    }
+
+    /// The segments that must be applied before the launch disk's bytes
+    /// `[offset, offset + len)` are final (with repeats, in chunk order).
+    pub fn disk_range_segments(&self, offset: u64, len: u64) -> impl Iterator<Item = u32> + '_ {
+        let first = offset / PAGE_SIZE;
+        let end = offset.saturating_add(len).div_ceil(PAGE_SIZE);
+        let start = self.disk_chunks.partition_point(|&(c, _)| c < first);
+        self.disk_chunks[start..]
+            .iter()
+            .take_while(move |&&(c, _)| c < end)
+            .map(|&(_, s)| s)
+    }
+
+    /// A fetch order for a VM whose disk is served lazily (it may run before
+    /// its disk is complete): the device state, then the segments that
+    /// memory pages wait on (a running guest's working set is mostly in its
+    /// memory, and its page cache holds what it read from the disk), then
+    /// the others; each group in file order.
+    pub fn memory_first_order(&self) -> Vec<u32> {
+        let mut order = vec![self.device_state_segment];
+        let (mut mem, mut rest): (Vec<u32>, Vec<u32>) = self
+            .fetch_order
+            .iter()
+            .copied()
+            .filter(|&s| s != self.device_state_segment)
+            .partition(|&s| self.pages_waiting_on(s) > 0);
+        mem.sort_unstable();
+        rest.sort_unstable();
+        order.extend(mem);
+        order.extend(rest);
+        order
     }
 }
 
@@ -388,6 +430,17 @@ mod tests {
         assert_eq!(p.pages_waiting_on(99), 0);
         assert!(p.disk_ready(|s| s == 2 || s == 4));
         assert!(!p.disk_ready(|s| s == 2));
+        // Disk chunk 0 waits on its payload, chunk 1 on its target's;
+        // chunks 2 (a base reference) and 3 (zero) on nothing.
+        let segs = |off, len| p.disk_range_segments(off, len).collect::<Vec<_>>();
+        assert_eq!(segs(0, 4096), vec![4]);
+        assert_eq!(segs(100, 1), vec![4]);
+        assert_eq!(segs(4095, 2), vec![4, 2]);
+        assert_eq!(segs(0, 4 * 4096), vec![4, 2]);
+        assert_eq!(segs(2 * 4096, 2 * 4096), Vec::<u32>::new());
+        assert_eq!(segs(u64::MAX - 10, 100), Vec::<u32>::new());
+        // Segments that memory pages wait on (1, 2, 4) come first.
+        assert_eq!(p.memory_first_order(), vec![0, 1, 2, 4, 3]);
     }
 
     #[test]
