@@ -278,6 +278,7 @@ async fn capture_booted_state(
         ram_path: work.join("memory.ram"),
         disk_path: top.clone(),
         disk_format: cloudlet_qemu::spec::DiskFormat::Qcow2,
+        lazy_disk: None,
         ports: vec![],
         run_dir: work.join("run"),
     };

@@ -233,6 +233,7 @@ impl BaseVm {
             ram_path: ram.to_path_buf(),
             disk_path: disk.to_path_buf(),
             disk_format: cloudlet_qemu::spec::DiskFormat::Qcow2,
+            lazy_disk: None,
             ports,
             run_dir: run_dir.to_path_buf(),
         }

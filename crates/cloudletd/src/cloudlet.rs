@@ -865,14 +865,32 @@ fn warm_bases(bases: &BaseStore) {
     }
 }
 
-/// Whether an adopted QEMU is still in a postcopy migration (only early
-/// starts use postcopy: handoffs are precopy).
+/// Whether an adopted QEMU was still being synthesized by early start: in a
+/// postcopy migration (only early starts use postcopy: handoffs are
+/// precopy), or with its disk still on the daemon's NBD server.
 async fn incoming_unfinished(vm: &Vm) -> bool {
-    match vm.qmp().execute("query-migrate", None).await {
+    let postcopy = match vm.qmp().execute("query-migrate", None).await {
         Ok(v) => matches!(
             v.get("status").and_then(|s| s.as_str()),
             Some("postcopy-active" | "postcopy-paused" | "postcopy-recover")
         ),
         Err(_) => false,
-    }
+    };
+    let lazy_disk = match vm
+        .qmp()
+        .execute(
+            "query-named-block-nodes",
+            Some(serde_json::json!({ "flat": true })),
+        )
+        .await
+    {
+        Ok(v) => v.as_array().is_some_and(|nodes| {
+            nodes.iter().any(|n| {
+                n.get("node-name").and_then(|x| x.as_str())
+                    == Some(cloudlet_qemu::spec::LAZY_DISK_NODE)
+            })
+        }),
+        Err(_) => false,
+    };
+    postcopy || lazy_disk
 }

@@ -1,15 +1,23 @@
 //! Early start: the synthesized VM resumes before its overlay has arrived.
 //!
 //! ```text
-//!  fetch (plan order: device state, disk segments, the rest; a page the
-//!    │     guest waits for pulls its segment ahead by a range request)
+//!  fetch (plan order: device state, segments memory pages wait on, the
+//!    │     rest; a page or disk range the guest waits for pulls its segment
+//!    │     ahead by a range request)
 //!    ▼
 //!  apply thread ── writes the launch disk in place and the launch memory
 //!    │              into a staging file on the tmpfs; marks segments done
-//!    ▼
-//!  postcopy source (cloudlet_qemu::postcopy::serve) ── QEMU -incoming
-//!       device state + RUN once the disk is complete; then the pages the
-//!       guest faults on first, the others as their segments are applied
+//!    ├──────────────────────────────────────────────┐
+//!    ▼                                              ▼
+//!  postcopy source (cloudlet_qemu::postcopy)     NBD server (cloudlet_nbd)
+//!    device state + RUN as soon as the base        the disk: a request waits
+//!    copy is done; then the pages the guest        until the segments of its
+//!    faults on first, the others as their          range are applied
+//!    segments are applied
+//!                         ▼
+//!                  QEMU -incoming; once every segment is applied the disk
+//!                  switches to the file itself (blockdev-reopen) and the
+//!                  NBD server stops
 //! ```
 //!
 //! Synthesis answers once the app answers; the memory keeps streaming in
@@ -108,6 +116,50 @@ impl PageSource for EarlyPages {
     }
 }
 
+/// The launch disk as the overlay is applied: the NBD server's gate.
+struct EarlyDisk {
+    plan: Arc<LaunchPlan>,
+    st: Arc<Applied>,
+    demand: crate::fetch::DemandHandle,
+}
+
+impl EarlyDisk {
+    /// The first segment `[offset, offset + len)` still waits on, if any.
+    fn missing(&self, offset: u64, len: u64) -> Option<u32> {
+        self.plan
+            .disk_range_segments(offset, len)
+            .find(|&s| !self.st.is_done(s))
+    }
+}
+
+impl cloudlet_nbd::Gate for EarlyDisk {
+    fn is_ready(&self, offset: u64, len: u64) -> bool {
+        self.st.failure().is_none()
+            && self.st.applier().is_some()
+            && self.missing(offset, len).is_none()
+    }
+    fn wait_ready(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut demanded = Vec::new();
+        loop {
+            if let Some(why) = self.st.failure() {
+                return Err(io::Error::other(why));
+            }
+            if self.st.applier().is_some() {
+                match self.missing(offset, len) {
+                    None => return Ok(()),
+                    Some(seg) => {
+                        if !demanded.contains(&seg) {
+                            demanded.push(seg);
+                            self.demand.demand(seg);
+                        }
+                    }
+                }
+            }
+            self.st.wait(Duration::from_millis(5));
+        }
+    }
+}
+
 pub(crate) async fn synthesize_early(
     req: SynthRequest<'_>,
     progress: &SynthProgress,
@@ -129,10 +181,11 @@ pub(crate) async fn synthesize_early(
     progress.bytes_total.store(req.file_len, Ordering::Relaxed);
     let data_offset = req.manifest.data_offset;
     let plan = Arc::new(plan);
+    // The disk is served lazily: the guest's memory matters first.
     let fetcher = SegmentFetcher::start(
         req.source.clone(),
         &req.manifest,
-        &plan.fetch_order,
+        &plan.memory_first_order(),
         &FetchConfig::default(),
     )?;
     let SegmentFetcher {
@@ -219,16 +272,33 @@ pub(crate) async fn synthesize_early(
     };
     std::fs::write(req.paths.state(), &device_state).map_err(|e| io(&req.paths.state(), e))?;
 
-    // 2. QEMU, and the postcopy stream into it.
+    // 2. The disk server, QEMU, and the postcopy stream into it.
     progress.set_stage("restoring");
     let t = Instant::now();
+    let disk_sock = req.paths.run.join("disk.sock");
+    let disk_server = match cloudlet_nbd::Server::start(
+        &disk_sock,
+        cloudlet_nbd::Export {
+            name: cloudlet_qemu::spec::LAZY_DISK_EXPORT.into(),
+            path: req.paths.disk(),
+            size: req.manifest.disk_size,
+            gate: Arc::new(EarlyDisk {
+                plan: plan.clone(),
+                st: st.clone(),
+                demand: demand.clone(),
+            }),
+        },
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            parts.abort();
+            return Err(SynthesizeError::EarlyStart(e.to_string()));
+        }
+    };
+    let mut spec = vm_spec(req.vm_id, req.base, req.paths, req.ports.clone());
+    spec.lazy_disk = Some(disk_sock);
     let sock = req.paths.run.join("postcopy.sock");
-    let vm = match Vm::start_postcopy(
-        vm_spec(req.vm_id, req.base, req.paths, req.ports.clone()),
-        &sock,
-    )
-    .await
-    {
+    let vm = match Vm::start_postcopy(spec, &sock).await {
         Ok(vm) => vm,
         Err(e) => {
             parts.abort();
@@ -254,20 +324,20 @@ pub(crate) async fn synthesize_early(
             st: st.clone(),
             demand,
         };
-        let (plan, st, started, cancel, pc_progress) = (
-            plan.clone(),
+        let (st, started, cancel, pc_progress) = (
             st.clone(),
             started.clone(),
             cancel.clone(),
             pc_progress.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            // The guest starts only on a complete launch disk.
-            let disk_ready = || loop {
+            // The guest starts once the base is copied to the outputs: its
+            // disk waits per range (NBD), its memory per page.
+            let base_copied = || loop {
                 if let Some(why) = st.failure() {
                     return Err(why);
                 }
-                if st.applier().is_some() && plan.disk_ready(|s| st.is_done(s)) {
+                if st.applier().is_some() {
                     return Ok(());
                 }
                 st.wait(Duration::from_millis(5));
@@ -276,7 +346,7 @@ pub(crate) async fn synthesize_early(
                 stream,
                 &saved,
                 &pages,
-                disk_ready,
+                base_copied,
                 &started,
                 &pc_progress,
                 &cancel,
@@ -337,6 +407,7 @@ pub(crate) async fn synthesize_early(
 
     // 4. The rest of the memory, in the background.
     let qmp = vm.qmp().clone();
+    let vm_spec_now = vm.spec().clone();
     let tail = {
         let staging = staging.clone();
         let st = st.clone();
@@ -361,6 +432,24 @@ pub(crate) async fn synthesize_early(
                 let applier = applier?;
                 // Every segment applied and checked; the launch hash too.
                 applier.finish()?;
+                // The disk file is complete: QEMU uses it directly now.
+                cloudlet_qemu::vm::pivot_disk_to_file(&qmp, &vm_spec_now)
+                    .await
+                    .map_err(|e| {
+                        SynthesizeError::EarlyStart(format!("switching the disk to its file: {e}"))
+                    })?;
+                let nbd = (
+                    disk_server.stats().reads.load(Ordering::Relaxed),
+                    disk_server.stats().writes.load(Ordering::Relaxed),
+                    disk_server.stats().waited.load(Ordering::Relaxed),
+                );
+                disk_server.stop();
+                tracing::debug!(
+                    reads = nbd.0,
+                    writes = nbd.1,
+                    waited = nbd.2,
+                    "early start: disk switched to its file"
+                );
                 qmp.wait_migration(Duration::from_secs(60))
                     .await
                     .map_err(|e| SynthesizeError::EarlyStart(e.to_string()))?;

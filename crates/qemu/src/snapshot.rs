@@ -142,6 +142,7 @@ pub async fn restore_snapshot(dir: &Path, target: RestoreTarget) -> Result<Vm, S
         ram_path: target.ram_path.clone(),
         disk_path: target.disk_path.clone(),
         disk_format: state.disk_format,
+        lazy_disk: None,
         ports: target.ports,
         run_dir: target.run_dir,
     };

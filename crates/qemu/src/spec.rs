@@ -56,6 +56,13 @@ impl MachineConfig {
     }
 }
 
+/// The NBD export name of a lazily served disk ([`VmSpec::lazy_disk`]).
+pub const LAZY_DISK_EXPORT: &str = "disk";
+/// The node of the NBD client under `disk0` while the disk is lazy.
+pub const LAZY_DISK_NODE: &str = "disk0-lazy";
+/// The file node that replaces it.
+pub const DISK_FILE_NODE: &str = "disk0-file";
+
 /// How the disk file is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -89,6 +96,12 @@ pub struct VmSpec {
     pub disk_path: PathBuf,
     #[serde(default)]
     pub disk_format: DiskFormat,
+    /// Early start: QEMU reaches the disk through an NBD server on this
+    /// Unix socket (export [`LAZY_DISK_EXPORT`]) that holds back requests
+    /// until their range has arrived; [`Vm::pivot_disk_to_file`](crate::Vm::pivot_disk_to_file)
+    /// later switches to `disk_path` itself. Raw format only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_disk: Option<PathBuf>,
     pub ports: Vec<PortForward>,
     /// Where QEMU's sockets, pid file and logs go.
     pub run_dir: PathBuf,
@@ -166,12 +179,22 @@ impl VmSpec {
             "-serial",
             "chardev:serial0",
         ]);
+        let file = match &self.lazy_disk {
+            None => format!(
+                "file.driver=file,file.filename={}",
+                path_arg(&self.disk_path)
+            ),
+            Some(sock) => format!(
+                "file.driver=nbd,file.node-name={LAZY_DISK_NODE},file.server.type=unix,\
+                 file.server.path={},file.export={LAZY_DISK_EXPORT}",
+                path_arg(sock)
+            ),
+        };
         push(&[
             "-blockdev",
             &format!(
-                "driver={},node-name=disk0,discard=unmap,file.driver=file,file.filename={}",
+                "driver={},node-name=disk0,discard=unmap,{file}",
                 self.disk_format.as_str(),
-                path_arg(&self.disk_path)
             ),
             "-device",
             "virtio-blk-pci,drive=disk0,id=vblk0",
@@ -246,6 +269,7 @@ mod tests {
             ram_path: "/run/a,b/ram".into(),
             disk_path: "/d.qcow2".into(),
             disk_format: DiskFormat::Qcow2,
+            lazy_disk: None,
             ports: vec![PortForward {
                 guest: 8080,
                 host: 40000,
@@ -269,5 +293,21 @@ mod tests {
             .to_args(true)
             .join(" ")
             .ends_with("-S -incoming defer"));
+    }
+
+    #[test]
+    fn a_lazy_disk_goes_through_nbd() {
+        let mut s = spec();
+        s.disk_format = DiskFormat::Raw;
+        s.lazy_disk = Some("/run/vm/disk.sock".into());
+        let a = s.to_args(false).join(" ");
+        assert!(
+            a.contains(
+                "driver=raw,node-name=disk0,discard=unmap,file.driver=nbd,file.node-name=disk0-lazy,\
+                 file.server.type=unix,file.server.path=/run/vm/disk.sock,file.export=disk "
+            ),
+            "{a}"
+        );
+        assert!(!a.contains("file.driver=file"), "{a}");
     }
 }

@@ -269,6 +269,11 @@ impl Vm {
         self.qmp.execute("cont", None).await.map(|_| ())
     }
 
+    /// See [`pivot_disk_to_file`].
+    pub async fn pivot_disk_to_file(&self) -> Result<(), QmpError> {
+        pivot_disk_to_file(&self.qmp, &self.spec).await
+    }
+
     /// Connect to the guest agent, waiting up to `timeout` for it to answer.
     pub async fn agent(&self, timeout: Duration) -> Result<AgentClient, AgentError> {
         AgentClient::connect(&self.spec.agent_socket(), timeout).await
@@ -494,4 +499,40 @@ pub fn log_tail(path: &Path) -> String {
 
 fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+/// Switches the disk of a VM started with [`VmSpec::lazy_disk`] from the NBD
+/// server to the file at `disk_path`, while the guest runs: the file must
+/// then hold the complete disk (every write the guest made through the
+/// server is in it). QEMU drains the disk, swaps the raw node's file child
+/// and drops the NBD client; the server can stop afterwards.
+pub async fn pivot_disk_to_file(qmp: &QmpClient, spec: &VmSpec) -> Result<(), QmpError> {
+    use crate::spec::DISK_FILE_NODE;
+    qmp.execute(
+        "blockdev-add",
+        Some(json!({
+            "driver": "file",
+            "node-name": DISK_FILE_NODE,
+            "filename": spec.disk_path,
+        })),
+    )
+    .await?;
+    let reopen = qmp
+        .execute(
+            "blockdev-reopen",
+            Some(json!({ "options": [{
+                "driver": spec.disk_format.as_str(),
+                "node-name": "disk0",
+                "file": DISK_FILE_NODE,
+                "discard": "unmap",
+            }]})),
+        )
+        .await;
+    if let Err(e) = reopen {
+        let _ = qmp
+            .execute("blockdev-del", Some(json!({ "node-name": DISK_FILE_NODE })))
+            .await;
+        return Err(e);
+    }
+    Ok(())
 }
