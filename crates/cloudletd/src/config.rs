@@ -33,12 +33,22 @@ pub struct CloudletConfig {
     pub peers: Vec<Peer>,
     /// This cloudlet's own API address as peers reach it (for records).
     pub advertise_url: Option<String>,
-    /// Before a handoff commits, compare a hash of the whole moved memory on
-    /// both sides and refuse to commit on a difference (the VM then stays
-    /// where it was). Costs 0.2-1 s per GiB of guest memory, inside the
-    /// downtime; both cloudlets must enable it. On by default: QEMU 7.2
-    /// under TCG was seen to lose dirty pages in some moves.
+    /// Before a handoff commits, compare digests of the whole moved memory
+    /// (per page and per MiB, `cloudlet_handoff::memcheck`): the destination
+    /// resumes only an identical copy (the VM otherwise stays where it
+    /// was). ~30-100 ms per GiB inside the downtime. As a destination, also
+    /// refuse a move that comes without the source's digest. On by default:
+    /// QEMU 7.2 under TCG was seen to lose dirty pages in some moves.
     pub verify_memory: bool,
+    /// With `verify_memory`: when a few MiB of the moved memory differ, the
+    /// source sends its pages that differ and the destination writes them
+    /// into the paused VM's RAM (then compares again) instead of failing
+    /// the move. On by default.
+    pub handoff_repair_memory: bool,
+    /// Tests only: as a destination, alter this many pages of the moved
+    /// memory after QEMU loaded it (what a lost page looks like), so that a
+    /// test can see the verification catch it. 0 (off) by default.
+    pub handoff_test_corrupt_pages: u32,
     /// Experimental, and only with `verify_memory`: cap QEMU's rate during a
     /// handoff so that its own switchover decision reflects the link (see
     /// `handoff::CAP_MARGIN`). Sub-0.5 s downtime over 25 Mbit/s, but more
@@ -99,6 +109,8 @@ impl Default for CloudletConfig {
             peers: vec![],
             advertise_url: None,
             verify_memory: true,
+            handoff_repair_memory: true,
+            handoff_test_corrupt_pages: 0,
             handoff_rate_cap: false,
             early_start: true,
         }

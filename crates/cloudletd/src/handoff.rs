@@ -24,6 +24,7 @@ use cloudlet_api::{
     Progress, StageTiming, VmInfo, VmState,
 };
 use cloudlet_handoff::converge::{ConvergeConfig, Convergence};
+use cloudlet_handoff::memcheck::{self, DiffReport, MemoryDigest, RamFile};
 use cloudlet_handoff::session::{self, SessionFrame, SessionReader, SESSION_MAGIC};
 use cloudlet_handoff::{BaseMemory, Decoder, DecoderConfig, Encoder, EncoderConfig};
 use cloudlet_qemu::{DiskFormat, Vm};
@@ -185,6 +186,16 @@ pub enum ReceiveHandoffError {
     Decode(#[from] cloudlet_handoff::DecodeStreamError),
     #[error("The session ended before its END frame")]
     Truncated,
+    /// The commit's refusal when the moved memory differs; `report`
+    /// (`memcheck::DiffReport::to_token`) lets the source repair it.
+    #[error("The moved memory differs from the source's in {chunks} MiB chunk(s): {report}")]
+    MemoryDiffers { chunks: usize, report: String },
+    #[error("The moved memory differs from the source's in {0} MiB chunks, too many to repair")]
+    TooDifferent(usize),
+    #[error("The source sent no digest of its memory, and this cloudlet verifies moved memory")]
+    Unverified,
+    #[error("A repair came for a handoff whose memory does not differ")]
+    NothingToRepair,
     #[error("Reading the session failed: {0}")]
     Read(String),
     #[error("I/O: {0}")]
@@ -203,7 +214,23 @@ pub struct Incoming {
     pub received: Arc<AtomicU64>,
     /// Loaded yet? A commit may arrive first and waits for this (dropped
     /// with the arrival when it is discarded).
-    arrival: tokio::sync::watch::Sender<bool>,
+    arrival: tokio::sync::watch::Sender<Arrival>,
+    /// The source's memory digest and ours, kept while a repair may come.
+    memory: Option<(Vec<u128>, MemoryDigest)>,
+}
+
+/// Where an arriving VM stands, as a waiting commit sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Arrival {
+    Loading,
+    /// Loaded, and its memory equals the source's (or not verified).
+    Ready,
+    /// Loaded, but its memory differs: the commit is refused with this
+    /// report (`memcheck::DiffReport` token) and the source may repair.
+    Differs {
+        chunks: usize,
+        report: String,
+    },
 }
 
 /// How long a commit that came before the end of the stream waits for the
@@ -745,6 +772,25 @@ async fn send_vm(
     let _ = std::fs::remove_file(&sock);
 
     let base_mem = cloudlet_handoff_base(&base)?;
+    // Verification (`memcheck`): the RAM file is mapped now and read once
+    // while the VM runs, so that its digest at the switchover (the VM
+    // stopped: the memory is final) reads it without page faults; the
+    // reader sends that digest after QEMU's last byte, and the destination
+    // resumes only a copy that matches it.
+    let verify = c.config.verify_memory;
+    let ram_file = if verify {
+        let rf = Arc::new(RamFile::open(&vm.spec().ram_path)?);
+        let warm = rf.clone();
+        drop(tokio::task::spawn_blocking(move || warm.digest(1)));
+        Some(rf)
+    } else {
+        None
+    };
+    let (digest_tx, digest_rx) =
+        tokio::sync::oneshot::channel::<Result<Arc<MemoryDigest>, String>>();
+    let mut digest_tx = verify.then_some(digest_tx);
+    let digest_rx = verify.then_some(digest_rx);
+    let source_digest: Arc<std::sync::OnceLock<Arc<MemoryDigest>>> = Arc::default();
     // The reader never waits for QMP: QEMU may hold its big lock while it
     // writes, and would not answer QMP until we read.
     // Set while the link drains before the switchover: QEMU's writes wait.
@@ -838,6 +884,22 @@ async fn send_vm(
             drop_later(encoder);
             if !out.is_empty() {
                 send(session::migration_frame(&out)).await?;
+            }
+            if let Some(rx) = digest_rx {
+                let d = tokio::time::timeout(Duration::from_secs(30), rx)
+                    .await
+                    .map_err(|_| HandoffError::Stream("the memory digest took over 30 s".into()))?
+                    .map_err(|_| {
+                        HandoffError::Stream("no memory digest: QEMU never paused".into())
+                    })?
+                    .map_err(|e| HandoffError::Stream(format!("digesting the memory: {e}")))?;
+                send(session::memory_digest_frame(
+                    d.ram_len,
+                    memcheck::CHUNK as u32,
+                    &d.chunks,
+                ))
+                .await?;
+                mark(&vm_id, "src_digest_queued");
             }
             send(session::end_frame(raw_bytes)).await?;
             mark(&vm_id, "src_end_queued");
@@ -1022,6 +1084,25 @@ async fn send_vm(
                 // after this point.
                 duty.stop().await;
                 drain_stops(&mut events, &mut stop_us);
+                // The memory is final: digest it while QEMU sends its last
+                // pass.
+                if let (Some(tx), Some(rf)) = (digest_tx.take(), ram_file.clone()) {
+                    let (cell, vm_id) = (source_digest.clone(), id.to_string());
+                    tokio::spawn(async move {
+                        let r = tokio::task::spawn_blocking(move || rf.digest(memcheck::threads()))
+                            .await;
+                        let r = match r {
+                            Ok(Ok(d)) => Ok(Arc::new(d)),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if let Ok(d) = &r {
+                            let _ = cell.set(d.clone());
+                        }
+                        mark(&vm_id, "src_digest_done");
+                        let _ = tx.send(r);
+                    });
+                }
                 progress.set_stage("switchover");
                 phases.push(phase("memory_precopy", t_memory));
                 switch_at = Some(Instant::now());
@@ -1091,12 +1172,6 @@ async fn send_vm(
     mark(id, "src_reader_joined");
     wait_migration_done(&q, &mut events, Duration::from_secs(30)).await?;
     mark(id, "src_qemu_completed");
-    // QEMU is done and the VM stopped: its memory is final. Hash it while
-    // the destination finishes loading.
-    let source_hash = c
-        .config
-        .verify_memory
-        .then(|| tokio::spawn(hash_memory(vm.spec().ram_path.clone())));
     if !switched {
         return Err(HandoffError::Stream(
             "QEMU never paused before switchover".into(),
@@ -1127,67 +1202,76 @@ async fn send_vm(
         mark(id, "src_moved_recorded");
         Ok(())
     };
-    let t;
-    let committed = if let Some(h) = source_hash {
-        // Verified: the destination's hash comes with its "loaded" answer;
-        // only a match is committed.
-        let loaded = upload
-            .await
-            .map_err(|e| HandoffError::Stream(e.to_string()))??;
-        let loaded: HandoffLoaded = serde_json::from_value(loaded)
-            .map_err(|e| HandoffError::Stream(format!("bad answer: {e}")))?;
-        mark(id, "src_loaded_answer");
-        let ours = h
-            .await
-            .map_err(|e| HandoffError::Stream(e.to_string()))?
-            .map_err(HandoffError::Io)?;
-        match &loaded.memory_blake3 {
-            Some(theirs) if *theirs == ours => {
-                tracing::info!(vm_id = %id, "moved memory verified")
-            }
-            Some(theirs) => {
-                return Err(HandoffError::Stream(format!(
-                    "the destination's memory differs from the source's ({theirs} vs {ours}): not committing"
-                )))
-            }
-            None => tracing::warn!(vm_id = %id, "the destination does not verify memory"),
-        }
-        drop(flow_poller);
-        mark(id, "src_verified");
-        tracing::info!(vm_id = %id, after_switch_ms = ms(switch_at), "destination loaded the VM");
-        phases.push(phase("memory", t_memory));
-        // Commit point: the move is recorded, the source QEMU never runs
-        // again.
-        progress.set_stage("committing");
-        t = Instant::now();
-        record_moved()?;
-        commit_with_retries(dest, token, handoff_id).await
-    } else {
-        // Pipelined: QEMU has completed, so the source VM is stopped for
-        // good; the move is recorded and the commit sent at once, while the
-        // stream's tail still crosses the link. The destination resumes as
-        // soon as it has loaded the VM (it waits for that), so the downtime
-        // holds no round trip of ours. A destination that fails to load
-        // refuses the commit (the stream's answer says why). The flow
-        // window's poller runs on: the stream's tail may still be on its
-        // way, and waits for room in the window.
-        phases.push(phase("memory", t_memory));
-        progress.set_stage("committing");
-        t = Instant::now();
-        record_moved()?;
-        let r = commit_with_retries(dest, token, handoff_id).await;
-        drop(flow_poller);
-        match r {
-            Ok(v) => {
-                tracing::info!(vm_id = %id, after_switch_ms = ms(switch_at), "destination loaded and resumed the VM");
-                Ok(v)
-            }
-            Err(e) => {
-                let why = tokio::time::timeout(Duration::from_secs(2), upload).await;
-                match why {
-                    Ok(Ok(Err(loading))) => Err(loading),
-                    _ => Err(e),
+    // QEMU has completed, so the source VM is stopped for good; the move is
+    // recorded and the commit sent at once, while the stream's tail (and
+    // the memory digest) still cross the link. The destination resumes as
+    // soon as it has loaded the VM and, when verifying, found its memory
+    // equal to ours (the commit waits there for that), so the downtime
+    // holds no round trip of ours. A destination that fails to load, or
+    // whose memory differs, refuses the commit. The flow window's poller
+    // runs on: the stream's tail may still be on its way, and waits for
+    // room in the window.
+    phases.push(phase("memory", t_memory));
+    progress.set_stage("committing");
+    let t = Instant::now();
+    record_moved()?;
+    let mut r = commit_with_retries(dest, token, handoff_id).await;
+    let mut repaired: Option<HandoffLoaded> = None;
+    if let (Err(HandoffError::Refused { message, .. }), Some(ram)) = (&r, &ram_file) {
+        // The moved memory differs: send the destination our pages that
+        // differ (it checks again), then commit again.
+        if let Some(report) = DiffReport::from_message(message) {
+            r = match (c.config.handoff_repair_memory, source_digest.get()) {
+                (true, Some(ours)) => {
+                    match repair_memory(dest, token, handoff_id, &report, ours, ram).await {
+                        Ok((pages, answer)) => {
+                            tracing::warn!(
+                                vm_id = %id,
+                                chunks = report.chunks.len(),
+                                pages,
+                                "the moved memory differed from ours: pages repaired at the destination"
+                            );
+                            repaired = Some(answer);
+                            commit_with_retries(dest, token, handoff_id).await
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
+                _ => Err(HandoffError::Stream(format!(
+                    "the destination's memory differs from the source's in {} MiB chunk(s), not repaired: not committing",
+                    report.chunks.len()
+                ))),
+            };
+        }
+    }
+    drop(flow_poller);
+    let committed = match r {
+        Ok(v) => {
+            tracing::info!(vm_id = %id, after_switch_ms = ms(switch_at), "destination loaded and resumed the VM");
+            if let Some(ours) = source_digest.get() {
+                // The destination resumed only an equal copy; its answer
+                // to the stream (or the repair) names what it found.
+                let theirs = match repaired {
+                    Some(a) => Some(a),
+                    None => match tokio::time::timeout(Duration::from_secs(5), upload).await {
+                        Ok(Ok(Ok(v))) => serde_json::from_value::<HandoffLoaded>(v).ok(),
+                        _ => None,
+                    },
+                }
+                .and_then(|a| a.memory_blake3);
+                if theirs.as_deref() == Some(digest_name(ours).as_str()) {
+                    tracing::info!(vm_id = %id, digest = %digest_name(ours), "moved memory verified");
+                } else {
+                    tracing::warn!(vm_id = %id, ?theirs, ours = %digest_name(ours), "the destination's answer does not confirm the memory digest");
+                }
+            }
+            Ok(v)
+        }
+        Err(e) => {
+            let why = tokio::time::timeout(Duration::from_secs(2), upload).await;
+            match why {
+                Ok(Ok(Err(loading))) => Err(loading),
+                _ => Err(e),
             }
         }
     };
@@ -1372,15 +1456,94 @@ fn drain_stops(
     }
 }
 
-/// BLAKE3 of a guest's RAM file (hex), on all cores.
-async fn hash_memory(path: std::path::PathBuf) -> std::io::Result<String> {
-    tokio::task::spawn_blocking(move || {
-        let mut h = blake3::Hasher::new();
-        h.update_mmap_rayon(&path)?;
-        Ok(h.finalize().to_hex().to_string())
-    })
-    .await
-    .map_err(std::io::Error::other)?
+/// How a memory digest is named in answers and logs.
+fn digest_name(d: &MemoryDigest) -> String {
+    format!("xxh3-128:{:032x}", d.root())
+}
+
+/// Send the destination our pages that differ from its copy
+/// (`memcheck::DiffReport`) as a second session: it writes them into the
+/// paused VM's RAM file, digests those chunks again and answers (an error if
+/// its memory still differs). The VM here is stopped for good: its memory
+/// is what `ours` digested. Returns the pages sent and the answer.
+async fn repair_memory(
+    dest: &str,
+    token: &str,
+    hid: &str,
+    report: &DiffReport,
+    ours: &MemoryDigest,
+    ram: &RamFile,
+) -> Result<(usize, HandoffLoaded), HandoffError> {
+    if report.chunks.len() > memcheck::MAX_REPAIR_CHUNKS {
+        return Err(HandoffError::Stream(format!(
+            "the destination's memory differs in {} MiB chunks, too many to repair",
+            report.chunks.len()
+        )));
+    }
+    let pages = report.pages_to_send(ours);
+    let mut body = SESSION_MAGIC.to_vec();
+    // Runs of consecutive pages, a frame each.
+    let mut i = 0;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len() && pages[j] == pages[j - 1] + 1 && j - i < memcheck::CHUNK_PAGES {
+            j += 1;
+        }
+        let mut data = Vec::with_capacity((j - i) * memcheck::PAGE);
+        for p in &pages[i..j] {
+            data.extend_from_slice(ram.page(*p));
+        }
+        body.extend(session::memory_pages_frame(
+            (pages[i] * memcheck::PAGE) as u64,
+            &data,
+        ));
+        i = j;
+    }
+    body.extend(session::end_frame(0));
+    let resp = http_client()
+        .post(format!("{dest}/v1/handoff/{hid}/stream"))
+        .bearer_auth(token)
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .map_err(|e| HandoffError::Unreachable {
+            url: dest.into(),
+            detail: crate::error_chain(&e),
+        })?;
+    let v = answer(dest, resp).await?;
+    let a = serde_json::from_value(v)
+        .map_err(|e| HandoffError::Stream(format!("bad repair answer: {e}")))?;
+    Ok((pages.len(), a))
+}
+
+/// Tests only (`handoff_test_corrupt_pages`): alter `n` pages that hold
+/// data in a loaded VM's RAM file, spread over its first chunks holding
+/// data (what pages QEMU lost would look like).
+fn corrupt_pages(path: &Path, n: u32) -> std::io::Result<Vec<u64>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    let mut done = Vec::new();
+    let mut page = vec![0u8; memcheck::PAGE];
+    let mut off = 0u64;
+    while off < len && done.len() < n as usize {
+        read_full(&f, &mut page, off)?;
+        if page.iter().any(|b| *b != 0) {
+            page[100] ^= 0x5a;
+            f.write_all_at(&page, off)?;
+            done.push(off);
+            // The next in another chunk, two pages further on there.
+            off = (off / memcheck::CHUNK as u64 + 1) * memcheck::CHUNK as u64
+                + 2 * memcheck::PAGE as u64;
+        } else {
+            off += memcheck::PAGE as u64;
+        }
+    }
+    Ok(done)
 }
 
 /// Drop after the switchover: the codec holds the base's memory (1 GiB
@@ -1637,7 +1800,8 @@ pub async fn prepare_incoming(
                 paths,
                 loaded: false,
                 received: Arc::default(),
-                arrival: tokio::sync::watch::Sender::new(false),
+                arrival: tokio::sync::watch::Sender::new(Arrival::Loading),
+                memory: None,
             },
         );
     }
@@ -1690,7 +1854,21 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let r = receive_inner(c, hid, body).await;
+    // A second session for an arrival whose memory differs: a repair.
+    let repairing = c
+        .incoming
+        .lock()
+        .ok()
+        .and_then(|m| {
+            m.get(hid)
+                .map(|i| matches!(*i.arrival.borrow(), Arrival::Differs { .. }))
+        })
+        .unwrap_or(false);
+    let r = if repairing {
+        receive_repair(c, hid, body).await
+    } else {
+        receive_inner(c, hid, body).await
+    };
     if let Err(e) = &r {
         tracing::warn!(handoff = hid, "arrival discarded: {e}");
         let _ = abort_incoming(c, hid).await;
@@ -1733,6 +1911,7 @@ where
     let mut reader = SessionReader::new();
     let mut out = Vec::new();
     let (mut raw, mut disk_bytes) = (0u64, 0u64);
+    let mut source_digest: Option<(u64, u32, Vec<u128>)> = None;
     let received = c
         .incoming
         .lock()
@@ -1764,6 +1943,16 @@ where
                         out.clear();
                     }
                 }
+                SessionFrame::MemoryDigest {
+                    ram_len,
+                    chunk_bytes,
+                    chunks,
+                } => source_digest = Some((ram_len, chunk_bytes, chunks)),
+                SessionFrame::MemoryPages { .. } => {
+                    return Err(ReceiveHandoffError::Read(
+                        "memory pages outside a repair".into(),
+                    ))
+                }
                 SessionFrame::End { .. } => mark(&vm_id, "dst_end_frame"),
             }
         }
@@ -1780,19 +1969,62 @@ where
     mark(&vm_id, "dst_disk_synced");
     wait_migration_done(vm.qmp(), &mut events, Duration::from_secs(60)).await?;
     mark(&vm_id, "dst_qemu_loaded");
-    let memory_blake3 = if c.config.verify_memory {
-        Some(
-            hash_memory(vm.spec().ram_path.clone())
-                .await
-                .map_err(|e| ReceiveHandoffError::Read(format!("hashing the memory: {e}")))?,
-        )
-    } else {
-        None
+    if c.config.handoff_test_corrupt_pages > 0 {
+        let at = corrupt_pages(&vm.spec().ram_path, c.config.handoff_test_corrupt_pages)?;
+        tracing::warn!(vm_id = %vm_id, ?at, "test: pages of the moved memory altered");
+    }
+    // Verification: resume only a copy whose memory equals the source's at
+    // its switchover (`memcheck`); a few differing MiB may be repaired by
+    // the source (`receive_repair`).
+    let (arrival, memory, memory_blake3) = match source_digest {
+        Some((ram_len, chunk_bytes, theirs)) => {
+            if chunk_bytes as usize != memcheck::CHUNK {
+                return Err(ReceiveHandoffError::Read(format!(
+                    "memory digest in chunks of {chunk_bytes} bytes, expected {}",
+                    memcheck::CHUNK
+                )));
+            }
+            let path = vm.spec().ram_path.clone();
+            let ours = tokio::task::spawn_blocking(move || {
+                RamFile::open(&path)?.digest(memcheck::threads())
+            })
+            .await
+            .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?
+            .map_err(|e| ReceiveHandoffError::Read(format!("digesting the memory: {e}")))?;
+            mark(&vm_id, "dst_digest_done");
+            if ours.ram_len != ram_len {
+                return Err(ReceiveHandoffError::Read(format!(
+                    "the source's memory is {ram_len} bytes, ours {}",
+                    ours.ram_len
+                )));
+            }
+            let diff = ours.differing_chunks(&theirs);
+            if diff.is_empty() {
+                tracing::info!(vm_id = %vm_id, digest = %digest_name(&ours), "moved memory verified");
+                (Arrival::Ready, None, Some(digest_name(&ours)))
+            } else if diff.len() > memcheck::MAX_REPAIR_CHUNKS {
+                return Err(ReceiveHandoffError::TooDifferent(diff.len()));
+            } else {
+                tracing::warn!(vm_id = %vm_id, chunks = ?diff, "the moved memory differs from the source's");
+                let report = ours.report(&diff).to_token();
+                (
+                    Arrival::Differs {
+                        chunks: diff.len(),
+                        report,
+                    },
+                    Some((theirs, ours)),
+                    None,
+                )
+            }
+        }
+        None if c.config.verify_memory => return Err(ReceiveHandoffError::Unverified),
+        None => (Arrival::Ready, None, None),
     };
     if let Ok(mut m) = c.incoming.lock() {
         if let Some(i) = m.get_mut(hid) {
-            i.loaded = true;
-            i.arrival.send_replace(true);
+            i.loaded = arrival == Arrival::Ready;
+            i.memory = memory;
+            i.arrival.send_replace(arrival);
         }
     }
     mark(&vm_id, "dst_answer");
@@ -1801,6 +2033,101 @@ where
         raw_bytes: raw,
         disk_bytes,
         memory_blake3,
+    })
+}
+
+/// Destination: a repair session (`POST /v1/handoff/{id}/stream` again,
+/// after the commit was refused because the memory differs): the source's
+/// pages that differ, written into the loaded VM's RAM file (QEMU keeps it
+/// paused until the commit, and maps the file shared), then those chunks
+/// digested again; the VM is ready only if all its memory now equals the
+/// source's.
+async fn receive_repair<S, E>(
+    c: &Arc<Cloudlet>,
+    hid: &str,
+    mut body: S,
+) -> Result<HandoffLoaded, ReceiveHandoffError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let (vm_id, vm, _) = incoming_parts(c, hid)?;
+    let (theirs, mut ours) = c
+        .incoming
+        .lock()
+        .ok()
+        .and_then(|mut m| m.get_mut(hid).and_then(|i| i.memory.take()))
+        .ok_or(ReceiveHandoffError::NothingToRepair)?;
+    let path = vm.spec().ram_path.clone();
+    let ram = std::fs::OpenOptions::new().write(true).open(&path)?;
+    let mut reader = SessionReader::new();
+    let mut touched = std::collections::BTreeSet::new();
+    let mut pages = 0u64;
+    loop {
+        let next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, body.next())
+            .await
+            .map_err(|_| {
+                ReceiveHandoffError::Read(format!("Nothing arrived for {STREAM_IDLE_TIMEOUT:?}"))
+            })?;
+        let Some(chunk) = next else { break };
+        let chunk = chunk.map_err(|e| ReceiveHandoffError::Read(e.to_string()))?;
+        for f in reader.feed(&chunk)? {
+            match f {
+                SessionFrame::MemoryPages { offset, data } => {
+                    let end = offset.checked_add(data.len() as u64);
+                    if offset % memcheck::PAGE as u64 != 0
+                        || data.is_empty()
+                        || end.is_none_or(|e| e > ours.ram_len)
+                    {
+                        return Err(ReceiveHandoffError::Read(format!(
+                            "repair pages at {offset} (+{}) outside the memory",
+                            data.len()
+                        )));
+                    }
+                    ram.write_all_at(&data, offset)?;
+                    let last = offset + data.len() as u64 - 1;
+                    touched.extend(
+                        (offset / memcheck::CHUNK as u64) as usize
+                            ..=(last / memcheck::CHUNK as u64) as usize,
+                    );
+                    pages += data.len().div_ceil(memcheck::PAGE) as u64;
+                }
+                SessionFrame::End { .. } => {}
+                _ => {
+                    return Err(ReceiveHandoffError::Read(
+                        "a repair holds only memory pages".into(),
+                    ))
+                }
+            }
+        }
+    }
+    if !reader.is_ended() {
+        return Err(ReceiveHandoffError::Truncated);
+    }
+    drop(ram);
+    let touched: Vec<usize> = touched.into_iter().collect();
+    let ours = tokio::task::spawn_blocking(move || {
+        RamFile::open(&path)?.redigest_chunks(&mut ours, &touched)?;
+        Ok::<_, std::io::Error>(ours)
+    })
+    .await
+    .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?
+    .map_err(|e| ReceiveHandoffError::Read(format!("digesting the memory: {e}")))?;
+    let diff = ours.differing_chunks(&theirs);
+    if !diff.is_empty() {
+        return Err(ReceiveHandoffError::TooDifferent(diff.len()));
+    }
+    tracing::warn!(vm_id = %vm_id, pages, digest = %digest_name(&ours), "moved memory repaired and verified");
+    if let Ok(mut m) = c.incoming.lock() {
+        if let Some(i) = m.get_mut(hid) {
+            i.loaded = true;
+            i.arrival.send_replace(Arrival::Ready);
+        }
+    }
+    Ok(HandoffLoaded {
+        raw_bytes: 0,
+        disk_bytes: 0,
+        memory_blake3: Some(digest_name(&ours)),
     })
 }
 
@@ -1847,12 +2174,23 @@ pub async fn commit_incoming(
     // good, the move recorded): the stream's tail may still be on its way.
     // Resume only a VM that loaded; an arrival discarded meanwhile (a bad
     // stream, a failed load) drops the sender: no.
-    let loaded = tokio::time::timeout(COMMIT_WAITS_FOR_LOAD, arrival.wait_for(|l| *l))
-        .await
-        .map(|r| r.map(|l| *l).unwrap_or(false))
-        .unwrap_or(false);
-    if !loaded {
-        return Err(ReceiveHandoffError::UnknownHandoff(hid.into()));
+    // Its memory differing from the source's: no, with the report that lets
+    // the source repair it.
+    let arrival = tokio::time::timeout(
+        COMMIT_WAITS_FOR_LOAD,
+        arrival.wait_for(|a| *a != Arrival::Loading),
+    )
+    .await
+    .ok()
+    .and_then(|r| r.ok().map(|a| (*a).clone()));
+    match arrival {
+        Some(Arrival::Ready) => {}
+        Some(Arrival::Differs { chunks, report }) => {
+            return Err(ReceiveHandoffError::MemoryDiffers { chunks, report })
+        }
+        Some(Arrival::Loading) | None => {
+            return Err(ReceiveHandoffError::UnknownHandoff(hid.into()))
+        }
     }
     let (vm_id, vm, _) = incoming_parts(c, hid)?;
     mark(&vm_id, "dst_commit_received");

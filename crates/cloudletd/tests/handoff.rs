@@ -276,3 +276,125 @@ async fn disk_writes_made_during_the_move_arrive() {
         "the destination's disk has what the guest wrote"
     );
 }
+
+/// A difference in the moved memory never resumes silently. The
+/// destination alters pages of the memory its QEMU loaded (what a page lost
+/// in QEMU's dirty tracking looks like, `handoff_test_corrupt_pages`):
+/// without repair the move is refused and the VM keeps running here with
+/// its data; the destination is left clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_difference_without_repair_keeps_the_vm_here() {
+    let overlay = kvstore_overlay().await;
+    let a = Daemon::start("handoff_repair_memory = false\n").await;
+    let b = Daemon::start("handoff_test_corrupt_pages = 3\n").await;
+    let vm = a
+        .client()
+        .create_vm_upload(&overlay, Some("differ"), None)
+        .await
+        .unwrap();
+    let port = vm.ports[0].host;
+    http(port, "PUT", "/kv/k", Some(b"v".to_vec()))
+        .await
+        .unwrap();
+    let err = a
+        .client()
+        .handoff("differ", &b.url(), Some(TOKEN))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("differs"), "{err}");
+    assert!(
+        b.log()
+            .contains("the moved memory differs from the source's"),
+        "{}",
+        b.log()
+    );
+    let v = a.client().get_vm("differ").await.unwrap();
+    assert_eq!(v.state, VmState::Running, "{v:?}");
+    assert_eq!(v.generation, 1);
+    assert!(qemu_running(&a, &vm.id));
+    assert_eq!(http(port, "GET", "/kv/k", None).await.unwrap().text(), "v");
+    // The destination discards its copy (the abort comes in the background).
+    let mut clean = false;
+    for _ in 0..100 {
+        if b.client().list_vms().await.unwrap().is_empty() && b.vm_files().is_empty() {
+            clean = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(clean, "{:?}", b.vm_files());
+}
+
+/// The same difference, repaired: the source sends its pages that differ,
+/// the destination writes them into the paused VM's RAM, finds its memory
+/// equal to the source's and only then resumes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_difference_is_repaired_before_the_vm_resumes() {
+    let overlay = kvstore_overlay().await;
+    let a = Daemon::start("").await;
+    let b = Daemon::start("handoff_test_corrupt_pages = 3\n").await;
+    let vm = a
+        .client()
+        .create_vm_upload(&overlay, Some("repaired"), None)
+        .await
+        .unwrap();
+    let port = vm.ports[0].host;
+    for i in 0..20 {
+        http(port, "PUT", &format!("/kv/k{i}"), Some(vec![b'r'; 4096]))
+            .await
+            .unwrap();
+    }
+    let stats = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
+    let before = stats(http(port, "GET", "/stats", None).await.unwrap().text());
+    let report = a
+        .client()
+        .handoff("repaired", &b.url(), Some(TOKEN))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n--- source\n{}\n--- destination\n{}", a.log(), b.log()));
+    let (alog, blog) = (a.log(), b.log());
+    assert!(
+        blog.contains("the moved memory differs from the source's"),
+        "{blog}"
+    );
+    // Exactly the altered pages were sent back.
+    let repaired = alog
+        .lines()
+        .find(|l| l.contains("pages repaired at the destination"))
+        .unwrap_or_else(|| panic!("{alog}"));
+    let plain: String = {
+        // Without the log's colours.
+        let mut out = String::new();
+        let mut esc = false;
+        for c in repaired.chars() {
+            match (esc, c) {
+                (false, '\x1b') => esc = true,
+                (true, 'm') => esc = false,
+                (true, _) => {}
+                (false, c) => out.push(c),
+            }
+        }
+        out
+    };
+    assert!(plain.contains("pages=3"), "{plain}");
+    assert!(
+        blog.contains("moved memory repaired and verified"),
+        "{blog}"
+    );
+    assert!(alog.contains("moved memory verified"), "{alog}");
+    let new_port = port_of(&report.vm.ports[0].endpoint);
+    for i in 0..20 {
+        let r = http(new_port, "GET", &format!("/kv/k{i}"), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "k{i}");
+    }
+    let after = stats(http(new_port, "GET", "/stats", None).await.unwrap().text());
+    assert_eq!(before["pid"], after["pid"], "same process: no reboot");
+    assert_eq!(
+        a.client().get_vm("repaired").await.unwrap().state,
+        VmState::Moved
+    );
+    let dst = b.client().get_vm("repaired").await.unwrap();
+    assert_eq!(dst.state, VmState::Running);
+    assert_eq!(dst.generation, 2);
+}

@@ -14,10 +14,13 @@
 //!   the base, batched compression with a per-frame codec.
 //! - [`AdaptivePolicy`]: picks the codec, level and delta mode that maximize
 //!   the rate at which VM state crosses the link.
+//! - [`memcheck`]: digests of the moved guest memory, compared before the
+//!   destination resumes it, and the repair of pages that differ.
 //! - [`converge::Convergence`]: how much of the time the guest may run so that
 //!   precopy converges over a link slower than the guest dirties memory.
 
 pub mod converge;
+pub mod memcheck;
 pub mod session;
 pub mod stream;
 pub mod synth;
