@@ -71,8 +71,10 @@ struct Args {
     /// Seconds of churn before the move starts.
     #[arg(long, default_value_t = 10)]
     warmup_s: u64,
-    /// Both daemons compare a hash of the moved memory before the commit
-    /// (`verify_memory`; adds the hashing to the downtime).
+    /// Both daemons digest the moved memory and the destination resumes
+    /// only an identical copy, repairing a few differing pages
+    /// (`verify_memory`, the daemon's default; without this flag the bench
+    /// turns it off).
     #[arg(long)]
     verify_memory: bool,
     /// Experimental: the daemons cap QEMU's rate so that its switchover

@@ -779,13 +779,18 @@ async fn send_vm(
     // resumes only a copy that matches it.
     let verify = c.config.verify_memory;
     let ram_file = if verify {
-        let rf = Arc::new(RamFile::open(&vm.spec().ram_path)?);
-        let warm = rf.clone();
-        drop(tokio::task::spawn_blocking(move || warm.digest(1)));
-        Some(rf)
+        Some(Arc::new(RamFile::open(&vm.spec().ram_path)?))
     } else {
         None
     };
+    let ram_warming = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let _stop_ram_warming = StopOnDrop(ram_warming.clone());
+    if let Some(rf) = ram_file.clone() {
+        drop(tokio::task::spawn_blocking({
+            let warming = ram_warming.clone();
+            move || keep_populated(&rf, &warming)
+        }));
+    }
     let (digest_tx, digest_rx) =
         tokio::sync::oneshot::channel::<Result<Arc<MemoryDigest>, String>>();
     let mut digest_tx = verify.then_some(digest_tx);
@@ -1086,11 +1091,26 @@ async fn send_vm(
                 drain_stops(&mut events, &mut stop_us);
                 // The memory is final: digest it while QEMU sends its last
                 // pass.
+                ram_warming.store(false, Ordering::Relaxed);
                 if let (Some(tx), Some(rf)) = (digest_tx.take(), ram_file.clone()) {
                     let (cell, vm_id) = (source_digest.clone(), id.to_string());
+                    let log_id = vm_id.clone();
                     tokio::spawn(async move {
-                        let r = tokio::task::spawn_blocking(move || rf.digest(memcheck::threads()))
-                            .await;
+                        let r = tokio::task::spawn_blocking(move || {
+                            let vm_id = log_id;
+                            let t = Instant::now();
+                            rf.populate();
+                            let populated = t.elapsed();
+                            let d = rf.digest(memcheck::threads());
+                            tracing::info!(
+                                vm_id = %vm_id,
+                                populate_ms = populated.as_millis() as u64,
+                                digest_ms = (t.elapsed() - populated).as_millis() as u64,
+                                "memory digested at the switchover"
+                            );
+                            d
+                        })
+                        .await;
                         let r = match r {
                             Ok(Ok(d)) => Ok(Arc::new(d)),
                             Ok(Err(e)) => Err(e.to_string()),
@@ -1907,11 +1927,30 @@ where
     let disk = std::fs::OpenOptions::new().write(true).open(paths.disk())?;
     let sock = vm.spec().socket_dir().join("migrate-in.sock");
     let mut qemu = tokio::net::UnixStream::connect(&sock).await?;
-    let mut events = vm.qmp().events();
+    let mut events = Some(vm.qmp().events());
     let mut reader = SessionReader::new();
     let mut out = Vec::new();
     let (mut raw, mut disk_bytes) = (0u64, 0u64);
     let mut source_digest: Option<(u64, u32, Vec<u128>)> = None;
+    // Verifying: our mapping of the RAM file is kept populated while the
+    // stream arrives, so that the digest after the load reads it without
+    // page faults.
+    let ram = if c.config.verify_memory {
+        Some(Arc::new(RamFile::open(&vm.spec().ram_path)?))
+    } else {
+        None
+    };
+    let warming = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let _stop_warming = StopOnDrop(warming.clone());
+    if let Some(rf) = ram.clone() {
+        let warming = warming.clone();
+        drop(tokio::task::spawn_blocking(move || {
+            keep_populated(&rf, &warming)
+        }));
+    }
+    // Started as soon as QEMU has its whole stream (the digest and the END
+    // frame may still be on their way).
+    let mut loading: Option<AbortOnDrop<Result<Option<MemoryDigest>, ReceiveHandoffError>>> = None;
     let received = c
         .incoming
         .lock()
@@ -1942,6 +1981,20 @@ where
                         raw += out.len() as u64;
                         out.clear();
                     }
+                    if decoder.is_complete() && loading.is_none() {
+                        qemu.shutdown().await?;
+                        mark(&vm_id, "dst_qemu_fed");
+                        warming.store(false, Ordering::Relaxed);
+                        loading = events.take().map(|ev| {
+                            AbortOnDrop(tokio::spawn(load_and_digest(
+                                c.clone(),
+                                vm.clone(),
+                                ev,
+                                vm_id.clone(),
+                                ram.clone(),
+                            )))
+                        });
+                    }
                 }
                 SessionFrame::MemoryDigest {
                     ram_len,
@@ -1963,16 +2016,17 @@ where
     tracing::info!(vm_id = %vm_id, raw, "handoff stream ended");
     decoder.finish()?;
     drop_later(decoder);
-    qemu.shutdown().await?;
-    mark(&vm_id, "dst_qemu_fed");
     disk.sync_data()?;
     mark(&vm_id, "dst_disk_synced");
-    wait_migration_done(vm.qmp(), &mut events, Duration::from_secs(60)).await?;
-    mark(&vm_id, "dst_qemu_loaded");
-    if c.config.handoff_test_corrupt_pages > 0 {
-        let at = corrupt_pages(&vm.spec().ram_path, c.config.handoff_test_corrupt_pages)?;
-        tracing::warn!(vm_id = %vm_id, ?at, "test: pages of the moved memory altered");
-    }
+    let Some(loading) = loading else {
+        return Err(ReceiveHandoffError::Read(
+            "the migration stream ended before its end".into(),
+        ));
+    };
+    let mut loading = loading;
+    let ours = (&mut loading.0)
+        .await
+        .map_err(|e| ReceiveHandoffError::Read(e.to_string()))??;
     // Verification: resume only a copy whose memory equals the source's at
     // its switchover (`memcheck`); a few differing MiB may be repaired by
     // the source (`receive_repair`).
@@ -1984,14 +2038,20 @@ where
                     memcheck::CHUNK
                 )));
             }
-            let path = vm.spec().ram_path.clone();
-            let ours = tokio::task::spawn_blocking(move || {
-                RamFile::open(&path)?.digest(memcheck::threads())
-            })
-            .await
-            .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?
-            .map_err(|e| ReceiveHandoffError::Read(format!("digesting the memory: {e}")))?;
-            mark(&vm_id, "dst_digest_done");
+            let ours = match ours {
+                Some(d) => d,
+                None => {
+                    let path = vm.spec().ram_path.clone();
+                    let d = tokio::task::spawn_blocking(move || {
+                        RamFile::open(&path)?.digest(memcheck::threads())
+                    })
+                    .await
+                    .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?
+                    .map_err(|e| ReceiveHandoffError::Read(format!("digesting the memory: {e}")))?;
+                    mark(&vm_id, "dst_digest_done");
+                    d
+                }
+            };
             if ours.ram_len != ram_len {
                 return Err(ReceiveHandoffError::Read(format!(
                     "the source's memory is {ram_len} bytes, ours {}",
@@ -2036,6 +2096,56 @@ where
     })
 }
 
+/// Keep `rf` populated (`RamFile::populate`, every 2 s) while `on`.
+fn keep_populated(rf: &RamFile, on: &std::sync::atomic::AtomicBool) {
+    while on.load(Ordering::Relaxed) {
+        rf.populate();
+        for _ in 0..20 {
+            if !on.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Sets its flag to false when dropped.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Destination, once QEMU has its whole stream: wait until it has loaded
+/// it (its VM stays paused until the commit), then digest its memory when
+/// verifying (`ram`: the mapping kept populated meanwhile).
+async fn load_and_digest(
+    c: Arc<Cloudlet>,
+    vm: Arc<Vm>,
+    mut events: tokio::sync::broadcast::Receiver<cloudlet_qemu::QmpEvent>,
+    vm_id: String,
+    ram: Option<Arc<RamFile>>,
+) -> Result<Option<MemoryDigest>, ReceiveHandoffError> {
+    wait_migration_done(vm.qmp(), &mut events, Duration::from_secs(60)).await?;
+    mark(&vm_id, "dst_qemu_loaded");
+    if c.config.handoff_test_corrupt_pages > 0 {
+        let at = corrupt_pages(&vm.spec().ram_path, c.config.handoff_test_corrupt_pages)?;
+        tracing::warn!(vm_id = %vm_id, ?at, "test: pages of the moved memory altered");
+    }
+    let Some(ram) = ram else { return Ok(None) };
+    let d = tokio::task::spawn_blocking(move || {
+        ram.populate();
+        ram.digest(memcheck::threads())
+    })
+    .await
+    .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?
+    .map_err(|e| ReceiveHandoffError::Read(format!("digesting the memory: {e}")))?;
+    mark(&vm_id, "dst_digest_done");
+    Ok(Some(d))
+}
+
 /// Destination: a repair session (`POST /v1/handoff/{id}/stream` again,
 /// after the commit was refused because the memory differs): the source's
 /// pages that differ, written into the loaded VM's RAM file (QEMU keeps it
@@ -2063,6 +2173,8 @@ where
     let mut reader = SessionReader::new();
     let mut touched = std::collections::BTreeSet::new();
     let mut pages = 0u64;
+    // Where (the first few), for the record: a clue to QEMU's page loss.
+    let mut at = Vec::new();
     loop {
         let next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, body.next())
             .await
@@ -2085,6 +2197,9 @@ where
                         )));
                     }
                     ram.write_all_at(&data, offset)?;
+                    if at.len() < 16 {
+                        at.push(format!("{offset:#x}+{}", data.len()));
+                    }
                     let last = offset + data.len() as u64 - 1;
                     touched.extend(
                         (offset / memcheck::CHUNK as u64) as usize
@@ -2117,7 +2232,7 @@ where
     if !diff.is_empty() {
         return Err(ReceiveHandoffError::TooDifferent(diff.len()));
     }
-    tracing::warn!(vm_id = %vm_id, pages, digest = %digest_name(&ours), "moved memory repaired and verified");
+    tracing::warn!(vm_id = %vm_id, pages, ?at, digest = %digest_name(&ours), "moved memory repaired and verified");
     if let Ok(mut m) = c.incoming.lock() {
         if let Some(i) = m.get_mut(hid) {
             i.loaded = true;
