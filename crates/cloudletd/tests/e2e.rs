@@ -5,7 +5,7 @@ mod common;
 
 use cloudlet_api::{CreateVmRequest, VmState};
 use cloudlet_testkit::http;
-use common::{kvstore_overlay, qemu_running, start_registry, Daemon, TOKEN};
+use common::{kvstore_overlay, kvstore_overlay_with, qemu_running, start_registry, Daemon, TOKEN};
 
 fn host_port(vm: &cloudlet_api::VmInfo) -> u16 {
     vm.ports[0].host
@@ -231,11 +231,9 @@ async fn a_daemon_crash_during_an_early_start_leaves_nothing_running() {
     let bytes = std::fs::read(&overlay).unwrap();
     let (_, m) = cloudlet_overlay::format::parse_prefix(&bytes).unwrap();
     // Everything up to the end of the device state segment; nothing after:
-    // QEMU starts (early start) and waits for the disk that never comes.
-    // When the daemon dies, QEMU's incoming stream breaks and QEMU exits
-    // (before RUN it cannot pause); the restarted daemon also stops any
-    // QEMU it finds in a synthesis' run directory, records the VM failed
-    // and removes its files.
+    // QEMU starts (early start) and the guest waits for pages that never
+    // come. The restarted daemon stops any QEMU it finds in a synthesis'
+    // run directory, records the VM failed and removes its files.
     let ds = &m.segments[m.device_state_segment as usize];
     let stall_at = m.data_offset + ds.offset + ds.stored_len;
     let url = stalling_server(bytes, m.data_offset, stall_at).await;
@@ -273,4 +271,211 @@ async fn a_daemon_crash_during_an_early_start_leaves_nothing_running() {
     assert_eq!(vm.state, VmState::Failed, "{vm:?}");
     assert!(!qemu_running(&d, &id), "the early start's QEMU was stopped");
     assert!(d.vm_files().is_empty(), "{:?}", d.vm_files());
+}
+
+/// An HTTP server with range support for an overlay whose payload segments
+/// are `segments` (absolute byte ranges): a request for exactly one segment
+/// (a demand fetch: the guest waits for it) and requests that start before
+/// `whole_below` are served at once; all others (the sequential stream)
+/// trickle at about 40 KB/s. Counts the payload bytes it has sent.
+async fn trickle_server(
+    data: Vec<u8>,
+    whole_below: u64,
+    segments: Vec<(u64, u64)>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let data = std::sync::Arc::new(data);
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (data, segments, sent) = (data.clone(), segments.clone(), sent.clone());
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&req).to_lowercase();
+                let len = data.len() as u64;
+                let (start, end) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .and_then(|r| {
+                        let (a, b) = r.trim().split_once('-')?;
+                        let a: u64 = a.parse().ok()?;
+                        let b: u64 = b.parse().unwrap_or(len - 1);
+                        Some((a, b.min(len - 1) + 1))
+                    })
+                    .unwrap_or((0, len));
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {start}-{}/{len}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    end - 1,
+                    end - start
+                );
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let fast = start < whole_below || segments.contains(&(start, end));
+                let step = if fast { 1 << 20 } else { 4096 };
+                let mut at = start;
+                while at < end {
+                    let upto = (at + step).min(end);
+                    if sock
+                        .write_all(&data[at as usize..upto as usize])
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if start >= whole_below {
+                        sent.fetch_add(upto - at, Ordering::Relaxed);
+                    }
+                    at = upto;
+                    if !fast {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), counter)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_crash_while_memory_still_streams_stops_the_vm_and_keeps_its_record() {
+    // Small segments: the guest's first pages come by demand fetches while
+    // the rest of the overlay trickles in behind.
+    let overlay = kvstore_overlay_with(Some(128 << 10)).await;
+    let bytes = std::fs::read(&overlay).unwrap();
+    let (_, m) = cloudlet_overlay::format::parse_prefix(&bytes).unwrap();
+    let segments: Vec<(u64, u64)> = m
+        .segments
+        .iter()
+        .map(|s| {
+            (
+                m.data_offset + s.offset,
+                m.data_offset + s.offset + s.stored_len,
+            )
+        })
+        .collect();
+    assert!(segments.len() > 8, "{} segments", segments.len());
+    let payload = bytes.len() as u64 - m.data_offset;
+    let (url, sent) = trickle_server(bytes, m.data_offset, segments).await;
+    let mut d = Daemon::start("").await;
+    let vm = d
+        .client()
+        .create_vm(&CreateVmRequest {
+            overlay: format!("{url}/overlay"),
+            name: Some("streaming".into()),
+            flavor: None,
+        })
+        .await
+        .expect("synthesis answers before the whole overlay has arrived");
+    assert_eq!(vm.state, VmState::Running);
+    let port = host_port(&vm);
+    let r = http(port, "PUT", "/kv/k", Some(b"v".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let got = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        got < payload,
+        "the whole overlay ({payload} bytes) had arrived; the test needs a tail"
+    );
+    // The daemon dies while the memory still streams in: the guest would
+    // wait forever on pages only the dead daemon had. The restarted daemon
+    // stops it and records it dead, with a reason; nothing is left running.
+    d.crash_and_restart().await;
+    let after = d.client().get_vm(&vm.id).await.unwrap();
+    assert_eq!(after.state, VmState::Dead, "{after:?}");
+    assert!(after.error.is_some(), "{after:?}");
+    assert!(
+        !qemu_running(&d, &vm.id),
+        "the half-streamed VM was stopped"
+    );
+    // The record can be deleted, and its files go with it.
+    d.client().delete_vm(&vm.id).await.unwrap();
+    assert!(d.vm_files().is_empty(), "{:?}", d.vm_files());
+    // And the restarted daemon still synthesizes.
+    let overlay = kvstore_overlay().await;
+    let reg_dir = tempfile::tempdir().unwrap();
+    let registry = start_registry(reg_dir.path()).await;
+    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
+        .await
+        .unwrap();
+    let vm2 = d
+        .client()
+        .create_vm(&CreateVmRequest {
+            overlay: format!("{registry}/v1/overlays/kvstore"),
+            name: Some("after".into()),
+            flavor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm2.state, VmState::Running);
+    d.client().delete_vm(&vm2.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_vms_whose_memory_still_streams_keeps_the_daemon_serving() {
+    let overlay = kvstore_overlay_with(Some(128 << 10)).await;
+    let bytes = std::fs::read(&overlay).unwrap();
+    let (_, m) = cloudlet_overlay::format::parse_prefix(&bytes).unwrap();
+    let segments: Vec<(u64, u64)> = m
+        .segments
+        .iter()
+        .map(|s| {
+            (
+                m.data_offset + s.offset,
+                m.data_offset + s.offset + s.stored_len,
+            )
+        })
+        .collect();
+    let (url, _) = trickle_server(bytes, m.data_offset, segments).await;
+    let d = Daemon::start("").await;
+    // More deletions than the daemon has worker threads: a deletion that
+    // blocked one (it did: the disk server's stop waited on a socket the
+    // deletion had removed) would hang the daemon.
+    for i in 0..3 {
+        let vm = d
+            .client()
+            .create_vm(&CreateVmRequest {
+                overlay: format!("{url}/overlay"),
+                name: Some(format!("gone{i}")),
+                flavor: None,
+            })
+            .await
+            .unwrap();
+        d.client().delete_vm(&vm.id).await.unwrap();
+        assert!(!qemu_running(&d, &vm.id));
+    }
+    let listed = tokio::time::timeout(std::time::Duration::from_secs(10), d.client().list_vms())
+        .await
+        .expect("the daemon still answers")
+        .unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    // No file of the deleted VMs stays open in the daemon (their threads
+    // end on their own, shortly).
+    let pid = d.pid();
+    let start = std::time::Instant::now();
+    loop {
+        let open: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|p| p.to_string_lossy().contains("disk.raw"))
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 10, "still open: {open:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

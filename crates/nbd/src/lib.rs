@@ -16,12 +16,12 @@ pub mod proto;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use proto::*;
 
@@ -74,11 +74,14 @@ pub enum StartServerError {
     Listen { path: PathBuf, source: io::Error },
 }
 
-/// A running server; [`Server::stop`] (or drop) ends it.
+/// A running server; [`Server::stop`] (or drop) ends it. Neither blocks:
+/// the server's threads end on their own once their sockets are shut down.
 pub struct Server {
     path: PathBuf,
     shared: Arc<Shared>,
-    accept: Option<JoinHandle<()>>,
+    /// The listening socket (a clone), to shut down: that wakes the accept
+    /// thread even when the socket file is gone already.
+    listener: Option<UnixListener>,
 }
 
 struct Shared {
@@ -104,15 +107,24 @@ impl Server {
             conns: Mutex::new(Vec::new()),
             stats: Stats::default(),
         });
+        let wake = listener
+            .try_clone()
+            .map_err(|source| StartServerError::Listen {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let s = shared.clone();
-        let accept = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || accept_loop(listener, s))
-            .expect("spawn nbd accept thread");
+            .map_err(|source| StartServerError::Listen {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Server {
             path: path.to_path_buf(),
             shared,
-            accept: Some(accept),
+            listener: Some(wake),
         })
     }
 
@@ -131,12 +143,14 @@ impl Server {
     }
 
     fn shutdown(&mut self) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
         self.shared.stop.store(true, Ordering::Release);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
-        }
+        // Wakes the accept thread: its accept() fails (Linux).
+        // SAFETY: shutdown(2) on a socket we own.
+        unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+        drop(listener);
         if let Ok(conns) = self.shared.conns.lock() {
             for c in conns.iter() {
                 let _ = c.shutdown(std::net::Shutdown::Both);
@@ -148,9 +162,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.accept.is_some() {
-            self.shutdown();
-        }
+        self.shutdown();
     }
 }
 
@@ -174,7 +186,14 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
-        let Ok(conn) = conn else { continue };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "nbd: accept failed; the server stops");
+                break;
+            }
+        };
         if let Ok(c) = conn.try_clone() {
             if let Ok(mut conns) = shared.conns.lock() {
                 conns.push(c);
@@ -445,5 +464,40 @@ mod tests {
         assert!(rest.is_empty());
         server.stop();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn stopping_does_not_block_when_the_socket_file_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let server = Server::start(
+            &path,
+            Export {
+                name: "d".into(),
+                path: dir.path().join("disk"),
+                size: 4096,
+                gate: Arc::new(Open),
+            },
+        )
+        .unwrap();
+        let shared = server.shared.clone();
+        // Its directory removed under it (a deleted VM).
+        std::fs::remove_file(&path).unwrap();
+        let t = std::time::Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(server);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(2))
+            .expect("dropping the server blocked");
+        // The accept thread ends and lets go of the export.
+        while Arc::strong_count(&shared) > 1 {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(5),
+                "accept thread still running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }

@@ -16,10 +16,20 @@ pub const TOKEN: &str = "test-token-0123456789";
 
 /// The kvstore app packaged on the tiny base, built once and cached.
 pub async fn kvstore_overlay() -> PathBuf {
+    kvstore_overlay_with(None).await
+}
+
+/// kvstore packaged with payload segments of `segment_size` raw bytes
+/// (`None`: the default), built once per size and cached.
+pub async fn kvstore_overlay_with(segment_size: Option<u32>) -> PathBuf {
     let (store, base) = tiny_base().await;
     let dir = test_home().join("overlays");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("kvstore-{}.overlay", &base.manifest.id[..12]));
+    let suffix = segment_size.map(|s| format!("-seg{s}")).unwrap_or_default();
+    let out = dir.join(format!(
+        "kvstore-{}{suffix}.overlay",
+        &base.manifest.id[..12]
+    ));
     let lock = std::fs::File::create(dir.join(".lock")).unwrap();
     let fd = lock.as_raw_fd();
     tokio::task::spawn_blocking(move || {
@@ -35,6 +45,7 @@ pub async fn kvstore_overlay() -> PathBuf {
         cfg.install_dir = Some(app.path().to_path_buf());
         cfg.health_path = Some("/health".into());
         cfg.work_dir = test_home().join("work");
+        cfg.segment_size = segment_size;
         package_app(&store, &cfg, |_| {})
             .await
             .expect("package kvstore");
@@ -139,6 +150,11 @@ impl Daemon {
             c.wait().unwrap();
         }
         self.spawn().await;
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
     }
 
     pub fn client(&self) -> Client {
