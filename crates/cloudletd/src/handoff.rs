@@ -24,7 +24,7 @@ use cloudlet_api::{
     Progress, StageTiming, VmInfo, VmState,
 };
 use cloudlet_handoff::converge::{ConvergeConfig, Convergence};
-use cloudlet_handoff::memcheck::{self, DiffReport, MemoryDigest, RamFile};
+use cloudlet_handoff::memcheck::{self, DiffReport, IncrementalDigest, MemoryDigest, RamFile};
 use cloudlet_handoff::session::{self, SessionFrame, SessionReader, SESSION_MAGIC};
 use cloudlet_handoff::{BaseMemory, Decoder, DecoderConfig, Encoder, EncoderConfig};
 use cloudlet_qemu::{DiskFormat, Vm};
@@ -1098,14 +1098,13 @@ async fn send_vm(
                     tokio::spawn(async move {
                         let r = tokio::task::spawn_blocking(move || {
                             let vm_id = log_id;
+                            // No last populate: it costs as much as the
+                            // faults it saves (~60 ms per GiB, per page).
                             let t = Instant::now();
-                            rf.populate();
-                            let populated = t.elapsed();
                             let d = rf.digest(memcheck::threads());
                             tracing::info!(
                                 vm_id = %vm_id,
-                                populate_ms = populated.as_millis() as u64,
-                                digest_ms = (t.elapsed() - populated).as_millis() as u64,
+                                digest_ms = t.elapsed().as_millis() as u64,
                                 "memory digested at the switchover"
                             );
                             d
@@ -1932,22 +1931,21 @@ where
     let mut out = Vec::new();
     let (mut raw, mut disk_bytes) = (0u64, 0u64);
     let mut source_digest: Option<(u64, u32, Vec<u128>)> = None;
-    // Verifying: our mapping of the RAM file is kept populated while the
-    // stream arrives, so that the digest after the load reads it without
-    // page faults.
-    let ram = if c.config.verify_memory {
-        Some(Arc::new(RamFile::open(&vm.spec().ram_path)?))
+    // Verifying: the memory is digested while the stream arrives, each
+    // chunk once QEMU has applied what was written to it so far
+    // (`memcheck::IncrementalDigest`); after the load only the chunks
+    // touched since are digested again.
+    let inc = if c.config.verify_memory {
+        let rf = Arc::new(RamFile::open(&vm.spec().ram_path)?);
+        decoder.track_pages(MEMORY_BLOCK);
+        Some(Arc::new(IncrementalDigest::new(rf)?))
     } else {
         None
     };
-    let warming = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let _stop_warming = StopOnDrop(warming.clone());
-    if let Some(rf) = ram.clone() {
-        let warming = warming.clone();
-        drop(tokio::task::spawn_blocking(move || {
-            keep_populated(&rf, &warming)
-        }));
-    }
+    let _stop_digest = inc.as_ref().map(|i| StopDigestOnDrop(Arc::downgrade(i)));
+    let mut digesting = inc
+        .clone()
+        .map(|inc| tokio::task::spawn_blocking(move || inc.run(Duration::from_millis(500))));
     // Started as soon as QEMU has its whole stream (the digest and the END
     // frame may still be on their way).
     let mut loading: Option<AbortOnDrop<Result<Option<MemoryDigest>, ReceiveHandoffError>>> = None;
@@ -1977,21 +1975,26 @@ where
                 SessionFrame::Migration(wire) => {
                     decoder.feed(&wire, &mut out)?;
                     if !out.is_empty() {
+                        if let Some(inc) = &inc {
+                            inc.touched(&decoder.take_touched(), raw + out.len() as u64);
+                        }
                         qemu.write_all(&out).await?;
                         raw += out.len() as u64;
                         out.clear();
+                        if let (Some(inc), Some(unread)) = (&inc, socket_unread(&qemu)) {
+                            inc.set_applied(raw.saturating_sub(unread + QEMU_READ_AHEAD));
+                        }
                     }
                     if decoder.is_complete() && loading.is_none() {
                         qemu.shutdown().await?;
                         mark(&vm_id, "dst_qemu_fed");
-                        warming.store(false, Ordering::Relaxed);
                         loading = events.take().map(|ev| {
                             AbortOnDrop(tokio::spawn(load_and_digest(
                                 c.clone(),
                                 vm.clone(),
                                 ev,
                                 vm_id.clone(),
-                                ram.clone(),
+                                inc.clone().zip(digesting.take()),
                             )))
                         });
                     }
@@ -2027,6 +2030,9 @@ where
     let ours = (&mut loading.0)
         .await
         .map_err(|e| ReceiveHandoffError::Read(e.to_string()))??;
+    // Unmapping 1 GiB of populated mapping holds the process's memory map
+    // lock for ~20 ms (the waiting commit woke that late): later.
+    drop_later(inc);
     // Verification: resume only a copy whose memory equals the source's at
     // its switchover (`memcheck`); a few differing MiB may be repaired by
     // the source (`receive_repair`).
@@ -2096,7 +2102,9 @@ where
     })
 }
 
-/// Keep `rf` populated (`RamFile::populate`, every 2 s) while `on`.
+/// Keep `rf` populated (`RamFile::populate`, every 2 s) while `on`: the
+/// source's digest at the switchover then reads its memory without page
+/// faults.
 fn keep_populated(rf: &RamFile, on: &std::sync::atomic::AtomicBool) {
     while on.load(Ordering::Relaxed) {
         rf.populate();
@@ -2118,6 +2126,33 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Stops a background digest when dropped (an arrival given up).
+struct StopDigestOnDrop(std::sync::Weak<IncrementalDigest>);
+
+impl Drop for StopDigestOnDrop {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.upgrade() {
+            d.stop();
+        }
+    }
+}
+
+/// The RAM block of the guest's memory (the RAM file) in QEMU's stream.
+const MEMORY_BLOCK: &str = "mem";
+/// How far QEMU may have read the stream ahead of what it applied (its
+/// buffer is 32 KiB in 7.2), with a wide margin.
+const QEMU_READ_AHEAD: u64 = 1 << 20;
+
+/// Bytes written into a Unix socket that its reader has not read yet
+/// (`SIOCOUTQ`; counts buffer overhead too, so it errs high).
+fn socket_unread(s: &tokio::net::UnixStream) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) on our own open socket writes one int.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (r == 0 && n >= 0).then_some(n as u64)
+}
+
 /// Destination, once QEMU has its whole stream: wait until it has loaded
 /// it (its VM stays paused until the commit), then digest its memory when
 /// verifying (`ram`: the mapping kept populated meanwhile).
@@ -2126,23 +2161,40 @@ async fn load_and_digest(
     vm: Arc<Vm>,
     mut events: tokio::sync::broadcast::Receiver<cloudlet_qemu::QmpEvent>,
     vm_id: String,
-    ram: Option<Arc<RamFile>>,
+    digest: Option<(
+        Arc<IncrementalDigest>,
+        tokio::task::JoinHandle<memcheck::DigestProgress>,
+    )>,
 ) -> Result<Option<MemoryDigest>, ReceiveHandoffError> {
     wait_migration_done(vm.qmp(), &mut events, Duration::from_secs(60)).await?;
     mark(&vm_id, "dst_qemu_loaded");
+    let Some((inc, background)) = digest else {
+        return Ok(None);
+    };
+    // QEMU has applied the whole stream: what the background digest did
+    // not see is digested now.
+    inc.stop();
+    let progress = background
+        .await
+        .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?;
+    let ahead_mib = progress.bytes >> 20;
     if c.config.handoff_test_corrupt_pages > 0 {
+        // As if the stream had carried other bytes for these pages.
         let at = corrupt_pages(&vm.spec().ram_path, c.config.handoff_test_corrupt_pages)?;
+        inc.touched(
+            &at.iter()
+                .map(|o| o / memcheck::PAGE as u64)
+                .collect::<Vec<_>>(),
+            u64::MAX,
+        );
         tracing::warn!(vm_id = %vm_id, ?at, "test: pages of the moved memory altered");
     }
-    let Some(ram) = ram else { return Ok(None) };
-    let d = tokio::task::spawn_blocking(move || {
-        ram.populate();
-        ram.digest(memcheck::threads())
-    })
-    .await
-    .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?
-    .map_err(|e| ReceiveHandoffError::Read(format!("digesting the memory: {e}")))?;
+    let (d, stale) = tokio::task::spawn_blocking(move || inc.finish(progress, memcheck::threads()))
+        .await
+        .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?
+        .map_err(|e| ReceiveHandoffError::Read(format!("digesting the memory: {e}")))?;
     mark(&vm_id, "dst_digest_done");
+    tracing::info!(vm_id = %vm_id, ahead_mib, after_load_mib = stale, "memory digested");
     Ok(Some(d))
 }
 

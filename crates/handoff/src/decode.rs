@@ -129,6 +129,9 @@ pub struct Decoder {
     ended: bool,
     failed: bool,
     stats: DecodeStats,
+    /// `track_pages`: the block whose page records are noted, and them.
+    tracked: Option<String>,
+    touched: Vec<u64>,
 }
 
 impl Decoder {
@@ -153,7 +156,22 @@ impl Decoder {
             ended: false,
             failed: false,
             stats: DecodeStats::default(),
+            tracked: None,
+            touched: Vec::new(),
         }
+    }
+
+    /// Note the page numbers of every RAM record of `block` emitted from
+    /// now on (`take_touched`): the destination knows which pages of the
+    /// guest's RAM each batch of output rewrites (`memcheck`).
+    pub fn track_pages(&mut self, block: &str) {
+        self.tracked = Some(block.to_string());
+    }
+
+    /// The pages of the tracked block that output emitted since the last
+    /// call rewrites (with repeats).
+    pub fn take_touched(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.touched)
     }
 
     /// The stream header, once read.
@@ -445,6 +463,9 @@ impl Decoder {
             ram_flag::PAGE
         };
         write_ram_header(out, &block.id, offset, flag, continued);
+        if self.tracked.as_deref() == Some(block.id.as_str()) {
+            self.touched.push(page);
+        }
         let is_base_block =
             self.use_base && self.base.as_ref().is_some_and(|x| x.block() == block.id);
         let base_page = |p: u64| -> Result<&[u8; PAGE_SIZE], String> {

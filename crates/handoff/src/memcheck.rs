@@ -186,21 +186,48 @@ impl RamFile {
 
     /// Re-digest the pages of `chunks` into `d` (after they were written).
     pub fn redigest_chunks(&self, d: &mut MemoryDigest, chunks: &[usize]) -> std::io::Result<()> {
+        self.digest_chunks_into(&mut d.pages, chunks, 1)?;
+        d.rechunk(chunks.iter().copied());
+        Ok(())
+    }
+
+    /// Digest the pages of `chunks` (sorted) into `pages`.
+    fn digest_chunks_into(
+        &self,
+        pages: &mut [u128],
+        chunks: &[usize],
+        threads: usize,
+    ) -> std::io::Result<()> {
         let data = data_extents(&self.file, self.len)?;
+        let mut ext = Vec::new();
         for &c in chunks {
             let (a, b) = ((c * CHUNK) as u64, (((c + 1) * CHUNK) as u64).min(self.len));
             for p in a / PAGE as u64..b.div_ceil(PAGE as u64) {
-                d.pages[p as usize] = zero_page();
+                if let Some(d) = pages.get_mut(p as usize) {
+                    *d = zero_page();
+                }
             }
-            let ext: Vec<(u64, u64)> = data
-                .iter()
-                .filter(|(s, e)| *s < b && *e > a)
-                .map(|(s, e)| ((*s).max(a), (*e).min(b)))
-                .collect();
-            self.hash_extents(&ext, &mut d.pages, 1);
+            ext.extend(
+                data.iter()
+                    .filter(|(s, e)| *s < b && *e > a)
+                    .map(|(s, e)| ((*s).max(a), (*e).min(b))),
+            );
         }
-        d.rechunk(chunks.iter().copied());
+        self.hash_extents(&ext, pages, threads);
         Ok(())
+    }
+
+    /// The chunks that hold data.
+    fn chunks_with_data(&self) -> std::io::Result<Vec<usize>> {
+        let mut out: Vec<usize> = Vec::new();
+        for (s, e) in data_extents(&self.file, self.len)? {
+            for c in s as usize / CHUNK..(e as usize).div_ceil(CHUNK) {
+                if out.last() != Some(&c) {
+                    out.push(c);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The bytes of page `page` (for a repair).
@@ -275,6 +302,149 @@ impl RamFile {
                 pages[r.0..r.1].copy_from_slice(&h);
             }
         }
+    }
+}
+
+/// The destination's digest, made while the stream arrives: a chunk is
+/// digested in the background once QEMU has applied every record written
+/// to it so far, and again at the end only if a later record touched it.
+/// What is left at the end is then the last pass's chunks, not the whole
+/// RAM.
+///
+/// Positions count the migration stream's bytes written to QEMU's socket.
+/// The receive loop notes, before it writes a batch, the batch's end
+/// position for every chunk the batch touches (`touched`), and after
+/// writing, a position up to which QEMU has surely applied the stream
+/// (`set_applied`: written, minus what still sits unread in the socket,
+/// minus a margin for QEMU's own buffer, 32 KiB in 7.2; QEMU applies a
+/// precopy stream in order as it reads it). A chunk digested when its
+/// position was `t <= applied` holds every record up to `t`; if its
+/// position is still `t` once QEMU has loaded everything, nothing touched
+/// it since, and the digest stands. Anything else is digested again at the
+/// end. Only records of the stream may write the RAM file meanwhile (QEMU
+/// loading it).
+pub struct IncrementalDigest {
+    ram: std::sync::Arc<RamFile>,
+    touch: Vec<std::sync::atomic::AtomicU64>,
+    applied: std::sync::atomic::AtomicU64,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// What the background digest made (`IncrementalDigest::run`).
+pub struct DigestProgress {
+    pages: Vec<u128>,
+    /// Per chunk, the position it was digested at.
+    done_at: Vec<u64>,
+    /// Bytes digested in the background.
+    pub bytes: u64,
+}
+
+impl IncrementalDigest {
+    /// For a RAM file that QEMU is about to load; chunks that already hold
+    /// data count as touched.
+    pub fn new(ram: std::sync::Arc<RamFile>) -> std::io::Result<Self> {
+        let n = (ram.len().div_ceil(PAGE as u64) as usize).div_ceil(CHUNK_PAGES);
+        let touch: Vec<_> = (0..n)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        for c in ram.chunks_with_data()? {
+            if let Some(t) = touch.get(c) {
+                t.store(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(IncrementalDigest {
+            ram,
+            touch,
+            applied: Default::default(),
+            stop: Default::default(),
+        })
+    }
+
+    /// `pages` will be rewritten by the stream up to position `end` (call
+    /// before writing them to QEMU).
+    pub fn touched(&self, pages: &[u64], end: u64) {
+        for p in pages {
+            if let Some(t) = self.touch.get(*p as usize / CHUNK_PAGES) {
+                t.fetch_max(end.max(1), std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// QEMU has surely applied the stream up to `pos`.
+    pub fn set_applied(&self, pos: u64) {
+        self.applied
+            .fetch_max(pos, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Ends `run`.
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Background: every `period`, digest the chunks that were touched
+    /// since they were digested and whose records are all applied; until
+    /// `stop`.
+    pub fn run(&self, period: std::time::Duration) -> DigestProgress {
+        use std::sync::atomic::Ordering;
+        let n = self.touch.len();
+        let npages = self.ram.len().div_ceil(PAGE as u64) as usize;
+        let mut p = DigestProgress {
+            pages: vec![zero_page(); npages],
+            done_at: vec![0; n],
+            bytes: 0,
+        };
+        while !self.stop.load(Ordering::Acquire) {
+            let applied = self.applied.load(Ordering::Acquire);
+            let mut ready = Vec::new();
+            let mut at = Vec::new();
+            for c in 0..n {
+                let t = self.touch[c].load(Ordering::Acquire);
+                if t > p.done_at[c] && t <= applied {
+                    ready.push(c);
+                    at.push(t);
+                }
+            }
+            // In batches, so that a stop is not kept waiting.
+            for (cs, ts) in ready.chunks(64).zip(at.chunks(64)) {
+                if self.stop.load(Ordering::Acquire) {
+                    break;
+                }
+                if self.ram.digest_chunks_into(&mut p.pages, cs, 1).is_err() {
+                    continue; // digested again at the end
+                }
+                for (c, t) in cs.iter().zip(ts) {
+                    p.done_at[*c] = *t;
+                }
+                p.bytes += (cs.len() * CHUNK) as u64;
+            }
+            let until = std::time::Instant::now() + period;
+            while std::time::Instant::now() < until && !self.stop.load(Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        p
+    }
+
+    /// Once QEMU has loaded the whole stream: digest again what was touched
+    /// since `run` digested it. Returns the digest and how many chunks were
+    /// digested here.
+    pub fn finish(
+        &self,
+        mut p: DigestProgress,
+        threads: usize,
+    ) -> std::io::Result<(MemoryDigest, usize)> {
+        use std::sync::atomic::Ordering;
+        let stale: Vec<usize> = (0..self.touch.len())
+            .filter(|&c| self.touch[c].load(Ordering::Acquire) != p.done_at[c])
+            .collect();
+        self.ram.digest_chunks_into(&mut p.pages, &stale, threads)?;
+        let mut d = MemoryDigest {
+            ram_len: self.ram.len(),
+            pages: p.pages,
+            chunks: vec![0; self.touch.len()],
+        };
+        d.rechunk(0..self.touch.len());
+        Ok((d, stale.len()))
     }
 }
 
@@ -434,6 +604,46 @@ mod tests {
         df.redigest_chunks(&mut d2, &diff).unwrap();
         assert!(d2.differing_chunks(&s.chunks).is_empty());
         assert_eq!(d2, s);
+    }
+
+    /// The incremental digest equals a full one, whatever was written
+    /// before, during and after its background runs.
+    #[test]
+    fn incremental_digest_equals_the_full_one() {
+        use std::sync::Arc;
+        let f = ram(8 << 20, &[(3 << 20, 4)]); // data before the stream
+        let rf = Arc::new(RamFile::open(f.path()).unwrap());
+        let inc = Arc::new(IncrementalDigest::new(rf.clone()).unwrap());
+        let bg = {
+            let inc = inc.clone();
+            std::thread::spawn(move || inc.run(std::time::Duration::from_millis(1)))
+        };
+        let mut pos = 0u64;
+        let mut write = |page: u64, b: u8| {
+            pos += 4096;
+            inc.touched(&[page], pos);
+            f.as_file().write_all_at(&[b; 4096], page * 4096).unwrap();
+            inc.set_applied(pos);
+            pos
+        };
+        for round in 0..5u8 {
+            for page in (0..2048u64).step_by(97) {
+                write(page, round + 1);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        write(5, 0); // a page back to zeros
+        let pos = write(2047, 9) + 4096;
+        // A record written but not known applied: digested at the end.
+        inc.touched(&[1000], pos);
+        f.as_file().write_all_at(&[7; 4096], 1000 * 4096).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        inc.stop();
+        let p = bg.join().unwrap();
+        assert!(p.bytes > 0);
+        let (d, stale) = inc.finish(p, 2).unwrap();
+        assert!(stale >= 1);
+        assert_eq!(d, rf.digest(2).unwrap());
     }
 
     #[test]
