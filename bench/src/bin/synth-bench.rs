@@ -400,17 +400,28 @@ fn measure(edge: &Edge, args: &Args, p: &Prepared, work: &Path, shm: &Path) -> R
         Ok(b) => row.bulk = Some(b),
         Err(e) => row.errors.push(format!("bulk download: {e:#}")),
     }
+    settle();
     match edge.synthesize(&url, &p.name, &p.health) {
         Ok(o) => row.ours = Some(o),
         Err(e) => row.errors.push(format!("ours: {e:#}")),
     }
     if let Some((zst, _)) = &p.zst {
+        settle();
         match naive(edge, args, p, zst, work, shm) {
             Ok(n) => row.naive = Some(n),
             Err(e) => row.errors.push(format!("naive: {e:#}")),
         }
     }
     row
+}
+
+/// Before each measured run: write back what earlier runs left dirty (the
+/// naive way writes a 2 GiB disk, the preparation three compressed ones),
+/// so that no run pays for the writeback of another.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(500));
 }
 
 /// Reference (b): fetch the compressed disk over the link, decompress, cold boot.

@@ -204,6 +204,9 @@ pub(crate) async fn synthesize_early(
     // As in full synthesis: every chunk is checked as it is applied.
     config.verify_launch_state = false;
     config.in_place = true;
+    // The page server reads unchanged pages from the base itself: no copy
+    // of the base memory before the guest can start.
+    config.copy_base_memory = false;
     let st = Arc::new(Applied {
         applier: Mutex::new(None),
         done: (0..nseg).map(|_| AtomicBool::new(false)).collect(),

@@ -40,6 +40,13 @@ pub struct ApplyConfig {
     /// the apply runs (early start). They are removed if the apply fails.
     /// Default off.
     pub in_place: bool,
+    /// Copy the base memory into the memory output before applying. Off
+    /// (early start, where the memory output is only read back through
+    /// [`Applier::read_memory`]): the output holds only the changed chunks,
+    /// and `read_memory` reads the others from the base, which saves copying
+    /// the whole base memory before the VM can start. The memory output is
+    /// then not a complete image. Default on.
+    pub copy_base_memory: bool,
 }
 
 impl ApplyConfig {
@@ -57,6 +64,7 @@ impl ApplyConfig {
             verify_launch_state: true,
             sync: false,
             in_place: false,
+            copy_base_memory: true,
         }
     }
 }
@@ -194,6 +202,9 @@ impl Outputs {
 pub struct Applier {
     shared: Arc<Shared>,
     outputs: Option<Outputs>,
+    /// Without a base memory copy: one bit per memory chunk, set for those
+    /// the memory output holds (every chunk with a manifest entry).
+    mem_in_output: Option<Vec<u64>>,
     /// Entries with a payload, per segment.
     by_segment: Vec<Vec<u32>>,
     /// Self references per segment: (entry, position of its target in
@@ -280,7 +291,12 @@ impl Applier {
         };
         let t0 = Instant::now();
         let outputs = match out {
-            Some((disk, mem)) => match prepare_outputs(&shared, disk, mem, config.in_place) {
+            Some((disk, mem)) => match prepare_outputs(
+                &shared,
+                (disk, mem),
+                config.in_place,
+                config.copy_base_memory,
+            ) {
                 Ok(o) => Some(o),
                 Err(e) => {
                     shared.cancel.store(true, Ordering::Release);
@@ -293,9 +309,20 @@ impl Applier {
             None => None,
         };
         tracing::debug!(elapsed = ?t0.elapsed(), "apply: base copied to the outputs");
+        // Memory chunks the output holds when the base memory is not copied.
+        let mem_in_output = (!config.copy_base_memory).then(|| {
+            let m = &shared.manifest;
+            let n = chunk_count(m.mem_size, m.chunk_size) as usize;
+            let mut bits = vec![0u64; n.div_ceil(64)];
+            for e in m.entries.iter().filter(|e| e.image == Image::Mem) {
+                bits[(e.index / 64) as usize] |= 1 << (e.index % 64);
+            }
+            bits
+        });
         let applier = Applier {
             shared,
             outputs,
+            mem_in_output,
             by_segment,
             self_refs,
             received: (0..nseg).map(|_| AtomicBool::new(false)).collect(),
@@ -330,13 +357,36 @@ impl Applier {
     /// payload) was applied: see [`crate::early`].
     pub fn read_memory(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        match &self.outputs {
-            Some(o) => o.mem.file.read_exact_at(buf, offset),
-            None => Err(io::Error::new(
+        let Some(o) = &self.outputs else {
+            return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "this applier writes no outputs",
-            )),
+            ));
+        };
+        let Some(bits) = &self.mem_in_output else {
+            return o.mem.file.read_exact_at(buf, offset);
+        };
+        // Chunk by chunk: changed ones from the output, the others from
+        // the base (zeros past its end).
+        let cs = self.shared.manifest.chunk_size as u64;
+        let (base, base_size) = self.shared.base(Image::Mem);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let chunk = at / cs;
+            let len = ((chunk + 1) * cs - at).min((buf.len() - done) as u64) as usize;
+            let part = &mut buf[done..done + len];
+            let in_output = bits
+                .get((chunk / 64) as usize)
+                .is_some_and(|w| w & (1 << (chunk % 64)) != 0);
+            if in_output {
+                o.mem.file.read_exact_at(part, at)?;
+            } else {
+                fsutil::read_padded(base, base_size, at, part)?;
+            }
+            done += len;
         }
+        Ok(())
     }
 
     /// Segments not applied yet.
@@ -604,7 +654,12 @@ fn zero(out: &Outputs, image: Image, start: u64, end: u64) -> Result<()> {
     })
 }
 
-fn prepare_outputs(shared: &Shared, disk: &Path, mem: &Path, in_place: bool) -> Result<Outputs> {
+fn prepare_outputs(
+    shared: &Shared,
+    (disk, mem): (&Path, &Path),
+    in_place: bool,
+    copy_base_memory: bool,
+) -> Result<Outputs> {
     let m = &shared.manifest;
     let create = |path: &Path| {
         let out = if in_place {
@@ -628,7 +683,9 @@ fn prepare_outputs(shared: &Shared, disk: &Path, mem: &Path, in_place: bool) -> 
             path: o.dest().to_path_buf(),
             source,
         };
-        fsutil::sparse_copy(src, &o.file, size).map_err(err)?;
+        if image == Image::Disk || copy_base_memory {
+            fsutil::sparse_copy(src, &o.file, size).map_err(err)?;
+        }
         o.file.set_len(m.image_size(image)).map_err(err)
     };
     let (a, b) = rayon::join(|| copy(Image::Disk), || copy(Image::Mem));

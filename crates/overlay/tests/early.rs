@@ -249,3 +249,79 @@ fn chunk_size_other_than_a_page_is_refused() {
         Err(cloudlet_overlay::EarlyStartError::ChunkSize { chunk_size: 8192 })
     );
 }
+
+/// Early start as the daemon runs it: outputs in place, no base memory copy
+/// (`read_memory` reads unchanged pages from the base), segments in
+/// `memory_first_order`. After each step every memory page and every disk
+/// chunk the plan calls final reads back as the launch state.
+fn check_lazy(vm: &Vm, bytes: &[u8], m: &Manifest, plan: &LaunchPlan) {
+    let order = plan.memory_first_order();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..m.segments.len() as u32).collect::<Vec<_>>());
+    assert_eq!(order[0], m.device_state_segment);
+    let mut config = vm.apply_config();
+    config.verify_launch_state = false;
+    config.in_place = true;
+    config.copy_base_memory = false;
+    let applier = Applier::new(m.clone(), &config).unwrap();
+    let disk_path = vm.path("out/disk");
+    let mut applied = vec![false; m.segments.len()];
+    let seg = |i: u32| {
+        let r = m.segment_range(i).unwrap();
+        &bytes[r.start as usize..r.end as usize]
+    };
+    let check = |applied: &[bool]| {
+        let mut page = vec![0u8; CS];
+        for p in 0..plan.pages() {
+            if plan.page_segment(p).map_or(true, |s| applied[s as usize]) {
+                applier.read_memory(p * CS as u64, &mut page).unwrap();
+                let r = p as usize * CS..(p as usize + 1) * CS;
+                assert!(page[..] == vm.launch_mem[r], "memory page {p} not final");
+            }
+        }
+        let disk = std::fs::read(&disk_path).unwrap();
+        assert_eq!(disk.len(), vm.launch_disk.len());
+        for c in 0..disk.len().div_ceil(CS) {
+            let r = c * CS..((c + 1) * CS).min(disk.len());
+            let ready = plan
+                .disk_range_segments(r.start as u64, (r.end - r.start) as u64)
+                .all(|s| applied[s as usize]);
+            if ready {
+                assert!(
+                    disk[r.clone()] == vm.launch_disk[r],
+                    "disk chunk {c} not final"
+                );
+            }
+        }
+    };
+    check(&applied);
+    for &s in &order {
+        applier.apply_segment(s, seg(s)).unwrap();
+        applied[s as usize] = true;
+        check(&applied);
+    }
+    // A read across chunks, unaligned, mixing the output and the base.
+    let mut buf = vec![0u8; 3 * CS + 100];
+    applier.read_memory(9 * CS as u64 + 50, &mut buf).unwrap();
+    assert!(buf[..] == vm.launch_mem[9 * CS + 50..12 * CS + 150]);
+    // The memory output is not a complete image (only changed chunks).
+    let out = applier.finish().unwrap();
+    assert_eq!(out.device_state, vm.device_state);
+    assert!(std::fs::read(&disk_path).unwrap() == vm.launch_disk);
+}
+
+#[test]
+fn lazy_disk_and_memory_without_a_base_copy() {
+    let vm = crafted_vm();
+    vm.write();
+    let (bytes, m) = make(&vm, 4);
+    let plan = LaunchPlan::new(&m).unwrap();
+    check_lazy(&vm, &bytes, &m, &plan);
+    for seed in 0..6 {
+        let vm = random_vm(seed, 40 + seed as usize * 7, 30 + seed as usize * 11, 3, 0);
+        let (bytes, m) = make(&vm, 3);
+        let plan = LaunchPlan::new(&m).unwrap();
+        check_lazy(&vm, &bytes, &m, &plan);
+    }
+}
