@@ -2221,12 +2221,19 @@ where
         .and_then(|mut m| m.get_mut(hid).and_then(|i| i.memory.take()))
         .ok_or(ReceiveHandoffError::NothingToRepair)?;
     let path = vm.spec().ram_path.clone();
-    let ram = std::fs::OpenOptions::new().write(true).open(&path)?;
+    let ram = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)?;
     let mut reader = SessionReader::new();
     let mut touched = std::collections::BTreeSet::new();
     let mut pages = 0u64;
     // Where (the first few), for the record: a clue to QEMU's page loss.
     let mut at = Vec::new();
+    // Pages whose bytes were not the source's (a check of the digests: the
+    // others differed only by their digests, which would be a bug).
+    let mut changed = 0u64;
+    let mut old = Vec::new();
     loop {
         let next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, body.next())
             .await
@@ -2248,6 +2255,13 @@ where
                             data.len()
                         )));
                     }
+                    old.resize(data.len(), 0);
+                    read_full(&ram, &mut old, offset)?;
+                    changed += old
+                        .chunks(memcheck::PAGE)
+                        .zip(data.chunks(memcheck::PAGE))
+                        .filter(|(a, b)| a != b)
+                        .count() as u64;
                     ram.write_all_at(&data, offset)?;
                     if at.len() < 16 {
                         at.push(format!("{offset:#x}+{}", data.len()));
@@ -2284,7 +2298,7 @@ where
     if !diff.is_empty() {
         return Err(ReceiveHandoffError::TooDifferent(diff.len()));
     }
-    tracing::warn!(vm_id = %vm_id, pages, ?at, digest = %digest_name(&ours), "moved memory repaired and verified");
+    tracing::warn!(vm_id = %vm_id, pages, changed, ?at, digest = %digest_name(&ours), "moved memory repaired and verified");
     if let Ok(mut m) = c.incoming.lock() {
         if let Some(i) = m.get_mut(hid) {
             i.loaded = true;

@@ -361,25 +361,14 @@ async fn a_memory_difference_is_repaired_before_the_vm_resumes() {
         .lines()
         .find(|l| l.contains("pages repaired at the destination"))
         .unwrap_or_else(|| panic!("{alog}"));
-    let plain: String = {
-        // Without the log's colours.
-        let mut out = String::new();
-        let mut esc = false;
-        for c in repaired.chars() {
-            match (esc, c) {
-                (false, '\x1b') => esc = true,
-                (true, 'm') => esc = false,
-                (true, _) => {}
-                (false, c) => out.push(c),
-            }
-        }
-        out
-    };
+    let plain = without_colours(repaired);
     assert!(plain.contains("pages=3"), "{plain}");
-    assert!(
-        blog.contains("moved memory repaired and verified"),
-        "{blog}"
-    );
+    // ...and they were the ones whose bytes differed.
+    let fixed = blog
+        .lines()
+        .find(|l| l.contains("moved memory repaired and verified"))
+        .unwrap_or_else(|| panic!("{blog}"));
+    assert!(without_colours(fixed).contains("changed=3"), "{fixed}");
     assert!(alog.contains("moved memory verified"), "{alog}");
     let new_port = port_of(&report.vm.ports[0].endpoint);
     for i in 0..20 {
@@ -397,4 +386,19 @@ async fn a_memory_difference_is_repaired_before_the_vm_resumes() {
     let dst = b.client().get_vm("repaired").await.unwrap();
     assert_eq!(dst.state, VmState::Running);
     assert_eq!(dst.generation, 2);
+}
+
+/// A log line without its ANSI colours.
+fn without_colours(line: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in line.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
 }

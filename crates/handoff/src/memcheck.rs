@@ -405,7 +405,7 @@ impl IncrementalDigest {
                 }
             }
             // In batches, so that a stop is not kept waiting.
-            for (cs, ts) in ready.chunks(64).zip(at.chunks(64)) {
+            for (cs, ts) in ready.chunks(8).zip(at.chunks(8)) {
                 if self.stop.load(Ordering::Acquire) {
                     break;
                 }
