@@ -5,7 +5,10 @@ mod common;
 
 use cloudlet_api::{CreateVmRequest, VmState};
 use cloudlet_testkit::http;
-use common::{kvstore_overlay, kvstore_overlay_with, qemu_running, start_registry, Daemon, TOKEN};
+use common::{
+    kvstore_overlay, kvstore_overlay_with, partial_content_head, qemu_running, read_range_request,
+    start_registry, Daemon, RangeRequest, TOKEN,
+};
 
 fn host_port(vm: &cloudlet_api::VmInfo) -> u16 {
     vm.ports[0].host
@@ -175,7 +178,7 @@ async fn a_daemon_restart_keeps_managing_its_running_vm() {
 /// that dies in the middle of a synthesis. Requests that start before
 /// `whole_below` (the header and manifest fetch) are served whole.
 async fn stalling_server(data: Vec<u8>, whole_below: u64, stall_at: u64) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let data = std::sync::Arc::new(data);
@@ -183,31 +186,13 @@ async fn stalling_server(data: Vec<u8>, whole_below: u64, stall_at: u64) -> Stri
         while let Ok((mut sock, _)) = listener.accept().await {
             let data = data.clone();
             tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&req).to_lowercase();
                 let len = data.len() as u64;
-                let (start, end) = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("range: bytes="))
-                    .and_then(|r| {
-                        let (a, b) = r.trim().split_once('-')?;
-                        let a: u64 = a.parse().ok()?;
-                        let b: u64 = b.parse().unwrap_or(len - 1);
-                        Some((a, b.min(len - 1) + 1))
-                    })
-                    .unwrap_or((0, len));
-                let head = format!(
-                    "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {start}-{}/{len}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    end - 1,
-                    end - start
-                );
+                let Some(RangeRequest { start, end, .. }) =
+                    read_range_request(&mut sock, len).await
+                else {
+                    return;
+                };
+                let head = partial_content_head(start, end, len);
                 let _ = sock.write_all(head.as_bytes()).await;
                 let upto = if start < whole_below {
                     end
@@ -284,7 +269,7 @@ async fn trickle_server(
     segments: Vec<(u64, u64)>,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use std::sync::atomic::Ordering;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let data = std::sync::Arc::new(data);
@@ -294,31 +279,13 @@ async fn trickle_server(
         while let Ok((mut sock, _)) = listener.accept().await {
             let (data, segments, sent) = (data.clone(), segments.clone(), sent.clone());
             tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&req).to_lowercase();
                 let len = data.len() as u64;
-                let (start, end) = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("range: bytes="))
-                    .and_then(|r| {
-                        let (a, b) = r.trim().split_once('-')?;
-                        let a: u64 = a.parse().ok()?;
-                        let b: u64 = b.parse().unwrap_or(len - 1);
-                        Some((a, b.min(len - 1) + 1))
-                    })
-                    .unwrap_or((0, len));
-                let head = format!(
-                    "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {start}-{}/{len}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    end - 1,
-                    end - start
-                );
+                let Some(RangeRequest { start, end, .. }) =
+                    read_range_request(&mut sock, len).await
+                else {
+                    return;
+                };
+                let head = partial_content_head(start, end, len);
                 if sock.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }

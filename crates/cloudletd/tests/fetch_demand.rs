@@ -8,12 +8,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+
+use common::{partial_content_head, read_range_request, RangeRequest};
+
 use cloudlet_overlay::{create_overlay, CreateConfig, LaunchPlan, Manifest};
 use cloudlet_registry::{RegistryConfig, RegistryState, StorageLocation};
 use cloudletd::fetch::{file_order, FetchConfig, FetchOverlayError, OverlaySource, SegmentFetcher};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const CS: usize = 4096;
 const TOKEN: &str = "test-token-0123456789";
@@ -100,36 +104,18 @@ async fn serve(data: Vec<u8>, how: Serve) -> (String, Arc<Seen>) {
             let data = data.clone();
             let seen = seen2.clone();
             tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&req).to_lowercase();
+                let len = data.len() as u64;
+                let Some(RangeRequest { text, start, end }) =
+                    read_range_request(&mut sock, len).await
+                else {
+                    return;
+                };
                 if text.starts_with("get /missing ") {
                     let _ = sock
                         .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                         .await;
                     return;
                 }
-                let len = data.len() as u64;
-                let (start, end) = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("range: bytes="))
-                    .and_then(|r| {
-                        let (a, b) = r.trim().split_once('-')?;
-                        let a: u64 = a.parse().ok()?;
-                        let b: u64 = if b.is_empty() {
-                            len - 1
-                        } else {
-                            b.parse().ok()?
-                        };
-                        Some((a, b.min(len.saturating_sub(1)) + 1))
-                    })
-                    .unwrap_or((0, len));
                 seen.ranges.lock().unwrap().push((start, end));
                 if start >= len {
                     let head = format!(
@@ -140,11 +126,7 @@ async fn serve(data: Vec<u8>, how: Serve) -> (String, Arc<Seen>) {
                 }
                 let n = seen.active.fetch_add(1, Ordering::SeqCst) + 1;
                 seen.max_active.fetch_max(n, Ordering::SeqCst);
-                let head = format!(
-                    "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {start}-{}/{len}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    end - 1,
-                    end - start
-                );
+                let head = partial_content_head(start, end, len);
                 let mut body = &data[start as usize..end as usize];
                 if let Some(cut) = how.cut_after {
                     body = &body[..cut.min(body.len())];

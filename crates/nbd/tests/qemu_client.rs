@@ -77,6 +77,31 @@ fn show(out: &Output) -> String {
 
 const MIB: u64 = 1 << 20;
 
+fn held(start: u64, end: u64) -> Arc<Held> {
+    Arc::new(Held {
+        start,
+        end,
+        state: Mutex::new(None),
+        cv: Condvar::new(),
+    })
+}
+
+/// A server for `dir/disk.raw` (1 MiB) on `dir/nbd.sock`.
+fn serve(dir: &Path, gate: Arc<dyn Gate>) -> (Server, std::path::PathBuf) {
+    let sock = dir.join("nbd.sock");
+    let server = Server::start(
+        &sock,
+        Export {
+            name: "disk".into(),
+            path: dir.join("disk.raw"),
+            size: MIB,
+            gate,
+        },
+    )
+    .unwrap();
+    (server, sock)
+}
+
 fn disk(dir: &Path) -> std::fs::File {
     let path = dir.join("disk.raw");
     let f = std::fs::OpenOptions::new()
@@ -94,18 +119,8 @@ fn disk(dir: &Path) -> std::fs::File {
 #[test]
 fn qemu_reads_and_writes_through_the_server() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nbd.sock");
     let file = disk(dir.path());
-    let server = Server::start(
-        &sock,
-        Export {
-            name: "disk".into(),
-            path: dir.path().join("disk.raw"),
-            size: MIB,
-            gate: Arc::new(Open),
-        },
-    )
-    .unwrap();
+    let (server, sock) = serve(dir.path(), Arc::new(Open));
     let out = qemu_io(
         &sock,
         &[
@@ -139,24 +154,9 @@ fn qemu_reads_and_writes_through_the_server() {
 #[test]
 fn requests_on_a_held_range_wait_and_the_others_do_not() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nbd.sock");
     let file = disk(dir.path());
-    let held = Arc::new(Held {
-        start: 256 << 10,
-        end: 512 << 10,
-        state: Mutex::new(None),
-        cv: Condvar::new(),
-    });
-    let server = Server::start(
-        &sock,
-        Export {
-            name: "disk".into(),
-            path: dir.path().join("disk.raw"),
-            size: MIB,
-            gate: held.clone(),
-        },
-    )
-    .unwrap();
+    let held = held(256 << 10, 512 << 10);
+    let (server, sock) = serve(dir.path(), held.clone());
     // Outside the held range: served at once.
     let t = Instant::now();
     let out = qemu_io(&sock, &["read -P 0xab 0 64k", "write -P 1 64k 4k"])
@@ -196,24 +196,9 @@ fn requests_on_a_held_range_wait_and_the_others_do_not() {
 #[test]
 fn a_range_that_fails_gives_an_io_error() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("nbd.sock");
     let _file = disk(dir.path());
-    let held = Arc::new(Held {
-        start: 0,
-        end: 4096,
-        state: Mutex::new(None),
-        cv: Condvar::new(),
-    });
-    let server = Server::start(
-        &sock,
-        Export {
-            name: "disk".into(),
-            path: dir.path().join("disk.raw"),
-            size: MIB,
-            gate: held.clone(),
-        },
-    )
-    .unwrap();
+    let held = held(0, 4096);
+    let (server, sock) = serve(dir.path(), held.clone());
     let child = qemu_io(&sock, &["read 0 4k"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     held.set(false);

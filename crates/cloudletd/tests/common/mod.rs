@@ -196,3 +196,55 @@ impl Drop for Daemon {
 pub fn qemu_running(d: &Daemon, id: &str) -> bool {
     cloudlet_testkit::process_running_with(&d.vm_dir.join(id).display().to_string())
 }
+
+/// A request head read by the small HTTP servers of the tests.
+pub struct RangeRequest {
+    /// The request line and headers, lowercased.
+    pub text: String,
+    /// The byte range asked for, `[start, end)`, clamped to the file (the
+    /// whole file without a Range header).
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Reads one request head from `sock` for a file of `len` bytes; `None` if
+/// the peer closed first.
+pub async fn read_range_request(
+    sock: &mut tokio::net::TcpStream,
+    len: u64,
+) -> Option<RangeRequest> {
+    use tokio::io::AsyncReadExt;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&req).to_lowercase();
+    let (start, end) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("range: bytes="))
+        .and_then(|r| {
+            let (a, b) = r.trim().split_once('-')?;
+            let a: u64 = a.parse().ok()?;
+            let b: u64 = if b.is_empty() {
+                len.saturating_sub(1)
+            } else {
+                b.parse().ok()?
+            };
+            Some((a, b.min(len.saturating_sub(1)) + 1))
+        })
+        .unwrap_or((0, len));
+    Some(RangeRequest { text, start, end })
+}
+
+/// The head of a 206 answer for `[start, end)` of `len` bytes.
+pub fn partial_content_head(start: u64, end: u64, len: u64) -> String {
+    format!(
+        "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {start}-{}/{len}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        end - 1,
+        end - start
+    )
+}
