@@ -141,6 +141,8 @@ pub struct Cloudlet {
     accel: String,
     /// Handoffs arriving here, by handoff id.
     pub(crate) incoming: Mutex<HashMap<String, crate::handoff::Incoming>>,
+    /// Ready copies of the base disks, for early-start synthesis.
+    pub(crate) spares: Arc<crate::spares::Spares>,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -180,6 +182,7 @@ impl Cloudlet {
         std::fs::create_dir_all(&config.vm_dir)?;
         let store = Store::open(&config.home.join("cloudletd.redb"))?;
         let bases = BaseStore::new(&config.home);
+        let home = config.home.clone();
         let accel = bases
             .list()
             .ok()
@@ -193,20 +196,32 @@ impl Cloudlet {
             metrics: Metrics::default(),
             accel,
             incoming: Mutex::new(HashMap::new()),
+            spares: Arc::new(crate::spares::Spares::new(&home)),
         });
         c.recover().await?;
         // Keep the bases in the page cache: synthesis copies its base in
         // the first second, and a base pushed out by other work costs
         // seconds to read back (measured: 4.5 s instead of 1 s for kvstore).
-        let bases = c.bases.clone();
+        // And a spare copy of each base disk (see `spares`).
+        let (bases, spares) = (c.bases.clone(), c.spares.clone());
         tokio::spawn(async move {
             loop {
-                let b = bases.clone();
-                let _ = tokio::task::spawn_blocking(move || warm_bases(&b)).await;
+                let (b, sp) = (bases.clone(), spares.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    warm_bases(&b);
+                    sp.refill(&b);
+                })
+                .await;
                 tokio::time::sleep(Duration::from_secs(30)).await;
             }
         });
         Ok(c)
+    }
+
+    /// Replaces a spare disk a synthesis took, in the background.
+    fn refill_spares(&self) {
+        let (b, sp) = (self.bases.clone(), self.spares.clone());
+        tokio::task::spawn_blocking(move || sp.refill(&b));
     }
 
     /// Re-adopt QEMU processes still running; mark dead ones; clean up
@@ -670,11 +685,13 @@ impl CloudletOps for Arc<Cloudlet> {
                 paths: &paths,
                 ports,
                 app: &app,
+                spares: Some(&self.spares),
             },
             &progress,
             self.config.early_start,
         )
         .await;
+        self.refill_spares();
         match result {
             Ok(Synthesized { vm, timings, tail }) => {
                 let vm = Arc::new(vm);

@@ -207,6 +207,10 @@ pub(crate) async fn synthesize_early(
     // The page server reads unchanged pages from the base itself: no copy
     // of the base memory before the guest can start.
     config.copy_base_memory = false;
+    // And the disk: a copy made ahead of time, if there is one.
+    config.disk_holds_base = req
+        .spares
+        .is_some_and(|s| s.take(req.base, &req.paths.disk()));
     let st = Arc::new(Applied {
         applier: Mutex::new(None),
         done: (0..nseg).map(|_| AtomicBool::new(false)).collect(),

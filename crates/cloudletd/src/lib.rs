@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod handoff;
 pub mod http;
 pub mod metrics;
+pub mod spares;
 pub mod store;
 pub mod synth;
 pub mod throttle;

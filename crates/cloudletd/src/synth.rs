@@ -130,6 +130,8 @@ pub struct SynthRequest<'a> {
     pub paths: &'a VmPaths,
     pub ports: Vec<PortForward>,
     pub app: &'a AppInfo,
+    /// Ready copies of the base disks (early start takes one if there is).
+    pub spares: Option<&'a crate::spares::Spares>,
 }
 
 /// A synthesized VM. With early start, `tail` still streams memory into the

@@ -10,6 +10,31 @@ use common::{
     start_registry, Daemon, RangeRequest, TOKEN,
 };
 
+/// The spare base disk of daemon `d`, once it is ready.
+async fn wait_for_spare(d: &Daemon) -> std::path::PathBuf {
+    let dir = d.home.join("spares");
+    let start = std::time::Instant::now();
+    loop {
+        let ready = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.ends_with(".disk") && !n.starts_with('.')
+            });
+        if let Some(e) = ready {
+            return e.path();
+        }
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "no spare disk in {}",
+            dir.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 fn host_port(vm: &cloudlet_api::VmInfo) -> u16 {
     vm.ports[0].host
 }
@@ -24,6 +49,10 @@ async fn synthesize_use_and_delete_kvstore_from_a_registry() {
         .unwrap();
     let d = Daemon::start("").await;
     let c = d.client();
+    // The daemon prepares a spare copy of the base disk; synthesis takes it
+    // (a rename: the VM's disk is that very file).
+    let spare = wait_for_spare(&d).await;
+    let spare_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&spare).unwrap());
     let vm = c
         .create_vm(&CreateVmRequest {
             overlay: format!("{registry}/v1/overlays/kvstore"),
@@ -32,6 +61,18 @@ async fn synthesize_use_and_delete_kvstore_from_a_registry() {
         })
         .await
         .expect("synthesis");
+    let disk = d.home.join("vms").join(&vm.id).join("disk.raw");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&disk).unwrap()),
+        spare_inode,
+        "the VM's disk is the spare"
+    );
+    // And a new spare is made for the next one.
+    let next = wait_for_spare(&d).await;
+    assert_ne!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&next).unwrap()),
+        spare_inode
+    );
     assert_eq!(vm.state, VmState::Running);
     assert_eq!(vm.ports[0].guest, 8080);
     assert!(

@@ -47,6 +47,10 @@ pub struct ApplyConfig {
     /// the whole base memory before the VM can start. The memory output is
     /// then not a complete image. Default on.
     pub copy_base_memory: bool,
+    /// With `in_place`: `out_disk` exists and already holds an exact copy of
+    /// the base disk (a copy prepared ahead of time), so it is used as it is
+    /// instead of copying the base into it. Default off.
+    pub disk_holds_base: bool,
 }
 
 impl ApplyConfig {
@@ -65,6 +69,7 @@ impl ApplyConfig {
             sync: false,
             in_place: false,
             copy_base_memory: true,
+            disk_holds_base: false,
         }
     }
 }
@@ -291,12 +296,7 @@ impl Applier {
         };
         let t0 = Instant::now();
         let outputs = match out {
-            Some((disk, mem)) => match prepare_outputs(
-                &shared,
-                (disk, mem),
-                config.in_place,
-                config.copy_base_memory,
-            ) {
+            Some((disk, mem)) => match prepare_outputs(&shared, (disk, mem), config) {
                 Ok(o) => Some(o),
                 Err(e) => {
                     shared.cancel.store(true, Ordering::Release);
@@ -657,12 +657,14 @@ fn zero(out: &Outputs, image: Image, start: u64, end: u64) -> Result<()> {
 fn prepare_outputs(
     shared: &Shared,
     (disk, mem): (&Path, &Path),
-    in_place: bool,
-    copy_base_memory: bool,
+    config: &ApplyConfig,
 ) -> Result<Outputs> {
     let m = &shared.manifest;
+    let disk_holds_base = config.in_place && config.disk_holds_base;
     let create = |path: &Path| {
-        let out = if in_place {
+        let out = if disk_holds_base && path == disk {
+            TempOutput::open_in_place(path)
+        } else if config.in_place {
             TempOutput::create_in_place(path)
         } else {
             TempOutput::create(path)
@@ -683,7 +685,11 @@ fn prepare_outputs(
             path: o.dest().to_path_buf(),
             source,
         };
-        if image == Image::Disk || copy_base_memory {
+        let copy = match image {
+            Image::Disk => !disk_holds_base,
+            Image::Mem => config.copy_base_memory,
+        };
+        if copy {
             fsutil::sparse_copy(src, &o.file, size).map_err(err)?;
         }
         o.file.set_len(m.image_size(image)).map_err(err)

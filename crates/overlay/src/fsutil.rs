@@ -64,6 +64,18 @@ impl TempOutput {
         })
     }
 
+    /// Like [`create_in_place`](Self::create_in_place), but `dest` exists
+    /// and its contents are kept (it already holds a copy of the base).
+    pub(crate) fn open_in_place(dest: &Path) -> io::Result<TempOutput> {
+        let file = OpenOptions::new().read(true).write(true).open(dest)?;
+        Ok(TempOutput {
+            file,
+            tmp: dest.to_path_buf(),
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
+    }
+
     pub(crate) fn dest(&self) -> &Path {
         &self.dest
     }

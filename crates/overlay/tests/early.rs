@@ -254,7 +254,7 @@ fn chunk_size_other_than_a_page_is_refused() {
 /// (`read_memory` reads unchanged pages from the base), segments in
 /// `memory_first_order`. After each step every memory page and every disk
 /// chunk the plan calls final reads back as the launch state.
-fn check_lazy(vm: &Vm, bytes: &[u8], m: &Manifest, plan: &LaunchPlan) {
+fn check_lazy(vm: &Vm, bytes: &[u8], m: &Manifest, plan: &LaunchPlan, spare_disk: bool) {
     let order = plan.memory_first_order();
     let mut sorted = order.clone();
     sorted.sort();
@@ -264,8 +264,13 @@ fn check_lazy(vm: &Vm, bytes: &[u8], m: &Manifest, plan: &LaunchPlan) {
     config.verify_launch_state = false;
     config.in_place = true;
     config.copy_base_memory = false;
-    let applier = Applier::new(m.clone(), &config).unwrap();
     let disk_path = vm.path("out/disk");
+    if spare_disk {
+        // A copy of the base made ahead of time: used as it is.
+        std::fs::write(&disk_path, &vm.base_disk).unwrap();
+        config.disk_holds_base = true;
+    }
+    let applier = Applier::new(m.clone(), &config).unwrap();
     let mut applied = vec![false; m.segments.len()];
     let seg = |i: u32| {
         let r = m.segment_range(i).unwrap();
@@ -317,11 +322,43 @@ fn lazy_disk_and_memory_without_a_base_copy() {
     vm.write();
     let (bytes, m) = make(&vm, 4);
     let plan = LaunchPlan::new(&m).unwrap();
-    check_lazy(&vm, &bytes, &m, &plan);
+    check_lazy(&vm, &bytes, &m, &plan, false);
+    check_lazy(&vm, &bytes, &m, &plan, true);
     for seed in 0..6 {
         let vm = random_vm(seed, 40 + seed as usize * 7, 30 + seed as usize * 11, 3, 0);
         let (bytes, m) = make(&vm, 3);
         let plan = LaunchPlan::new(&m).unwrap();
-        check_lazy(&vm, &bytes, &m, &plan);
+        check_lazy(&vm, &bytes, &m, &plan, seed % 2 == 1);
     }
+}
+
+#[test]
+fn a_spare_disk_is_used_as_it_is_not_copied_over() {
+    let vm = crafted_vm();
+    vm.write();
+    let (bytes, m) = make(&vm, 4);
+    // Disk chunk 30 is unchanged (the crafted VM changes 2, 3, 8, 9, 20, 40,
+    // 65, 66): mark it in the spare; a base copy would erase the mark.
+    assert!(m.find_entry(Image::Disk, 30).is_none());
+    let mut spare = vm.base_disk.clone();
+    spare[30 * CS..31 * CS].fill(0xee);
+    let disk_path = vm.path("out/disk");
+    std::fs::write(&disk_path, &spare).unwrap();
+    let mut config = vm.apply_config();
+    config.verify_launch_state = false;
+    config.in_place = true;
+    config.disk_holds_base = true;
+    let applier = Applier::new(m.clone(), &config).unwrap();
+    for s in 0..m.segments.len() as u32 {
+        let r = m.segment_range(s).unwrap();
+        applier
+            .apply_segment(s, &bytes[r.start as usize..r.end as usize])
+            .unwrap();
+    }
+    applier.finish().unwrap();
+    let disk = std::fs::read(&disk_path).unwrap();
+    assert!(disk[30 * CS..31 * CS].iter().all(|&b| b == 0xee));
+    let mut expected = vm.launch_disk.clone();
+    expected[30 * CS..31 * CS].fill(0xee);
+    assert!(disk == expected);
 }
