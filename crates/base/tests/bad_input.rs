@@ -76,7 +76,6 @@ async fn ram_file_of_the_wrong_size_is_refused() {
         machine: base.machine(),
         accel: base.manifest.accel,
         disk_format: cloudlet_qemu::spec::DiskFormat::Qcow2,
-        lazy_disk: None,
     };
     std::fs::write(
         snap.join("snapshot.json"),
