@@ -53,7 +53,8 @@ pub struct CloudletConfig {
     /// handoff so that its own switchover decision reflects the link (see
     /// `handoff::CAP_MARGIN`). Sub-0.5 s downtime over 25 Mbit/s, but more
     /// passes, and QEMU 7.2 (TCG) then lost pages in some moves (caught by
-    /// the verification, which fails the handoff: the VM stays).
+    /// the verification and repaired, `handoff_repair_memory`; otherwise
+    /// the handoff fails and the VM stays).
     pub handoff_rate_cap: bool,
     /// Early start: resume a synthesized VM as soon as its device state and
     /// disk have arrived and stream its memory in behind it (QEMU postcopy;

@@ -198,20 +198,25 @@ impl RamFile {
         chunks: &[usize],
         threads: usize,
     ) -> std::io::Result<()> {
-        let data = data_extents(&self.file, self.len)?;
         let mut ext = Vec::new();
-        for &c in chunks {
-            let (a, b) = ((c * CHUNK) as u64, (((c + 1) * CHUNK) as u64).min(self.len));
+        // Runs of consecutive chunks: their data, found within the run only.
+        let mut i = 0;
+        while i < chunks.len() {
+            let mut j = i + 1;
+            while j < chunks.len() && chunks[j] == chunks[j - 1] + 1 {
+                j += 1;
+            }
+            let (a, b) = (
+                (chunks[i] * CHUNK) as u64,
+                (((chunks[j - 1] + 1) * CHUNK) as u64).min(self.len),
+            );
             for p in a / PAGE as u64..b.div_ceil(PAGE as u64) {
                 if let Some(d) = pages.get_mut(p as usize) {
                     *d = zero_page();
                 }
             }
-            ext.extend(
-                data.iter()
-                    .filter(|(s, e)| *s < b && *e > a)
-                    .map(|(s, e)| ((*s).max(a), (*e).min(b))),
-            );
+            ext.extend(data_extents_in(&self.file, a, b)?);
+            i = j;
         }
         self.hash_extents(&ext, pages, threads);
         Ok(())
@@ -451,9 +456,14 @@ impl IncrementalDigest {
 /// The byte ranges of `f` that hold data (all of it if the filesystem
 /// cannot tell).
 fn data_extents(f: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    data_extents_in(f, 0, len)
+}
+
+/// The byte ranges of `f` within `[from, len)` that hold data.
+fn data_extents_in(f: &File, from: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
     let mut out = Vec::new();
-    let mut pos: i64 = 0;
+    let mut pos = from as i64;
     while (pos as u64) < len {
         // SAFETY: lseek on an open fd.
         let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
@@ -462,12 +472,15 @@ fn data_extents(f: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
             if e.raw_os_error() == Some(libc::ENXIO) {
                 break; // no data after pos
             }
-            return Ok(vec![(0, len)]);
+            return Ok(vec![(from, len)]);
+        }
+        if data as u64 >= len {
+            break;
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
         if hole < 0 {
-            return Ok(vec![(0, len)]);
+            return Ok(vec![(from, len)]);
         }
         out.push((data as u64, (hole as u64).min(len)));
         pos = hole;
