@@ -275,7 +275,7 @@ impl RamFile {
             return;
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<Vec<((usize, usize), Vec<u128>)>> = std::thread::scope(|s| {
+        let results: Vec<Vec<Hashed>> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| {
@@ -452,6 +452,9 @@ impl IncrementalDigest {
         Ok((d, stale.len()))
     }
 }
+
+/// A range of pages and their digests.
+type Hashed = ((usize, usize), Vec<u128>);
 
 /// The byte ranges of `f` that hold data (all of it if the filesystem
 /// cannot tell).
