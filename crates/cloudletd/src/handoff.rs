@@ -2203,7 +2203,7 @@ async fn load_and_digest(
         );
         tracing::warn!(vm_id = %vm_id, ?at, "test: pages of the moved memory altered");
     }
-    let (d, stale) = tokio::task::spawn_blocking(move || inc.finish(progress, memcheck::threads()))
+    let (d, stats) = tokio::task::spawn_blocking(move || inc.finish(progress, memcheck::threads()))
         .await
         .map_err(|e| ReceiveHandoffError::Read(e.to_string()))?
         .map_err(|e| ReceiveHandoffError::Read(format!("digesting the memory: {e}")))?;
@@ -2211,7 +2211,9 @@ async fn load_and_digest(
     tracing::info!(
         vm_id = %vm_id,
         ahead_mib,
-        after_load_mib = stale,
+        after_load_mib = stats.chunks,
+        pages_us = stats.pages_us,
+        chunks_us = stats.chunks_us,
         stop_ms,
         finish_ms = t.elapsed().as_millis() as u64 - stop_ms,
         "memory digested"

@@ -335,6 +335,16 @@ pub struct IncrementalDigest {
     stop: std::sync::atomic::AtomicBool,
 }
 
+/// What `IncrementalDigest::finish` did.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishStats {
+    /// Chunks digested again.
+    pub chunks: usize,
+    /// Time digesting their pages, and then all chunk digests (µs).
+    pub pages_us: u64,
+    pub chunks_us: u64,
+}
+
 /// What the background digest made (`IncrementalDigest::run`).
 pub struct DigestProgress {
     pages: Vec<u128>,
@@ -431,25 +441,33 @@ impl IncrementalDigest {
     }
 
     /// Once QEMU has loaded the whole stream: digest again what was touched
-    /// since `run` digested it. Returns the digest and how many chunks were
-    /// digested here.
+    /// since `run` digested it. Returns the digest and what it took.
     pub fn finish(
         &self,
         mut p: DigestProgress,
         threads: usize,
-    ) -> std::io::Result<(MemoryDigest, usize)> {
+    ) -> std::io::Result<(MemoryDigest, FinishStats)> {
         use std::sync::atomic::Ordering;
+        let t = std::time::Instant::now();
         let stale: Vec<usize> = (0..self.touch.len())
             .filter(|&c| self.touch[c].load(Ordering::Acquire) != p.done_at[c])
             .collect();
         self.ram.digest_chunks_into(&mut p.pages, &stale, threads)?;
+        let pages = t.elapsed();
         let mut d = MemoryDigest {
             ram_len: self.ram.len(),
             pages: p.pages,
             chunks: vec![0; self.touch.len()],
         };
         d.rechunk(0..self.touch.len());
-        Ok((d, stale.len()))
+        Ok((
+            d,
+            FinishStats {
+                chunks: stale.len(),
+                pages_us: pages.as_micros() as u64,
+                chunks_us: (t.elapsed() - pages).as_micros() as u64,
+            },
+        ))
     }
 }
 
@@ -657,8 +675,8 @@ mod tests {
         inc.stop();
         let p = bg.join().unwrap();
         assert!(p.bytes > 0);
-        let (d, stale) = inc.finish(p, 2).unwrap();
-        assert!(stale >= 1);
+        let (d, stats) = inc.finish(p, 2).unwrap();
+        assert!(stats.chunks >= 1);
         assert_eq!(d, rf.digest(2).unwrap());
     }
 
