@@ -468,7 +468,7 @@ async fn dirtying_faster_than_the_link(rig: Rig) {
         l.split("pages repaired")
             .last()
             .unwrap_or("")
-            .replace(|c: char| c == '\x1b', "")
+            .replace('\x1b', "")
     });
     eprintln!("memory repaired: {repaired:?}");
     eprintln!(
