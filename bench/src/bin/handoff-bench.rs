@@ -71,17 +71,16 @@ struct Args {
     /// Seconds of churn before the move starts.
     #[arg(long, default_value_t = 10)]
     warmup_s: u64,
-    /// Both daemons digest the moved memory and the destination resumes
-    /// only an identical copy, repairing a few differing pages
-    /// (`verify_memory`, the daemon's default; without this flag the bench
-    /// turns it off).
+    /// Turn off what the daemons do by default: digest the moved memory and
+    /// resume only an identical copy, repairing a few differing pages
+    /// (`verify_memory = false`; the rate cap needs it, so it goes too).
     #[arg(long)]
-    verify_memory: bool,
-    /// Experimental: the daemons cap QEMU's rate so that its switchover
-    /// decision reflects the link (`handoff_rate_cap`; implies
-    /// `--verify-memory`, which a capped move needs).
+    no_verify_memory: bool,
+    /// Turn off the daemons' rate cap (`handoff_rate_cap = false`): QEMU's
+    /// own switchover decision, made from a rate that counts pages equal to
+    /// the base, decides when to stop.
     #[arg(long)]
-    rate_cap: bool,
+    no_rate_cap: bool,
     /// Where VM RAM files go.
     #[arg(long, default_value = "/dev/shm")]
     workdir: PathBuf,
@@ -127,8 +126,8 @@ impl NsDaemon {
                 "name = \"bench-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [21000, 21099]\nadvertise_url = \"http://{addr}\"\nverify_memory = {}\nhandoff_rate_cap = {}\n",
                 home.display(),
                 vm_dir.display(),
-                args.verify_memory || args.rate_cap,
-                args.rate_cap,
+                !args.no_verify_memory,
+                !args.no_verify_memory && !args.no_rate_cap,
             ),
         )?;
         // Kept after the run (the last run of each side), for a look at

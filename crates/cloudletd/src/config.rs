@@ -49,12 +49,14 @@ pub struct CloudletConfig {
     /// memory after QEMU loaded it (what a lost page looks like), so that a
     /// test can see the verification catch it. 0 (off) by default.
     pub handoff_test_corrupt_pages: u32,
-    /// Experimental, and only with `verify_memory`: cap QEMU's rate during a
-    /// handoff so that its own switchover decision reflects the link (see
-    /// `handoff::CAP_MARGIN`). Sub-0.5 s downtime over 25 Mbit/s, but more
-    /// passes, and QEMU 7.2 (TCG) then lost pages in some moves (caught by
-    /// the verification and repaired, `handoff_repair_memory`; otherwise
-    /// the handoff fails and the VM stays).
+    /// Only with `verify_memory`: cap QEMU's rate during a handoff so that
+    /// its own switchover decision reflects the link (see
+    /// `handoff::CAP_MARGIN`). Sub-0.5 s downtime over 25 Mbit/s, where
+    /// QEMU's own decision, made from a rate that counts pages equal to the
+    /// base, left seconds. More passes, and QEMU 7.2 (TCG) then lost pages
+    /// in some moves: caught by the verification and repaired
+    /// (`handoff_repair_memory`; otherwise the handoff fails and the VM
+    /// stays). On by default.
     pub handoff_rate_cap: bool,
     /// Early start: resume a synthesized VM as soon as its device state and
     /// disk have arrived and stream its memory in behind it (QEMU postcopy;
@@ -112,7 +114,7 @@ impl Default for CloudletConfig {
             verify_memory: true,
             handoff_repair_memory: true,
             handoff_test_corrupt_pages: 0,
-            handoff_rate_cap: false,
+            handoff_rate_cap: true,
             early_start: true,
         }
     }
