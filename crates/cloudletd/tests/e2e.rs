@@ -356,14 +356,14 @@ async fn trickle_server(
     (format!("http://{addr}"), counter)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_daemon_crash_while_memory_still_streams_stops_the_vm_and_keeps_its_record() {
-    // Small segments: the guest's first pages come by demand fetches while
-    // the rest of the overlay trickles in behind.
+/// kvstore with small segments (the guest's first pages come by demand
+/// fetches while the rest trickles in behind): its bytes, manifest and the
+/// byte range of each segment in the file.
+async fn trickled_kvstore() -> (Vec<u8>, cloudlet_overlay::Manifest, Vec<(u64, u64)>) {
     let overlay = kvstore_overlay_with(Some(128 << 10)).await;
     let bytes = std::fs::read(&overlay).unwrap();
     let (_, m) = cloudlet_overlay::format::parse_prefix(&bytes).unwrap();
-    let segments: Vec<(u64, u64)> = m
+    let segments = m
         .segments
         .iter()
         .map(|s| {
@@ -373,6 +373,12 @@ async fn a_daemon_crash_while_memory_still_streams_stops_the_vm_and_keeps_its_re
             )
         })
         .collect();
+    (bytes, m, segments)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_crash_while_memory_still_streams_stops_the_vm_and_keeps_its_record() {
+    let (bytes, m, segments) = trickled_kvstore().await;
     assert!(segments.len() > 8, "{} segments", segments.len());
     let payload = bytes.len() as u64 - m.data_offset;
     let (url, sent) = trickle_server(bytes, m.data_offset, segments).await;
@@ -433,19 +439,7 @@ async fn a_daemon_crash_while_memory_still_streams_stops_the_vm_and_keeps_its_re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_vms_whose_memory_still_streams_keeps_the_daemon_serving() {
-    let overlay = kvstore_overlay_with(Some(128 << 10)).await;
-    let bytes = std::fs::read(&overlay).unwrap();
-    let (_, m) = cloudlet_overlay::format::parse_prefix(&bytes).unwrap();
-    let segments: Vec<(u64, u64)> = m
-        .segments
-        .iter()
-        .map(|s| {
-            (
-                m.data_offset + s.offset,
-                m.data_offset + s.offset + s.stored_len,
-            )
-        })
-        .collect();
+    let (bytes, m, segments) = trickled_kvstore().await;
     let (url, _) = trickle_server(bytes, m.data_offset, segments).await;
     let d = Daemon::start("").await;
     // More deletions than the daemon has worker threads: a deletion that

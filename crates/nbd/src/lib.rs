@@ -438,20 +438,21 @@ fn handshake(conn: &mut UnixStream, export: &Export) -> io::Result<bool> {
 mod tests {
     use super::*;
 
+    fn small_server(path: &Path, dir: &Path) -> Server {
+        let export = Export {
+            name: "d".into(),
+            path: dir.join("disk"),
+            size: 4096,
+            gate: Arc::new(Open),
+        };
+        Server::start(path, export).unwrap()
+    }
+
     #[test]
     fn a_bad_client_flag_ends_the_connection_cleanly() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let server = Server::start(
-            &path,
-            Export {
-                name: "d".into(),
-                path: dir.path().join("disk"),
-                size: 4096,
-                gate: Arc::new(Open),
-            },
-        )
-        .unwrap();
+        let server = small_server(&path, dir.path());
         let mut c = UnixStream::connect(&path).unwrap();
         let mut hello = [0u8; 18];
         c.read_exact(&mut hello).unwrap();
@@ -470,16 +471,7 @@ mod tests {
     fn stopping_does_not_block_when_the_socket_file_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let server = Server::start(
-            &path,
-            Export {
-                name: "d".into(),
-                path: dir.path().join("disk"),
-                size: 4096,
-                gate: Arc::new(Open),
-            },
-        )
-        .unwrap();
+        let server = small_server(&path, dir.path());
         let shared = server.shared.clone();
         // Its directory removed under it (a deleted VM).
         std::fs::remove_file(&path).unwrap();
