@@ -207,10 +207,12 @@ pub struct HandoffPrepared {
 pub struct HandoffLoaded {
     pub raw_bytes: u64,
     pub disk_bytes: u64,
-    /// BLAKE3 of the loaded guest memory (hex), when the destination
-    /// verifies memory (`verify_memory`).
-    #[serde(default)]
-    pub memory_blake3: Option<String>,
+    /// The digest of the loaded guest memory, `xxh3-128:<hex>` (a root over
+    /// per-MiB digests of per-page XXH3-128 digests), when the destination
+    /// verifies memory (`verify_memory`). Called `memory_blake3` before
+    /// session format 2, and accepted under that name.
+    #[serde(default, alias = "memory_blake3")]
+    pub memory_digest: Option<String>,
 }
 
 /// `GET /v1/handoff/{id}` on the destination: how much of the session

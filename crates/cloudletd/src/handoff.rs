@@ -1289,7 +1289,7 @@ async fn send_vm(
                         _ => None,
                     },
                 }
-                .and_then(|a| a.memory_blake3);
+                .and_then(|a| a.memory_digest);
                 if theirs.as_deref() == Some(digest_name(ours).as_str()) {
                     tracing::info!(vm_id = %id, digest = %digest_name(ours), "moved memory verified");
                 } else {
@@ -2048,7 +2048,7 @@ where
     // Verification: resume only a copy whose memory equals the source's at
     // its switchover (`memcheck`); a few differing MiB may be repaired by
     // the source (`receive_repair`).
-    let (arrival, memory, memory_blake3) = match source_digest {
+    let (arrival, memory, memory_digest) = match source_digest {
         Some((ram_len, chunk_bytes, theirs)) => {
             if chunk_bytes as usize != memcheck::CHUNK {
                 return Err(ReceiveHandoffError::Read(format!(
@@ -2110,7 +2110,7 @@ where
     Ok(HandoffLoaded {
         raw_bytes: raw,
         disk_bytes,
-        memory_blake3,
+        memory_digest,
     })
 }
 
@@ -2331,7 +2331,7 @@ where
     Ok(HandoffLoaded {
         raw_bytes: 0,
         disk_bytes: 0,
-        memory_blake3: Some(digest_name(&ours)),
+        memory_digest: Some(digest_name(&ours)),
     })
 }
 
