@@ -458,10 +458,38 @@ async fn run_qemu(args: &Args, bin: &Path, mode: &str, churn: u32) -> anyhow::Re
     let dst_dir = args.workdir.join("hbq");
     let _ = std::fs::remove_dir_all(&dst_dir);
     std::fs::create_dir_all(dst_dir.join("run"))?;
+    // An early-started VM reached its disk through the daemon's NBD server
+    // until it was complete, then switched to the file (node `disk0-file`);
+    // its arguments still name the server.
+    let switched_disk = match argv.iter().any(|a| a.contains("file.driver=nbd")) {
+        false => None,
+        true => {
+            let nodes = src_qmp
+                .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+                .await?;
+            let file = nodes.as_array().and_then(|n| {
+                n.iter()
+                    .find(|x| x["node-name"] == cloudlet_qemu::spec::DISK_FILE_NODE)
+                    .and_then(|x| x["file"].as_str().map(str::to_string))
+            });
+            Some(file.context("the source's disk is still on the daemon's NBD server")?)
+        }
+    };
     let mut dst_args: Vec<String> = Vec::new();
     let mut src_disk = None;
     for a in &argv[1..] {
         let mut a = a.replace(&needle, &dst_dir.display().to_string());
+        if let (Some(i), Some(path)) = (a.find("file.driver=nbd"), &switched_disk) {
+            let dst = dst_dir.join("disk.copy");
+            a = format!(
+                "{}file.driver=file,file.filename={}",
+                &a[..i],
+                dst.display()
+            );
+            src_disk = Some((PathBuf::from(path), dst));
+            dst_args.push(a);
+            continue;
+        }
         // The disk lives in the daemon's home: copy it next to the RAM.
         if let Some(i) = a.find("file.filename=") {
             let path = a[i + "file.filename=".len()..]
