@@ -266,7 +266,18 @@ impl Cloudlet {
                 VmState::Running | VmState::HandingOff => {
                     let mut adopted = match (&rec.spec, rec.pid) {
                         (Some(spec), Some(pid)) if qemu_alive(pid, spec) => {
-                            Vm::adopt(spec.clone(), pid).await.ok()
+                            match Vm::adopt(spec.clone(), pid).await {
+                                Ok(vm) => Some(vm),
+                                Err(e) => {
+                                    // Alive but unmanageable (an early start
+                                    // whose main loop waits on a page the
+                                    // dead daemon had does not answer QMP):
+                                    // it must not run on unrecorded.
+                                    tracing::warn!(vm_id = %id, pid, error = %e, "QEMU runs but does not answer on QMP: stopping it");
+                                    kill_pid(Some(pid));
+                                    None
+                                }
+                            }
                         }
                         _ => None,
                     };
