@@ -6,8 +6,8 @@ mod common;
 use cloudlet_api::{CreateVmRequest, VmState};
 use cloudlet_testkit::http;
 use common::{
-    kvstore_overlay, kvstore_overlay_with, partial_content_head, qemu_running, read_range_request,
-    start_registry, Daemon, RangeRequest, TOKEN,
+    kvstore_overlay, kvstore_overlay_with, qemu_running, range_server, start_registry, Daemon,
+    TOKEN,
 };
 
 /// The spare base disk of daemon `d`, once it is ready.
@@ -219,36 +219,20 @@ async fn a_daemon_restart_keeps_managing_its_running_vm() {
 /// that dies in the middle of a synthesis. Requests that start before
 /// `whole_below` (the header and manifest fetch) are served whole.
 async fn stalling_server(data: Vec<u8>, whole_below: u64, stall_at: u64) -> String {
-    use tokio::io::AsyncWriteExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let data = std::sync::Arc::new(data);
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let data = data.clone();
-            tokio::spawn(async move {
-                let len = data.len() as u64;
-                let Some(RangeRequest { start, end, .. }) =
-                    read_range_request(&mut sock, len).await
-                else {
-                    return;
-                };
-                let head = partial_content_head(start, end, len);
-                let _ = sock.write_all(head.as_bytes()).await;
-                let upto = if start < whole_below {
-                    end
-                } else {
-                    end.min(stall_at.max(start))
-                };
-                let _ = sock.write_all(&data[start as usize..upto as usize]).await;
-                if upto < end {
-                    // Hold the connection, send nothing more.
-                    tokio::time::sleep(std::time::Duration::from_secs(600)).await;
-                }
-            });
+    range_server(data, move |mut sock, data, start, end| async move {
+        use tokio::io::AsyncWriteExt;
+        let upto = if start < whole_below {
+            end
+        } else {
+            end.min(stall_at.max(start))
+        };
+        let _ = sock.write_all(&data[start as usize..upto as usize]).await;
+        if upto < end {
+            // Hold the connection, send nothing more.
+            tokio::time::sleep(std::time::Duration::from_secs(600)).await;
         }
-    });
-    format!("http://{addr}")
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -309,51 +293,38 @@ async fn trickle_server(
     whole_below: u64,
     segments: Vec<(u64, u64)>,
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
-    use std::sync::atomic::Ordering;
-    use tokio::io::AsyncWriteExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let data = std::sync::Arc::new(data);
-    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let sent = std::sync::Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let (data, segments, sent) = (data.clone(), segments.clone(), sent.clone());
-            tokio::spawn(async move {
-                let len = data.len() as u64;
-                let Some(RangeRequest { start, end, .. }) =
-                    read_range_request(&mut sock, len).await
-                else {
-                    return;
-                };
-                let head = partial_content_head(start, end, len);
-                if sock.write_all(head.as_bytes()).await.is_err() {
+    let segments = std::sync::Arc::new(segments);
+    let url = range_server(data, move |mut sock, data, start, end| {
+        let (segments, sent) = (segments.clone(), sent.clone());
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let fast = start < whole_below || segments.contains(&(start, end));
+            let step = if fast { 1 << 20 } else { 4096 };
+            let mut at = start;
+            while at < end {
+                let upto = (at + step).min(end);
+                if sock
+                    .write_all(&data[at as usize..upto as usize])
+                    .await
+                    .is_err()
+                {
                     return;
                 }
-                let fast = start < whole_below || segments.contains(&(start, end));
-                let step = if fast { 1 << 20 } else { 4096 };
-                let mut at = start;
-                while at < end {
-                    let upto = (at + step).min(end);
-                    if sock
-                        .write_all(&data[at as usize..upto as usize])
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    if start >= whole_below {
-                        sent.fetch_add(upto - at, Ordering::Relaxed);
-                    }
-                    at = upto;
-                    if !fast {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
+                if start >= whole_below {
+                    sent.fetch_add(upto - at, Ordering::Relaxed);
                 }
-            });
+                at = upto;
+                if !fast {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
         }
-    });
-    (format!("http://{addr}"), counter)
+    })
+    .await;
+    (url, counter)
 }
 
 /// kvstore with small segments (the guest's first pages come by demand

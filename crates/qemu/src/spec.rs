@@ -98,7 +98,7 @@ pub struct VmSpec {
     pub disk_format: DiskFormat,
     /// Early start: QEMU reaches the disk through an NBD server on this
     /// Unix socket (export [`LAZY_DISK_EXPORT`]) that holds back requests
-    /// until their range has arrived; [`Vm::pivot_disk_to_file`](crate::Vm::pivot_disk_to_file)
+    /// until their range has arrived; [`pivot_disk_to_file`](crate::vm::pivot_disk_to_file)
     /// later switches to `disk_path` itself. Raw format only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy_disk: Option<PathBuf>,

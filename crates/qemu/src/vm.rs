@@ -269,11 +269,6 @@ impl Vm {
         self.qmp.execute("cont", None).await.map(|_| ())
     }
 
-    /// See [`pivot_disk_to_file`].
-    pub async fn pivot_disk_to_file(&self) -> Result<(), QmpError> {
-        pivot_disk_to_file(&self.qmp, &self.spec).await
-    }
-
     /// Connect to the guest agent, waiting up to `timeout` for it to answer.
     pub async fn agent(&self, timeout: Duration) -> Result<AgentClient, AgentError> {
         AgentClient::connect(&self.spec.agent_socket(), timeout).await

@@ -248,3 +248,37 @@ pub fn partial_content_head(start: u64, end: u64, len: u64) -> String {
         end - start
     )
 }
+
+/// A small HTTP server with range support for `data`, on a free port: each
+/// request gets a 206 head, then `body(socket, data, start, end)` sends the
+/// range its own way (whole, throttled, cut short). Returns its URL.
+pub async fn range_server<F, Fut>(data: Vec<u8>, body: F) -> String
+where
+    F: Fn(tokio::net::TcpStream, std::sync::Arc<Vec<u8>>, u64, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let data = std::sync::Arc::new(data);
+    let body = std::sync::Arc::new(body);
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (data, body) = (data.clone(), body.clone());
+            tokio::spawn(async move {
+                let len = data.len() as u64;
+                let Some(RangeRequest { start, end, .. }) =
+                    read_range_request(&mut sock, len).await
+                else {
+                    return;
+                };
+                let head = partial_content_head(start, end, len);
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                body(sock, data, start, end).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
