@@ -3,7 +3,9 @@
 #   make demo    the main job: a local cloudlet provisions and moves a real app
 #   make test    everything CI runs: format, lint, the whole test suite
 #
-# Both install what they need on Debian (as root) first.
+# Both install what they need on Debian (as root) first, then run
+# `cloudlet doctor`, which stops them at once, with the reason and what to
+# run, on a machine that lacks something.
 
 CARGO        ?= cargo
 GUEST_TARGET := x86_64-unknown-linux-gnu
@@ -11,13 +13,20 @@ GUEST_DIR    := target/guest/$(GUEST_TARGET)/release
 GUEST_BINS   := cloudlet-agent kvstore translator
 export CLOUDLET_AGENT := $(CURDIR)/$(GUEST_DIR)/cloudlet-agent
 
-.PHONY: all deps guest build test lint fmt demo bench clean openapi
+.PHONY: all deps doctor doctor-tests guest build test lint fmt demo bench clean openapi
 
 all: build
 
 ## System packages (Debian). Skipped when everything is already there.
 deps:
 	@./scripts/install-deps.sh
+
+## What this machine has and lacks, for the main job / for the tests.
+doctor:
+	$(CARGO) run -q --release -p cloudlet-cli --bin cloudlet -- doctor
+
+doctor-tests:
+	$(CARGO) run -q -p cloudlet-cli --bin cloudlet -- doctor --tests
 
 ## Static binaries that run inside the guest (agent and example apps).
 guest:
@@ -36,10 +45,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: deps guest lint
+test: deps doctor-tests guest lint
 	$(CARGO) test --workspace -- --test-threads=2
 
-demo: deps build
+demo: deps build doctor
 	./scripts/demo.sh
 
 bench: deps build

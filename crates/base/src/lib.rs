@@ -25,7 +25,9 @@ mod store;
 
 pub use archive::{export_base, import_base, ArchiveError};
 pub use build::{build_base, BuildOptions, Recipe};
-pub use store::{default_cache, default_home, BaseError, BaseStore, BaseVm, RestoreFromBaseError};
+pub use store::{
+    default_cache, default_home, default_vm_dir, BaseError, BaseStore, BaseVm, RestoreFromBaseError,
+};
 
 use std::path::PathBuf;
 

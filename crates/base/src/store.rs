@@ -29,6 +29,16 @@ pub fn default_cache() -> PathBuf {
         .unwrap_or_else(|| home_dir().join(".cache/cloudlet"))
 }
 
+/// Where a cloudlet keeps running VMs' files (RAM files above all):
+/// `/dev/shm/cloudlet` (a tmpfs) where `/dev/shm` exists, else `HOME/vms`.
+pub fn default_vm_dir() -> PathBuf {
+    if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm/cloudlet")
+    } else {
+        default_home().join("vms")
+    }
+}
+
 fn home_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)

@@ -84,11 +84,7 @@ impl Default for CloudletConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7450)),
             public_host: "127.0.0.1".into(),
             home: cloudlet_base::default_home(),
-            vm_dir: if Path::new("/dev/shm").is_dir() {
-                PathBuf::from("/dev/shm/cloudlet")
-            } else {
-                cloudlet_base::default_home().join("vms")
-            },
+            vm_dir: cloudlet_base::default_vm_dir(),
             capacity: Resources {
                 vcpus: 2 * std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
                 memory_mib: mem_mib * 3 / 4,
