@@ -24,6 +24,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+echo "== 0. this machine (cloudlet doctor: stops here, saying what to do, if something is missing)"
+$BIN/cloudlet doctor --ports "${API##*:},${API2##*:},${REG##*:}"
+
 echo "== 1. base VM 'debian' (built once from Debian packages, then cached)"
 t=$(now)
 $BIN/cloudlet base build debian

@@ -38,6 +38,9 @@ pub struct CloudletInfo {
     pub flavors: Vec<Flavor>,
     /// `tcg` or `kvm`.
     pub accel: String,
+    /// The handoff protocol this cloudlet speaks ([`HANDOFF_PROTOCOL`]).
+    #[serde(default)]
+    pub handoff_protocol: u32,
 }
 
 /// A base VM this cloudlet holds (`GET /v1/base-vms`).
@@ -181,12 +184,29 @@ pub struct HandoffReport {
     pub phases: Vec<StageTiming>,
 }
 
+/// Version of the cloudlet-to-cloudlet handoff protocol: the calls
+/// (`prepare`, `stream`, `commit`, `abort`, their bodies and refusals) and
+/// the session stream they carry. Two cloudlets move VMs only when their
+/// versions are equal: the destination checks the offer's before it does
+/// anything else (409 `protocol_mismatch`, no QEMU started).
+///
+/// - 1: the first versioned protocol (session format 2, XXH3 memory
+///   digests, page repair, the commit persisted before the VM resumes and
+///   answered again after a restart; offers without a version are refused).
+pub const HANDOFF_PROTOCOL: u32 = 1;
+
 /// `POST /v1/handoff/prepare`, source -> destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HandoffOffer {
+    /// [`HANDOFF_PROTOCOL`] of the source (0: an unversioned source).
+    #[serde(default)]
+    pub protocol: u32,
     pub handoff_id: String,
     pub vm_id: String,
     pub name: String,
+    /// The VM's generation at the source; it runs at the destination as
+    /// `generation + 1`. A destination refuses an offer whose generation is
+    /// not above every generation it has recorded for this VM.
     pub generation: u64,
     pub base_id: String,
     pub flavor: String,
@@ -228,6 +248,9 @@ pub struct HandoffArrival {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HandoffCommitted {
     pub vm: VmInfo,
+    /// The destination QEMU's RESUME event, microseconds since the Unix
+    /// epoch; 0 when not known (a commit answered again after the
+    /// destination restarted).
     pub resume_us: i64,
 }
 

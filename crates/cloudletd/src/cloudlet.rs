@@ -218,6 +218,14 @@ impl Cloudlet {
         Ok(c)
     }
 
+    /// The handoff protocol this cloudlet speaks
+    /// ([`cloudlet_api::HANDOFF_PROTOCOL`], unless a test says otherwise).
+    pub(crate) fn handoff_protocol(&self) -> u32 {
+        self.config
+            .handoff_test_protocol
+            .unwrap_or(cloudlet_api::HANDOFF_PROTOCOL)
+    }
+
     /// Replaces a spare disk a synthesis took, in the background.
     fn refill_spares(&self) {
         let (b, sp) = (self.bases.clone(), self.spares.clone());
@@ -293,6 +301,7 @@ impl Cloudlet {
                     }
                     match adopted {
                         Some(vm) => {
+                            resume_adopted(&id, &vm).await;
                             tracing::info!(vm_id = %id, pid = vm.pid(), "re-adopted running VM");
                             let vm = Arc::new(vm);
                             rec.info.state = VmState::Running;
@@ -560,6 +569,7 @@ impl CloudletOps for Arc<Cloudlet> {
             base_vms: self.list_bases().unwrap_or_default(),
             flavors: self.config.flavors.clone(),
             accel: self.accel.clone(),
+            handoff_protocol: self.handoff_protocol(),
         }
     }
 
@@ -681,6 +691,7 @@ impl CloudletOps for Arc<Cloudlet> {
             app: app.clone(),
             vcpus: flavor.vcpus,
             memory_mib: flavor.memory_mib,
+            committed_handoff: None,
         };
         let (progress, ports) = self.reserve(rec)?;
         self.metrics.synth_started.inc();
@@ -896,6 +907,31 @@ fn warm_bases(bases: &BaseStore) {
 /// Whether an adopted QEMU was still being synthesized by early start: in a
 /// postcopy migration (only early starts use postcopy: handoffs are
 /// precopy), or with its disk still on the daemon's NBD server.
+/// A re-adopted VM its record calls running (or leaving) that QEMU holds
+/// paused runs again: a destination that died between storing its commit
+/// and resuming the VM, or a source that died while it throttled its guest
+/// or waited at the switchover (a move not yet committed: a committed one
+/// is recorded moved, and never comes here).
+async fn resume_adopted(id: &str, vm: &Vm) {
+    let state = match vm.qmp().run_state().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(vm_id = %id, "reading the re-adopted VM's run state: {e}");
+            return;
+        }
+    };
+    if state == "running" {
+        return;
+    }
+    let _ = vm.qmp().cancel_migration().await;
+    match vm.resume().await {
+        Ok(()) => tracing::info!(vm_id = %id, was = %state, "re-adopted VM was paused: resumed"),
+        Err(e) => {
+            tracing::error!(vm_id = %id, was = %state, "cannot resume the re-adopted VM: {e}")
+        }
+    }
+}
+
 async fn incoming_unfinished(vm: &Vm) -> bool {
     let postcopy = match vm.qmp().execute("query-migrate", None).await {
         Ok(v) => matches!(

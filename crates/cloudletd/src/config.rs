@@ -49,6 +49,13 @@ pub struct CloudletConfig {
     /// memory after QEMU loaded it (what a lost page looks like), so that a
     /// test can see the verification catch it. 0 (off) by default.
     pub handoff_test_corrupt_pages: u32,
+    /// Tests only: speak this handoff protocol version instead of
+    /// [`cloudlet_api::HANDOFF_PROTOCOL`] (a peer of another release).
+    pub handoff_test_protocol: Option<u32>,
+    /// Tests only: as a destination, exit the process right after the
+    /// commit is stored, before the VM resumes and the source has its
+    /// answer (a crash at the worst moment). Off by default.
+    pub handoff_test_exit_after_commit: bool,
     /// Only with `verify_memory`: cap QEMU's rate during a handoff so that
     /// its own switchover decision reflects the link (see
     /// `handoff::CAP_MARGIN`). Sub-0.5 s downtime over 25 Mbit/s, where
@@ -110,6 +117,8 @@ impl Default for CloudletConfig {
             verify_memory: true,
             handoff_repair_memory: true,
             handoff_test_corrupt_pages: 0,
+            handoff_test_protocol: None,
+            handoff_test_exit_after_commit: false,
             handoff_rate_cap: true,
             early_start: true,
         }

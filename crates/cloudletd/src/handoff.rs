@@ -162,8 +162,14 @@ pub enum HandoffError {
     Refused {
         url: String,
         status: u16,
+        /// The API error's `kind` (`not_found`, `memory_differs`, ...).
+        kind: String,
         message: String,
     },
+    /// The commit was sent but no definite answer came back: the VM may
+    /// run at the destination, so it is not resumed here.
+    #[error("Destination {url} did not confirm the commit ({detail}): the VM stays stopped here, it may run there")]
+    CommitUnknown { url: String, detail: String },
     #[error("Cannot reach destination {url}: {detail}")]
     Unreachable { url: String, detail: String },
     #[error("QEMU: {0}")]
@@ -186,6 +192,18 @@ pub enum ReceiveHandoffError {
     UnknownHandoff(String),
     #[error("A VM with id {0} exists here already")]
     Exists(String),
+    #[error("The source speaks handoff protocol {theirs}, this cloudlet {ours}: they cannot move VMs between them")]
+    Protocol { ours: u32, theirs: u32 },
+    #[error("VM {id} has generation {known} here: an arrival of generation {offered} is stale")]
+    StaleGeneration {
+        id: String,
+        known: u64,
+        offered: u64,
+    },
+    /// A definite no to a commit: the VM was not resumed here, and will
+    /// not be.
+    #[error("The VM was not resumed here: {0}")]
+    NotCommitted(String),
     #[error("Cannot create VM: {0}")]
     Create(#[from] crate::cloudlet::CreateVmError),
     #[error("Cannot start QEMU: {0}")]
@@ -229,6 +247,9 @@ pub struct Incoming {
     arrival: tokio::sync::watch::Sender<Arrival>,
     /// The source's memory digest and ours, kept while a repair may come.
     memory: Option<(Vec<u128>, MemoryDigest)>,
+    /// The record this VM had here before (it moved away and now comes
+    /// back), put back if the arrival is discarded.
+    previous: Option<VmRecord>,
 }
 
 /// Where an arriving VM stands, as a waiting commit sees it.
@@ -470,6 +491,11 @@ pub async fn handoff_vm(
     duty.stop().await;
     match result {
         Ok(report) => Ok(report),
+        Err(err @ HandoffError::CommitUnknown { .. }) => {
+            // Never resumed without a definite refusal: it may run there.
+            tracing::error!(vm_id = %id, "handoff outcome unknown, the VM stays stopped here: {err}");
+            Err(err)
+        }
         Err(err) => {
             let err = with_refusal(err, &refusal).await;
             tracing::warn!(vm_id = %id, "handoff failed, the VM stays here: {err}");
@@ -592,13 +618,15 @@ async fn answer(dest: &str, resp: reqwest::Response) -> Result<Value, HandoffErr
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
     if !(200..300).contains(&status) {
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or(text);
+        let body = serde_json::from_str::<cloudlet_api::ApiError>(&text).ok();
+        let (kind, message) = match body {
+            Some(b) => (b.kind, b.error),
+            None => (String::new(), text),
+        };
         return Err(HandoffError::Refused {
             url: dest.into(),
             status,
+            kind,
             message,
         });
     }
@@ -624,6 +652,7 @@ async fn send_vm(
         .get_by_id(&rec.info.base_id)
         .map_err(|e| HandoffError::Stream(e.to_string()))?;
     let offer = HandoffOffer {
+        protocol: c.handoff_protocol(),
         handoff_id: handoff_id.to_string(),
         vm_id: id.to_string(),
         name: rec.info.name.clone(),
@@ -1298,6 +1327,7 @@ async fn send_vm(
             }
             Ok(v)
         }
+        Err(e @ HandoffError::CommitUnknown { .. }) => Err(e),
         Err(e) => {
             let why = tokio::time::timeout(Duration::from_secs(2), upload).await;
             match why {
@@ -1309,6 +1339,17 @@ async fn send_vm(
     mark(id, "src_commit_answered");
     let committed = match committed {
         Ok(v) => v,
+        Err(e @ HandoffError::CommitUnknown { .. }) => {
+            // It may run there: it stays stopped (and recorded moved) here.
+            if let Some(rec) = c.update(id, |e| {
+                e.record.info.error = Some(
+                    "The destination did not confirm the commit: the VM is stopped here and may run there".into(),
+                );
+            }) {
+                let _ = c.store.put(&rec);
+            }
+            return Err(e);
+        }
         Err(e) => {
             // The destination never resumed the VM: it is still ours.
             if let Some(rec) = c.update(id, |e| {
@@ -1325,6 +1366,9 @@ async fn send_vm(
         }
     };
     phases.push(phase("commit", t));
+    if committed.vm.generation != rec.info.generation + 1 {
+        tracing::warn!(vm_id = %id, theirs = committed.vm.generation, ours = rec.info.generation, "the destination committed another generation than the one sent");
+    }
     vm.kill().await;
     if let Some(e) = c.vms.lock().ok().as_mut().and_then(|m| m.get_mut(id)) {
         e.vm = None;
@@ -1370,13 +1414,24 @@ async fn warm_commit_connection(dest: &str, token: &str, hid: &str) {
         .map(|r| r.bytes());
 }
 
+/// How long the source keeps asking for the answer to its commit when
+/// none comes (the destination may be restarting): a definite answer may
+/// only come later, and without one the VM is not resumed here.
+const COMMIT_ANSWER_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Send the commit until a definite answer: the destination's "committed"
+/// or a refusal from its API (a 4xx with its error body: it did not and
+/// will not resume the VM). No answer, a 5xx or a body that is not ours
+/// says nothing; after [`COMMIT_ANSWER_DEADLINE`] of those the outcome is
+/// [`HandoffError::CommitUnknown`], never a refusal.
 async fn commit_with_retries(
     dest: &str,
     token: &str,
     hid: &str,
 ) -> Result<HandoffCommitted, HandoffError> {
-    let mut last = None;
-    for attempt in 0..5 {
+    let deadline = Instant::now() + COMMIT_ANSWER_DEADLINE;
+    let mut attempt = 0u32;
+    loop {
         let sent = commit_client()
             .post(format!("{dest}/v1/handoff/{hid}/commit"))
             .bearer_auth(token)
@@ -1391,18 +1446,37 @@ async fn commit_with_retries(
                 detail: e.to_string(),
             }),
         };
-        match answered {
+        let unknown = match answered {
             Ok(v) => {
-                return serde_json::from_value(v)
-                    .map_err(|e| HandoffError::Stream(format!("bad commit answer: {e}")))
+                return serde_json::from_value(v).map_err(|e| HandoffError::CommitUnknown {
+                    url: dest.into(),
+                    detail: format!("an answer that is not a commit: {e}"),
+                })
             }
-            // A definite no: the destination does not have (or dropped) it.
-            Err(e @ HandoffError::Refused { .. }) => return Err(e),
-            Err(e) => last = Some(e),
+            Err(e) if definite_refusal(&e) => return Err(e),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(HandoffError::CommitUnknown {
+                url: dest.into(),
+                detail: unknown.to_string(),
+            });
         }
-        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        tracing::warn!(
+            handoff = hid,
+            attempt,
+            "no definite answer to the commit yet: {unknown}"
+        );
+        tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await;
+        attempt += 1;
     }
-    Err(last.unwrap_or(HandoffError::Stream("commit failed".into())))
+}
+
+/// A refusal from the destination's API itself (a 4xx with its error
+/// body): its handler ran, or the call was refused before it could.
+fn definite_refusal(e: &HandoffError) -> bool {
+    matches!(e, HandoffError::Refused { status, kind, .. }
+        if (400..500).contains(status) && !kind.is_empty())
 }
 
 /// Wait up to `tick`, or until QEMU reports a migration state that needs an
@@ -1725,17 +1799,20 @@ pub async fn prepare_incoming(
     c: &Arc<Cloudlet>,
     offer: HandoffOffer,
 ) -> Result<HandoffPrepared, ReceiveHandoffError> {
+    // Before anything else: a peer of another protocol gets a refusal, not
+    // a QEMU that cannot read what it sends.
+    let ours = c.handoff_protocol();
+    if offer.protocol != ours {
+        return Err(ReceiveHandoffError::Protocol {
+            ours,
+            theirs: offer.protocol,
+        });
+    }
     let base = c
         .bases
         .get_by_id(&offer.base_id)
         .map_err(|_| ReceiveHandoffError::BaseNotHeld(offer.base_id.clone()))?;
-    if c.vms
-        .lock()
-        .map(|m| m.contains_key(&offer.vm_id))
-        .unwrap_or(false)
-    {
-        return Err(ReceiveHandoffError::Exists(offer.vm_id.clone()));
-    }
+    let previous = known_here(c, &offer)?;
     let flavor = c
         .config
         .flavor(&offer.flavor)
@@ -1766,7 +1843,9 @@ pub async fn prepare_incoming(
         app: offer.app.clone(),
         vcpus: flavor.vcpus,
         memory_mib: flavor.memory_mib,
+        committed_handoff: None,
     };
+    // Over the earlier record, if any (a refusal here leaves it as it was).
     let (_progress, ports) = c.reserve(rec)?;
     let started = async {
         std::fs::create_dir_all(&paths.dir)?;
@@ -1804,10 +1883,7 @@ pub async fn prepare_incoming(
         Ok(vm) => Arc::new(vm),
         Err(e) => {
             paths.remove();
-            let _ = c.store.delete(&offer.vm_id);
-            if let Ok(mut m) = c.vms.lock() {
-                m.remove(&offer.vm_id);
-            }
+            forget_arrival(c, &offer.vm_id, previous);
             return Err(e);
         }
     };
@@ -1833,6 +1909,7 @@ pub async fn prepare_incoming(
                 received: Arc::default(),
                 arrival: tokio::sync::watch::Sender::new(Arrival::Loading),
                 memory: None,
+                previous,
             },
         );
     }
@@ -1841,6 +1918,53 @@ pub async fn prepare_incoming(
         handoff_id: offer.handoff_id,
         ports: info.unwrap_or_default(),
     })
+}
+
+/// What this cloudlet knows of the offered VM: nothing (`None`), or a
+/// record of it having moved away at a lower generation than the one
+/// arriving (it comes back: the record is returned, to be put back if the
+/// arrival fails). Anything else is refused: a copy that runs or is busy
+/// here, or a generation not above the one recorded (a stale offer).
+fn known_here(c: &Cloudlet, offer: &HandoffOffer) -> Result<Option<VmRecord>, ReceiveHandoffError> {
+    let arriving = offer.generation + 1;
+    let m = c
+        .vms
+        .lock()
+        .map_err(|_| ReceiveHandoffError::NotCommitted("internal lock poisoned".into()))?;
+    let Some(e) = m.get(&offer.vm_id) else {
+        return Ok(None);
+    };
+    let known = e.record.info.generation;
+    if known >= arriving {
+        return Err(ReceiveHandoffError::StaleGeneration {
+            id: offer.vm_id.clone(),
+            known,
+            offered: arriving,
+        });
+    }
+    match e.record.info.state {
+        VmState::Moved | VmState::Dead | VmState::Failed => Ok(Some(e.record.clone())),
+        _ => Err(ReceiveHandoffError::Exists(offer.vm_id.clone())),
+    }
+}
+
+/// An arrival that will not run here: its record goes, and the one the VM
+/// had before it came back (if any) returns.
+fn forget_arrival(c: &Cloudlet, vm_id: &str, previous: Option<VmRecord>) {
+    match previous {
+        Some(p) => {
+            if let Err(e) = c.store.put(&p) {
+                tracing::error!(vm_id, "restoring the VM's earlier record: {e}");
+            }
+            c.insert(p, None);
+        }
+        None => {
+            let _ = c.store.delete(vm_id);
+            if let Ok(mut m) = c.vms.lock() {
+                m.remove(vm_id);
+            }
+        }
+    }
 }
 
 /// Destination: `GET /v1/handoff/{id}`.
@@ -2348,7 +2472,11 @@ fn committed_answers(
 }
 
 /// Destination: `POST /v1/handoff/{id}/commit`: the source has stopped for
-/// good; run the VM here. Repeating it repeats the answer.
+/// good; run the VM here. Repeating it repeats the answer, also after a
+/// restart of this daemon (the commit is stored before the VM resumes).
+///
+/// Every refusal is definite (a 4xx: the VM did not and will not resume
+/// here, the source may resume its own); a 5xx or no answer is not.
 pub async fn commit_incoming(
     c: &Arc<Cloudlet>,
     hid: &str,
@@ -2358,6 +2486,9 @@ pub async fn commit_incoming(
         .ok()
         .and_then(|a| a.iter().find(|(h, _)| h == hid).map(|(_, d)| d.clone()))
     {
+        return Ok(done);
+    }
+    if let Some(done) = committed_before(c, hid) {
         return Ok(done);
     }
     if let Some(vm_id) = c
@@ -2408,8 +2539,35 @@ pub async fn commit_incoming(
             _ => break,
         }
     }
+    // The decision, stored before the VM resumes: from here on this
+    // cloudlet answers "committed" to this handoff, after a crash too (its
+    // restart re-adopts the VM and resumes it).
+    let stored = c
+        .update(&vm_id, |e: &mut Entry| {
+            e.record.info.state = VmState::Running;
+            e.record.committed_handoff = Some(hid.to_string());
+            e.vm = Some(vm.clone());
+        })
+        .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))
+        .and_then(|rec| c.store.put(&rec).map_err(ReceiveHandoffError::from));
+    if let Err(e) = stored {
+        let _ = abort_incoming(c, hid).await;
+        return Err(ReceiveHandoffError::NotCommitted(format!(
+            "storing the commit failed: {e}"
+        )));
+    }
+    if c.config.handoff_test_exit_after_commit {
+        tracing::warn!(vm_id = %vm_id, "test: exiting right after storing the commit");
+        std::process::exit(70);
+    }
     let mut events = vm.qmp().events();
-    vm.qmp().execute("cont", None).await?;
+    if let Err(e) = vm.qmp().execute("cont", None).await {
+        // Not resumed: say a definite no, so that the source resumes its.
+        let _ = abort_incoming(c, hid).await;
+        return Err(ReceiveHandoffError::NotCommitted(format!(
+            "QEMU did not resume: {e}"
+        )));
+    }
     mark(&vm_id, "dst_cont_answered");
     let mut resume_us = 0;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -2467,6 +2625,19 @@ pub async fn commit_incoming(
     Ok(answer)
 }
 
+/// The answer to a commit this cloudlet stored before (it has restarted
+/// since, or the answer left its memory).
+fn committed_before(c: &Cloudlet, hid: &str) -> Option<HandoffCommitted> {
+    let m = c.vms.lock().ok()?;
+    let e = m
+        .values()
+        .find(|e| e.record.committed_handoff.as_deref() == Some(hid))?;
+    Some(HandoffCommitted {
+        vm: e.record.info.clone(),
+        resume_us: 0,
+    })
+}
+
 /// Destination: discard an arrival (never after commit).
 pub async fn abort_incoming(c: &Arc<Cloudlet>, hid: &str) -> Result<(), ReceiveHandoffError> {
     let inc = c
@@ -2477,10 +2648,7 @@ pub async fn abort_incoming(c: &Arc<Cloudlet>, hid: &str) -> Result<(), ReceiveH
         .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))?;
     inc.vm.kill().await;
     inc.paths.remove();
-    c.store.delete(&inc.vm_id)?;
-    if let Ok(mut m) = c.vms.lock() {
-        m.remove(&inc.vm_id);
-    }
+    forget_arrival(c, &inc.vm_id, inc.previous);
     tracing::info!(vm_id = %inc.vm_id, handoff = hid, "handoff discarded");
     Ok(())
 }

@@ -139,6 +139,7 @@ impl From<HandoffError> for ApiFailure {
                 (StatusCode::BAD_GATEWAY, "destination_failed")
             }
             H::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            H::CommitUnknown { .. } => (StatusCode::GATEWAY_TIMEOUT, "commit_unknown"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
         };
         ApiFailure::new(status, kind, crate::error_chain(&e))
@@ -152,6 +153,11 @@ impl From<ReceiveHandoffError> for ApiFailure {
             R::BaseNotHeld(_) => (StatusCode::CONFLICT, "base_not_held"),
             R::UnknownHandoff(_) => (StatusCode::NOT_FOUND, "not_found"),
             R::Exists(_) => (StatusCode::CONFLICT, "exists"),
+            R::Protocol { .. } => (StatusCode::CONFLICT, "protocol_mismatch"),
+            R::StaleGeneration { .. } => (StatusCode::CONFLICT, "stale_generation"),
+            // Definite refusals of a commit (the source may resume its VM).
+            R::NotCommitted(_) => (StatusCode::CONFLICT, "not_committed"),
+            R::MemoryDiffers { .. } => (StatusCode::CONFLICT, "memory_differs"),
             R::Create(c) => {
                 let f = ApiFailure::from(CreateVmError::OverCapacity {
                     detail: c.to_string(),
@@ -452,8 +458,12 @@ async fn handoff_stream<C: CloudletOps>(
 }
 
 /// Cloudlet to cloudlet: the source has stopped for good; run the VM here.
+/// Repeating it repeats the answer (after a restart of the destination
+/// too). A 4xx is a definite no: the VM did not and will not resume here
+/// (404 unknown handoff, 409 `memory_differs` with the repair report or
+/// `not_committed`); a 5xx or no answer says nothing.
 #[utoipa::path(post, path = "/v1/handoff/{hid}/commit", security(("bearer" = [])),
-    responses((status = 200, body = cloudlet_api::HandoffCommitted), (status = 404, body = ApiError)))]
+    responses((status = 200, body = cloudlet_api::HandoffCommitted), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn handoff_commit<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     Path(hid): Path<String>,

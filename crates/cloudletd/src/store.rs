@@ -28,6 +28,11 @@ pub struct VmRecord {
     /// Resources reserved by the VM's flavor.
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// The handoff that brought the VM here, once this cloudlet committed
+    /// it (stored before the VM resumes): a commit repeated after a restart
+    /// is answered from it, never taken for an unknown handoff.
+    #[serde(default)]
+    pub committed_handoff: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +138,7 @@ mod tests {
             app: AppInfo::default(),
             vcpus: 1,
             memory_mib: 512,
+            committed_handoff: None,
         }
     }
 

@@ -611,6 +611,7 @@ async fn garbage_and_wrong_tokens_are_refused_and_leave_nothing_behind() {
     // Nobody can push a VM without a token.
     let (_, base) = tiny_base().await;
     let offer = HandoffOffer {
+        protocol: cloudlet_api::HANDOFF_PROTOCOL,
         handoff_id: hex_id(),
         vm_id: format!("intruder{}", hex_id()),
         name: "intruder".into(),

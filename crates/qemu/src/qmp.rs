@@ -234,6 +234,12 @@ impl QmpClient {
             })
     }
 
+    /// `migrate_cancel`: stop an outgoing migration, if one runs (a no-op
+    /// otherwise).
+    pub async fn cancel_migration(&self) -> Result<(), QmpError> {
+        self.execute("migrate_cancel", None).await.map(drop)
+    }
+
     /// Set migration capabilities by name.
     pub async fn set_migration_capabilities(&self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
         let list: Vec<Value> = caps

@@ -121,7 +121,11 @@ impl Daemon {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::File::create(self.home.join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home.join("daemon.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
             .arg("--config")
             .arg(&self.config)
@@ -146,10 +150,29 @@ impl Daemon {
     /// SIGKILL the daemon (its VMs keep running), then start it again.
     pub async fn crash_and_restart(&mut self) {
         if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
+            // It may have exited by itself (a test hook).
+            let _ = c.kill();
             c.wait().unwrap();
         }
         self.spawn().await;
+    }
+
+    /// Wait until the daemon exits by itself; its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Remove a line from the daemon's config (used at its next start).
+    pub fn drop_config_line(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, text.replace(&format!("{line}\n"), "")).unwrap();
     }
 
     /// The daemon's process id.
