@@ -18,6 +18,7 @@ use cloudlet_qemu::{PortForward, Vm, VmExit};
 use crate::config::CloudletConfig;
 use crate::fetch::{FetchOverlayError, OverlaySource};
 use crate::handoff::ReceiveHandoffError;
+use crate::lifecycle::VmLifecycle;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, VmRecord, RECORD_FORMAT};
 use crate::synth::{
@@ -165,14 +166,7 @@ fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
 
 /// States that hold resources on this cloudlet.
 pub(crate) fn holds_resources(s: VmState) -> bool {
-    matches!(
-        s,
-        VmState::Synthesizing
-            | VmState::Running
-            | VmState::HandingOff
-            | VmState::Receiving
-            | VmState::Deleting
-    )
+    s.holds_resources()
 }
 
 impl Cloudlet {
@@ -236,18 +230,18 @@ impl Cloudlet {
     /// work that was cut short by a crash.
     async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         for mut rec in self.store.list()? {
-            let id = rec.info.id.clone();
+            let id = rec.id.clone();
             let paths = self.paths(&id);
-            match rec.info.state {
+            match rec.state {
                 VmState::Synthesizing => {
                     // QEMU may already run (restore, or an early start
                     // waiting for its memory): its pid is only in its pid
                     // file, not yet in the record.
                     kill_pid(qemu_in(&paths.run_dir()));
                     paths.remove();
-                    rec.info.state = VmState::Failed;
-                    rec.info.error = Some("The daemon restarted during synthesis".into());
-                    rec.info.ports.clear();
+                    rec.set_state_or_log(VmState::Failed);
+                    rec.error = Some("The daemon restarted during synthesis".into());
+                    rec.ports.clear();
                     self.store.put(&rec)?;
                 }
                 VmState::Receiving => {
@@ -304,7 +298,7 @@ impl Cloudlet {
                             resume_adopted(&id, &vm).await;
                             tracing::info!(vm_id = %id, pid = vm.pid(), "re-adopted running VM");
                             let vm = Arc::new(vm);
-                            rec.info.state = VmState::Running;
+                            rec.set_state_or_log(VmState::Running);
                             self.store.put(&rec)?;
                             self.insert(rec, Some(vm.clone()));
                             self.watch(id, vm);
@@ -312,9 +306,8 @@ impl Cloudlet {
                         }
                         None => {
                             tracing::warn!(vm_id = %id, "VM died while the daemon was away");
-                            rec.info.state = VmState::Dead;
-                            rec.info.error =
-                                Some("QEMU exited while the daemon was not running".into());
+                            rec.set_state_or_log(VmState::Dead);
+                            rec.error = Some("QEMU exited while the daemon was not running".into());
                             self.store.put(&rec)?;
                         }
                     }
@@ -329,7 +322,7 @@ impl Cloudlet {
     pub(crate) fn insert(&self, record: VmRecord, vm: Option<Arc<Vm>>) {
         if let Ok(mut m) = self.vms.lock() {
             m.insert(
-                record.info.id.clone(),
+                record.id.clone(),
                 Entry {
                     record,
                     vm,
@@ -354,18 +347,18 @@ impl Cloudlet {
             let rec = {
                 let Ok(mut m) = me.vms.lock() else { return };
                 let Some(e) = m.get_mut(&id) else { return };
-                if !matches!(e.record.info.state, VmState::Running | VmState::HandingOff) {
+                if !e.record.state().can_die() {
                     return; // deleted or moved on purpose
                 }
-                e.record.info.state = VmState::Dead;
-                e.record.info.error = Some(match exit {
+                e.record.set_state_or_log(VmState::Dead);
+                e.record.error = Some(match exit {
                     VmExit::Exited { code } => format!("QEMU exited unexpectedly (code {code:?})"),
                     VmExit::Vanished => "QEMU vanished".into(),
                 });
                 e.vm = None;
                 e.record.clone()
             };
-            tracing::error!(vm_id = %id, "VM died: {:?}", rec.info.error);
+            tracing::error!(vm_id = %id, "VM died: {:?}", rec.error);
             me.metrics.vm_deaths.inc();
             if let Err(e) = me.store.put(&rec) {
                 tracing::error!(vm_id = %id, "cannot record VM death: {e}");
@@ -379,7 +372,7 @@ impl Cloudlet {
             Err(_) => return Resources::default(),
         };
         let mut r = Resources::default();
-        for e in m.values().filter(|e| holds_resources(e.record.info.state)) {
+        for e in m.values().filter(|e| holds_resources(e.record.state)) {
             r.vcpus += e.record.vcpus;
             r.memory_mib += e.record.memory_mib;
             r.vms += 1;
@@ -396,8 +389,8 @@ impl Cloudlet {
     ) -> Result<Vec<PortForward>, CreateVmError> {
         let taken: Vec<u16> = m
             .values()
-            .filter(|e| holds_resources(e.record.info.state))
-            .flat_map(|e| e.record.info.ports.iter().map(|p| p.host))
+            .filter(|e| holds_resources(e.record.state))
+            .flat_map(|e| e.record.ports.iter().map(|p| p.host))
             .collect();
         let [lo, hi] = self.config.host_ports;
         let mut out = Vec::new();
@@ -424,12 +417,12 @@ impl Cloudlet {
             detail: "internal lock poisoned".into(),
         })?;
         let mut used = Resources::default();
-        for e in m.values().filter(|e| holds_resources(e.record.info.state)) {
+        for e in m.values().filter(|e| holds_resources(e.record.state)) {
             used.vcpus += e.record.vcpus;
             used.memory_mib += e.record.memory_mib;
             used.vms += 1;
-            if e.record.info.name == rec.info.name {
-                return Err(CreateVmError::NameTaken(rec.info.name.clone()));
+            if e.record.name == rec.name {
+                return Err(CreateVmError::NameTaken(rec.name.clone()));
             }
         }
         let cap = self.config.capacity;
@@ -452,7 +445,7 @@ impl Cloudlet {
             return Err(CreateVmError::OverCapacity { detail });
         }
         let ports = self.allocate_ports(&m, &rec.app.ports)?;
-        rec.info.ports = ports
+        rec.ports = ports
             .iter()
             .map(|p| PortMapping {
                 guest: p.guest,
@@ -464,7 +457,7 @@ impl Cloudlet {
         let progress = Arc::new(SynthProgress::default());
         progress.set_stage("queued");
         m.insert(
-            rec.info.id.clone(),
+            rec.id.clone(),
             Entry {
                 record: rec,
                 vm: None,
@@ -482,7 +475,7 @@ impl Cloudlet {
     }
 
     pub(crate) fn view(e: &Entry) -> VmInfo {
-        let mut info = e.record.info.clone();
+        let mut info = e.record.info();
         if matches!(
             info.state,
             VmState::Synthesizing | VmState::HandingOff | VmState::Receiving
@@ -515,10 +508,10 @@ pub(crate) fn key_of(m: &HashMap<String, Entry>, id_or_name: &str) -> Option<Str
     }
     // Names are unique among live VMs; records of moved or failed ones may
     // share a name with a live one, which wins.
-    let named = || m.iter().filter(|(_, e)| e.record.info.name == id_or_name);
+    let named = || m.iter().filter(|(_, e)| e.record.name == id_or_name);
     named()
-        .find(|(_, e)| holds_resources(e.record.info.state))
-        .or_else(|| named().max_by_key(|(_, e)| e.record.info.created_unix))
+        .find(|(_, e)| holds_resources(e.record.state))
+        .or_else(|| named().max_by_key(|(_, e)| e.record.created_unix))
         .map(|(k, _)| k.clone())
 }
 
@@ -597,8 +590,7 @@ impl CloudletOps for Arc<Cloudlet> {
             .map(|m| {
                 m.values()
                     .filter(|e| {
-                        holds_resources(e.record.info.state)
-                            && e.record.info.base_id == base.manifest.id
+                        holds_resources(e.record.state) && e.record.base_id == base.manifest.id
                     })
                     .count()
             })
@@ -666,7 +658,9 @@ impl CloudletOps for Arc<Cloudlet> {
         }
         let id = hex::encode(rand::random::<[u8; 6]>());
         let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
-        let info = VmInfo {
+        let paths = self.paths(&id);
+        let rec = VmRecord {
+            format: RECORD_FORMAT,
             id: id.clone(),
             name: name.clone(),
             state: VmState::Synthesizing,
@@ -680,11 +674,6 @@ impl CloudletOps for Arc<Cloudlet> {
             timings: vec![],
             error: None,
             moved_to: None,
-        };
-        let paths = self.paths(&id);
-        let rec = VmRecord {
-            format: RECORD_FORMAT,
-            info,
             spec: None,
             pid: None,
             dir: paths.dir.clone(),
@@ -748,9 +737,9 @@ impl CloudletOps for Arc<Cloudlet> {
                 self.metrics.synth_ms.observe(total);
                 let rec = self
                     .update(&id, |e| {
-                        e.record.info.state = VmState::Running;
-                        e.record.info.timings = timings;
-                        e.record.info.progress = e.progress.snapshot();
+                        e.record.set_state_or_log(VmState::Running);
+                        e.record.timings = timings;
+                        e.record.progress = e.progress.snapshot();
                         e.record.spec = Some(vm.spec().clone());
                         e.record.pid = Some(vm.pid());
                         e.vm = Some(vm.clone());
@@ -777,11 +766,11 @@ impl CloudletOps for Arc<Cloudlet> {
                 tracing::warn!(vm_id = %id, "synthesis failed: {e}");
                 paths.remove();
                 if let Some(rec) = self.update(&id, |en| {
-                    en.record.info.state = VmState::Failed;
-                    en.record.info.error = Some(e.to_string());
-                    en.record.info.progress = en.progress.snapshot();
-                    en.record.info.progress.stage = "failed".into();
-                    en.record.info.ports.clear();
+                    en.record.set_state_or_log(VmState::Failed);
+                    en.record.error = Some(e.to_string());
+                    en.record.progress = en.progress.snapshot();
+                    en.record.progress.stage = "failed".into();
+                    en.record.ports.clear();
                 }) {
                     let _ = self.store.put(&rec);
                 }
@@ -800,20 +789,14 @@ impl CloudletOps for Arc<Cloudlet> {
             let e = m
                 .get_mut(&key)
                 .ok_or_else(|| VmOpError::NotFound(id.into()))?;
-            match e.record.info.state {
-                VmState::Synthesizing
-                | VmState::HandingOff
-                | VmState::Receiving
-                | VmState::Deleting => {
-                    return Err(VmOpError::Busy {
-                        id: key,
-                        state: e.record.info.state,
-                        what: "delete",
-                    })
-                }
-                _ => {}
+            if !e.record.state().can_delete() {
+                return Err(VmOpError::Busy {
+                    id: key,
+                    state: e.record.state(),
+                    what: "delete",
+                });
             }
-            e.record.info.state = VmState::Deleting;
+            e.record.set_state_or_log(VmState::Deleting);
             (key, e.vm.take(), e.record.clone())
         };
         self.store.put(&rec)?;
@@ -881,7 +864,7 @@ impl CloudletOps for Arc<Cloudlet> {
             .lock()
             .map(|m| {
                 m.values()
-                    .filter(|e| e.record.info.state == VmState::Running)
+                    .filter(|e| e.record.state == VmState::Running)
                     .count()
             })
             .unwrap_or(0);

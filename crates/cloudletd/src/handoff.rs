@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cloudlet_api::{
     HandoffCommitted, HandoffLoaded, HandoffOffer, HandoffPrepared, HandoffReport, HandoffRequest,
-    Progress, StageTiming, VmInfo, VmState,
+    Progress, StageTiming, VmState,
 };
 use cloudlet_handoff::converge::{ConvergeConfig, Convergence};
 use cloudlet_handoff::memcheck::{self, DiffReport, IncrementalDigest, MemoryDigest, RamFile};
@@ -42,6 +42,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cloudlet::{now_unix, Cloudlet, Entry};
+use crate::lifecycle::VmLifecycle;
 use crate::store::{VmRecord, RECORD_FORMAT};
 use crate::synth::{SynthProgress, VmPaths};
 use crate::throttle::DutyCycle;
@@ -439,14 +440,14 @@ pub async fn handoff_vm(
         let e = m
             .get_mut(&key)
             .ok_or_else(|| HandoffError::NotFound(id.into()))?;
-        let state = e.record.info.state;
-        let Some(vm) = e.vm.clone().filter(|_| state == VmState::Running) else {
+        let state = e.record.state();
+        let Some(vm) = e.vm.clone().filter(|_| state.can_hand_off()) else {
             return Err(HandoffError::NotRunning { id: key, state });
         };
         if e.progress.snapshot().stage == crate::synth::STAGE_STREAMING {
             return Err(HandoffError::StillStarting(key));
         }
-        e.record.info.state = VmState::HandingOff;
+        e.record.set_state_or_log(VmState::HandingOff);
         e.progress = Arc::default();
         e.progress.set_stage("preparing");
         (key, vm, e.record.clone(), e.progress.clone())
@@ -461,7 +462,7 @@ pub async fn handoff_vm(
             .map(|p| p.token.clone())
     });
     let Some(token) = token else {
-        if let Some(rec) = c.update(&id, |e| e.record.info.state = VmState::Running) {
+        if let Some(rec) = c.update(&id, |e| e.record.set_state_or_log(VmState::Running)) {
             let _ = c.store.put(&rec);
         }
         return Err(HandoffError::NoToken(dest));
@@ -498,11 +499,33 @@ pub async fn handoff_vm(
         }
         Err(err) => {
             let err = with_refusal(err, &refusal).await;
+            // Recorded moved: the commit was sent (a timeout cut it short),
+            // so the VM may run there: never resumed here.
+            let moved = c
+                .vms
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&id).map(|e| e.record.state() == VmState::Moved))
+                .unwrap_or(true);
+            if moved {
+                tracing::error!(vm_id = %id, "handoff cut short after its commit was sent, the VM stays stopped here: {err}");
+                if let Some(rec) = c.update(&id, |e| {
+                    e.record.error = Some(format!(
+                        "The handoff was cut short after its commit was sent: the VM is stopped here and may run there ({err})"
+                    ));
+                }) {
+                    let _ = c.store.put(&rec);
+                }
+                return Err(HandoffError::CommitUnknown {
+                    url: dest,
+                    detail: err.to_string(),
+                });
+            }
             tracing::warn!(vm_id = %id, "handoff failed, the VM stays here: {err}");
             recover_source(&vm).await;
             if let Some(rec) = c.update(&id, |e| {
-                e.record.info.state = VmState::Running;
-                e.record.info.error = Some(format!("Last handoff failed: {err}"));
+                e.record.set_state_or_log(VmState::Running);
+                e.record.error = Some(format!("Last handoff failed: {err}"));
             }) {
                 let _ = c.store.put(&rec);
             }
@@ -649,18 +672,18 @@ async fn send_vm(
 ) -> Result<HandoffReport, HandoffError> {
     let base = c
         .bases
-        .get_by_id(&rec.info.base_id)
+        .get_by_id(&rec.base_id)
         .map_err(|e| HandoffError::Stream(e.to_string()))?;
     let offer = HandoffOffer {
         protocol: c.handoff_protocol(),
         handoff_id: handoff_id.to_string(),
         vm_id: id.to_string(),
-        name: rec.info.name.clone(),
-        generation: rec.info.generation,
-        base_id: rec.info.base_id.clone(),
-        flavor: rec.info.flavor.clone(),
+        name: rec.name.clone(),
+        generation: rec.generation,
+        base_id: rec.base_id.clone(),
+        flavor: rec.flavor.clone(),
         app: rec.app.clone(),
-        overlay: rec.info.overlay.clone(),
+        overlay: rec.overlay.clone(),
         source: c
             .config
             .advertise_url
@@ -1251,14 +1274,23 @@ async fn send_vm(
     let record_moved = || -> Result<(), HandoffError> {
         let moved = c
             .update(id, |e| {
-                e.record.info.state = VmState::Moved;
-                e.record.info.generation += 1;
-                e.record.info.moved_to = Some(dest.to_string());
-                e.record.info.ports.clear();
-                e.record.info.progress = e.progress.snapshot();
+                e.record.set_state_or_log(VmState::Moved);
+                e.record.generation += 1;
+                e.record.moved_to = Some(dest.to_string());
+                e.record.ports.clear();
+                e.record.progress = e.progress.snapshot();
             })
             .ok_or_else(|| HandoffError::NotFound(id.into()))?;
-        c.store.put(&moved)?;
+        if let Err(e) = c.store.put(&moved) {
+            // Not recorded: no commit goes out, the VM stays ours.
+            c.update(id, |e| {
+                e.record.set_state_or_log(VmState::HandingOff);
+                e.record.generation -= 1;
+                e.record.moved_to = None;
+                e.record.ports = rec.ports.clone();
+            });
+            return Err(e.into());
+        }
         mark(id, "src_moved_recorded");
         Ok(())
     };
@@ -1342,7 +1374,7 @@ async fn send_vm(
         Err(e @ HandoffError::CommitUnknown { .. }) => {
             // It may run there: it stays stopped (and recorded moved) here.
             if let Some(rec) = c.update(id, |e| {
-                e.record.info.error = Some(
+                e.record.error = Some(
                     "The destination did not confirm the commit: the VM is stopped here and may run there".into(),
                 );
             }) {
@@ -1353,11 +1385,11 @@ async fn send_vm(
         Err(e) => {
             // The destination never resumed the VM: it is still ours.
             if let Some(rec) = c.update(id, |e| {
-                if e.record.info.state == VmState::Moved {
-                    e.record.info.state = VmState::HandingOff;
-                    e.record.info.generation -= 1;
-                    e.record.info.moved_to = None;
-                    e.record.info.ports = rec.info.ports.clone();
+                if e.record.state == VmState::Moved {
+                    e.record.set_state_or_log(VmState::HandingOff);
+                    e.record.generation -= 1;
+                    e.record.moved_to = None;
+                    e.record.ports = rec.ports.clone();
                 }
             }) {
                 let _ = c.store.put(&rec);
@@ -1366,8 +1398,8 @@ async fn send_vm(
         }
     };
     phases.push(phase("commit", t));
-    if committed.vm.generation != rec.info.generation + 1 {
-        tracing::warn!(vm_id = %id, theirs = committed.vm.generation, ours = rec.info.generation, "the destination committed another generation than the one sent");
+    if committed.vm.generation != rec.generation + 1 {
+        tracing::warn!(vm_id = %id, theirs = committed.vm.generation, ours = rec.generation, "the destination committed another generation than the one sent");
     }
     vm.kill().await;
     if let Some(e) = c.vms.lock().ok().as_mut().and_then(|m| m.get_mut(id)) {
@@ -1822,21 +1854,19 @@ pub async fn prepare_incoming(
     let paths = c.paths(&offer.vm_id);
     let rec = VmRecord {
         format: RECORD_FORMAT,
-        info: VmInfo {
-            id: offer.vm_id.clone(),
-            name: offer.name.clone(),
-            state: VmState::Receiving,
-            generation: offer.generation + 1,
-            base_id: offer.base_id.clone(),
-            overlay: offer.overlay.clone(),
-            flavor: flavor.name.clone(),
-            ports: vec![],
-            created_unix: now_unix(),
-            progress: Progress::default(),
-            timings: vec![],
-            error: None,
-            moved_to: None,
-        },
+        id: offer.vm_id.clone(),
+        name: offer.name.clone(),
+        state: VmState::Receiving,
+        generation: offer.generation + 1,
+        base_id: offer.base_id.clone(),
+        overlay: offer.overlay.clone(),
+        flavor: flavor.name.clone(),
+        ports: vec![],
+        created_unix: now_unix(),
+        progress: Progress::default(),
+        timings: vec![],
+        error: None,
+        moved_to: None,
         spec: None,
         pid: None,
         dir: paths.dir.clone(),
@@ -1897,7 +1927,7 @@ pub async fn prepare_incoming(
         .vms
         .lock()
         .ok()
-        .and_then(|m| m.get(&offer.vm_id).map(|e| e.record.info.ports.clone()));
+        .and_then(|m| m.get(&offer.vm_id).map(|e| e.record.ports.clone()));
     if let Ok(mut m) = c.incoming.lock() {
         m.insert(
             offer.handoff_id.clone(),
@@ -1934,7 +1964,7 @@ fn known_here(c: &Cloudlet, offer: &HandoffOffer) -> Result<Option<VmRecord>, Re
     let Some(e) = m.get(&offer.vm_id) else {
         return Ok(None);
     };
-    let known = e.record.info.generation;
+    let known = e.record.generation;
     if known >= arriving {
         return Err(ReceiveHandoffError::StaleGeneration {
             id: offer.vm_id.clone(),
@@ -1942,9 +1972,10 @@ fn known_here(c: &Cloudlet, offer: &HandoffOffer) -> Result<Option<VmRecord>, Re
             offered: arriving,
         });
     }
-    match e.record.info.state {
-        VmState::Moved | VmState::Dead | VmState::Failed => Ok(Some(e.record.clone())),
-        _ => Err(ReceiveHandoffError::Exists(offer.vm_id.clone())),
+    if e.record.state().can_be_replaced_by_arrival() {
+        Ok(Some(e.record.clone()))
+    } else {
+        Err(ReceiveHandoffError::Exists(offer.vm_id.clone()))
     }
 }
 
@@ -2045,7 +2076,7 @@ where
         .vms
         .lock()
         .ok()
-        .and_then(|m| m.get(&vm_id).map(|e| e.record.info.base_id.clone()))
+        .and_then(|m| m.get(&vm_id).map(|e| e.record.base_id.clone()))
         .unwrap_or_default();
     let base = c
         .bases
@@ -2544,7 +2575,7 @@ pub async fn commit_incoming(
     // restart re-adopts the VM and resumes it).
     let stored = c
         .update(&vm_id, |e: &mut Entry| {
-            e.record.info.state = VmState::Running;
+            e.record.set_state_or_log(VmState::Running);
             e.record.committed_handoff = Some(hid.to_string());
             e.vm = Some(vm.clone());
         })
@@ -2582,12 +2613,12 @@ pub async fn commit_incoming(
     }
     let rec = c
         .update(&vm_id, |e: &mut Entry| {
-            e.record.info.state = VmState::Running;
+            e.record.set_state_or_log(VmState::Running);
             e.vm = Some(vm.clone());
         })
         .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))?;
     let answer = HandoffCommitted {
-        vm: rec.info.clone(),
+        vm: rec.info(),
         resume_us,
     };
     if let Ok(mut a) = committed_answers().lock() {
@@ -2633,7 +2664,7 @@ fn committed_before(c: &Cloudlet, hid: &str) -> Option<HandoffCommitted> {
         .values()
         .find(|e| e.record.committed_handoff.as_deref() == Some(hid))?;
     Some(HandoffCommitted {
-        vm: e.record.info.clone(),
+        vm: e.record.info(),
         resume_us: 0,
     })
 }

@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: what an operator sets (TOML, embedded defaults);
 //! - [`store`]: VM records in an embedded database, written atomically;
+//! - [`lifecycle`]: which VM state may follow which (every change goes
+//!   through it);
 //! - [`cloudlet`]: the domain: VM registry, capacity, synthesis, recovery;
 //! - [`synth`], [`early`] and [`fetch`]: the synthesis pipeline (early
 //!   start: the VM resumes while its memory still arrives);
@@ -15,6 +17,7 @@ pub mod early;
 pub mod fetch;
 pub mod handoff;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod spares;
 pub mod store;

@@ -4,21 +4,44 @@
 
 use std::path::{Path, PathBuf};
 
-use cloudlet_api::{AppInfo, VmInfo};
+use cloudlet_api::{AppInfo, PortMapping, Progress, StageTiming, VmInfo, VmState};
 use cloudlet_qemu::VmSpec;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 
-/// Version of [`VmRecord`]'s encoding.
-pub const RECORD_FORMAT: u32 = 1;
+/// Version of [`VmRecord`]'s encoding (JSON in the `vms` table), checked
+/// on every read.
+///
+/// - 1: the REST model `VmInfo` nested as `info`, beside the spec, pid,
+///   directory, app and reserved resources (sessions 1-4).
+/// - 2: a record of its own, flat ([`VmRecord`]); the REST model is made
+///   from it ([`VmRecord::info`]). Format 1 records are read and upgraded.
+pub const RECORD_FORMAT: u32 = 2;
 
-/// What the daemon keeps about one VM.
+/// What the daemon keeps about one VM: its persisted state (format
+/// [`RECORD_FORMAT`]). Its state changes only through
+/// [`VmRecord::set_state`] (`crate::lifecycle`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmRecord {
     pub format: u32,
-    pub info: VmInfo,
+    pub id: String,
+    pub name: String,
+    pub(crate) state: VmState,
+    /// Rises on every move between cloudlets.
+    pub generation: u64,
+    pub base_id: String,
+    pub overlay: String,
+    pub flavor: String,
+    pub ports: Vec<PortMapping>,
+    pub created_unix: u64,
+    /// The last progress recorded (a synthesis's or a handoff's).
+    pub progress: Progress,
+    pub timings: Vec<StageTiming>,
+    pub error: Option<String>,
+    /// For a VM that moved away: the cloudlet it moved to.
+    pub moved_to: Option<String>,
     /// The QEMU command line's source of truth, once the VM has one.
     pub spec: Option<VmSpec>,
     pub pid: Option<u32>,
@@ -31,8 +54,97 @@ pub struct VmRecord {
     /// The handoff that brought the VM here, once this cloudlet committed
     /// it (stored before the VM resumes): a commit repeated after a restart
     /// is answered from it, never taken for an unknown handoff.
-    #[serde(default)]
     pub committed_handoff: Option<String>,
+}
+
+impl VmRecord {
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The REST model of this VM.
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            state: self.state,
+            generation: self.generation,
+            base_id: self.base_id.clone(),
+            overlay: self.overlay.clone(),
+            flavor: self.flavor.clone(),
+            ports: self.ports.clone(),
+            created_unix: self.created_unix,
+            progress: self.progress.clone(),
+            timings: self.timings.clone(),
+            error: self.error.clone(),
+            moved_to: self.moved_to.clone(),
+        }
+    }
+
+    /// Read a stored record of any format this build knows.
+    fn decode(id: &str, bytes: &[u8]) -> Result<VmRecord, StoreError> {
+        let bad = |detail: String| StoreError::Decode {
+            id: id.to_string(),
+            detail,
+        };
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let Format { format } = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        match format {
+            RECORD_FORMAT => serde_json::from_slice(bytes).map_err(|e| bad(e.to_string())),
+            1 => serde_json::from_slice::<VmRecordV1>(bytes)
+                .map(VmRecordV1::upgrade)
+                .map_err(|e| bad(format!("format 1: {e}"))),
+            n => Err(bad(format!(
+                "format {n} is newer than this cloudletd reads ({RECORD_FORMAT}): run the newer release"
+            ))),
+        }
+    }
+}
+
+/// Format 1 (see [`RECORD_FORMAT`]).
+#[derive(Deserialize)]
+struct VmRecordV1 {
+    info: VmInfo,
+    spec: Option<VmSpec>,
+    pid: Option<u32>,
+    dir: PathBuf,
+    app: AppInfo,
+    vcpus: u32,
+    memory_mib: u64,
+    #[serde(default)]
+    committed_handoff: Option<String>,
+}
+
+impl VmRecordV1 {
+    fn upgrade(self) -> VmRecord {
+        let i = self.info;
+        VmRecord {
+            format: RECORD_FORMAT,
+            id: i.id,
+            name: i.name,
+            state: i.state,
+            generation: i.generation,
+            base_id: i.base_id,
+            overlay: i.overlay,
+            flavor: i.flavor,
+            ports: i.ports,
+            created_unix: i.created_unix,
+            progress: i.progress,
+            timings: i.timings,
+            error: i.error,
+            moved_to: i.moved_to,
+            spec: self.spec,
+            pid: self.pid,
+            dir: self.dir,
+            app: self.app,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            committed_handoff: self.committed_handoff,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +185,7 @@ impl Store {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut t = tx.open_table(VMS).map_err(db_err)?;
-            t.insert(rec.info.id.as_str(), bytes.as_slice())
+            t.insert(rec.id.as_str(), bytes.as_slice())
                 .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
@@ -94,12 +206,7 @@ impl Store {
         let mut out = Vec::new();
         for item in t.iter().map_err(db_err)? {
             let (k, v) = item.map_err(db_err)?;
-            let rec: VmRecord =
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Decode {
-                    id: k.value().to_string(),
-                    detail: e.to_string(),
-                })?;
-            out.push(rec);
+            out.push(VmRecord::decode(k.value(), v.value())?);
         }
         Ok(out)
     }
@@ -112,26 +219,23 @@ fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cloudlet_api::{Progress, VmState};
 
     fn rec(id: &str) -> VmRecord {
         VmRecord {
             format: RECORD_FORMAT,
-            info: VmInfo {
-                id: id.into(),
-                name: id.into(),
-                state: VmState::Running,
-                generation: 1,
-                base_id: "b".into(),
-                overlay: "u".into(),
-                flavor: "small".into(),
-                ports: vec![],
-                created_unix: 0,
-                progress: Progress::default(),
-                timings: vec![],
-                error: None,
-                moved_to: None,
-            },
+            id: id.into(),
+            name: id.into(),
+            state: VmState::Running,
+            generation: 1,
+            base_id: "b".into(),
+            overlay: "u".into(),
+            flavor: "small".into(),
+            ports: vec![],
+            created_unix: 0,
+            progress: Progress::default(),
+            timings: vec![],
+            error: None,
+            moved_to: None,
             spec: None,
             pid: Some(1),
             dir: "/x".into(),
@@ -155,6 +259,43 @@ mod tests {
         let s = Store::open(&path).unwrap();
         let l = s.list().unwrap();
         assert_eq!(l.len(), 1);
-        assert_eq!(l[0].info.id, "b");
+        assert_eq!(l[0].id, "b");
+        assert_eq!(l[0].info().state, VmState::Running);
+    }
+
+    /// What sessions 1-4 wrote (format 1, the REST model nested).
+    const V1: &str = r#"{"format":1,"info":{"id":"a1","name":"kv","state":"moved","generation":2,
+        "base_id":"b","overlay":"u","flavor":"small","ports":[],"created_unix":5,
+        "progress":{"stage":"ready","bytes_fetched":0,"bytes_total":0,"segments_applied":0,
+        "segments_total":0},"timings":[],"moved_to":"http://next"},"spec":null,"pid":7,
+        "dir":"/x","app":{"name":"kv","ports":[8080]},"vcpus":1,"memory_mib":512}"#;
+
+    #[test]
+    fn a_format_1_record_is_read_and_upgraded() {
+        let r = VmRecord::decode("a1", V1.as_bytes()).unwrap();
+        assert_eq!(r.format, RECORD_FORMAT);
+        assert_eq!(
+            (r.state(), r.generation, r.pid),
+            (VmState::Moved, 2, Some(7))
+        );
+        assert_eq!(r.moved_to.as_deref(), Some("http://next"));
+        assert_eq!(r.app.ports, vec![8080]);
+        // And written back in the current format, it reads the same.
+        let again = serde_json::to_vec(&r).unwrap();
+        let r2 = VmRecord::decode("a1", &again).unwrap();
+        assert_eq!(r2.info(), r.info());
+    }
+
+    #[test]
+    fn a_record_of_a_newer_format_or_garbage_is_refused_by_name() {
+        let newer = V1.replace(r#""format":1"#, r#""format":9"#);
+        let e = VmRecord::decode("a1", newer.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a1") && e.contains("format 9"), "{e}");
+        let e = VmRecord::decode("zz", b"{not json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("zz"), "{e}");
     }
 }
