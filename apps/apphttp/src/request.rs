@@ -14,7 +14,6 @@
 //! framing headers, other transfer codings, absolute-form and asterisk-form targets,
 //! non-ASCII targets.
 
-use std::fmt;
 use std::io::{self, BufRead, Read};
 
 use httparse::Status;
@@ -54,26 +53,35 @@ pub enum Version {
 
 /// Why a request could not be read. [`ReadRequestError::status`] gives the HTTP status
 /// to answer with, if any.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ReadRequestError {
     /// The peer closed the connection before sending any byte of a new request.
     /// This is the normal end of a keep-alive connection, not an error to report.
+    #[error("Connection closed by peer")]
     Closed,
     /// The socket failed or timed out, or the peer closed mid-request.
-    Io(io::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
     /// Syntax error in the request line, headers or chunked framing (as found by httparse).
+    #[error("Bad request: {0}")]
     BadRequest(&'static str),
     /// Request line longer than [`Limits::max_request_line`].
+    #[error("Request line too long")]
     UriTooLong,
     /// Head larger than [`Limits::max_head`] or more than [`Limits::max_headers`] fields.
+    #[error("Request head too large")]
     HeadTooLarge,
     /// Body larger than [`Limits::max_body`].
+    #[error("Request body larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
     /// A PUT or PATCH came without `Content-Length` or `Transfer-Encoding`.
+    #[error("Content-Length required")]
     LengthRequired,
     /// A transfer coding other than `chunked`.
+    #[error("Unsupported transfer coding")]
     UnsupportedTransferEncoding,
     /// `HTTP/x.y` with a major version other than 1.
+    #[error("HTTP version not supported")]
     VersionNotSupported,
 }
 
@@ -91,41 +99,6 @@ impl ReadRequestError {
             ReadRequestError::UnsupportedTransferEncoding => Some(501),
             ReadRequestError::VersionNotSupported => Some(505),
         }
-    }
-}
-
-impl fmt::Display for ReadRequestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReadRequestError::Closed => write!(f, "Connection closed by peer"),
-            ReadRequestError::Io(e) => write!(f, "I/O error: {e}"),
-            ReadRequestError::BadRequest(why) => write!(f, "Bad request: {why}"),
-            ReadRequestError::UriTooLong => write!(f, "Request line too long"),
-            ReadRequestError::HeadTooLarge => write!(f, "Request head too large"),
-            ReadRequestError::BodyTooLarge { limit } => {
-                write!(f, "Request body larger than {limit} bytes")
-            }
-            ReadRequestError::LengthRequired => write!(f, "Content-Length required"),
-            ReadRequestError::UnsupportedTransferEncoding => {
-                write!(f, "Unsupported transfer coding")
-            }
-            ReadRequestError::VersionNotSupported => write!(f, "HTTP version not supported"),
-        }
-    }
-}
-
-impl std::error::Error for ReadRequestError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ReadRequestError::Io(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<io::Error> for ReadRequestError {
-    fn from(e: io::Error) -> Self {
-        ReadRequestError::Io(e)
     }
 }
 
