@@ -130,7 +130,9 @@ impl SavedState {
                         let id = r.counted()?;
                         let length = r.be64()?;
                         let _addr = r.be64()?; // x-ignore-shared: block address
-                        sum += length;
+                        sum = sum
+                            .checked_add(length)
+                            .ok_or_else(|| r.unsupported("RAM block lengths overflow"))?;
                         st.blocks.push(RamBlock { id, length });
                     }
                     if r.be64()? != flag::EOS {
@@ -332,5 +334,26 @@ pub(super) mod tests {
         ));
         let b = saved();
         assert!(SavedState::parse(&b[..b.len() - 30], "mem").is_err());
+    }
+
+    #[test]
+    fn a_truncated_or_corrupted_state_never_panics() {
+        let b = saved();
+        // Every prefix but the whole: an error, or (cut inside the JSON VM
+        // description, which is not read) a parse; never a panic.
+        for n in 0..b.len() {
+            let _ = SavedState::parse(&b[..n], "mem");
+        }
+        for n in 0..b.len() - 40 {
+            assert!(SavedState::parse(&b[..n], "mem").is_err(), "prefix {n}");
+        }
+        // Every byte flipped, a few ways.
+        for i in 0..b.len() {
+            for x in [0x01u8, 0x80, 0xff] {
+                let mut c = b.clone();
+                c[i] ^= x;
+                let _ = SavedState::parse(&c, "mem");
+            }
+        }
     }
 }
