@@ -1,6 +1,7 @@
 //! The typed QMP API on a real QEMU 7.2 guest (the `tiny` base, restored):
 //! migration status and parameters, the dirty rate, a dirty bitmap on the
-//! disk from add to export to remove, named block nodes.
+//! disk from add to export to remove, named block nodes; a migration that
+//! pauses before its switchover, continues and completes.
 
 use std::time::Duration;
 
@@ -153,5 +154,68 @@ async fn typed_migration_and_dirty_tracking_on_a_running_guest() {
     q.remove_dirty_bitmap("disk0", "t").await.expect("remove");
     assert_eq!(q.dirty_bitmap_count("disk0", "t").await.unwrap(), None);
     assert!(q.remove_dirty_bitmap("disk0", "t").await.is_err());
+    vm.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_typed_migration_pauses_before_the_switchover_and_completes() {
+    let (_store, base) = tiny_base().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vm = base
+        .restore(
+            "qmp-typed-migrate",
+            &d.join("ram"),
+            &d.join("disk.qcow2"),
+            &d.join("run"),
+            vec![],
+        )
+        .await
+        .expect("restore from base");
+    let q = vm.qmp();
+    let cap = |capability, state| MigrationCapabilityState { capability, state };
+    // The RAM is the shared file: only the device state goes into the stream.
+    q.set_migration_capability_states(&[
+        cap(MigrationCapability::XIgnoreShared, true),
+        cap(MigrationCapability::PauseBeforeSwitchover, true),
+        cap(MigrationCapability::Events, true),
+    ])
+    .await
+    .expect("capabilities");
+    let out = d.join("state");
+    q.migrate(&format!("exec:cat > {}", out.display()))
+        .await
+        .expect("migrate");
+    let mut seen = Vec::new();
+    let paused = loop {
+        let info = q.query_migrate().await.expect("query-migrate");
+        if seen.last() != Some(&info.status) {
+            seen.push(info.status);
+        }
+        assert!(!info.status.is_finished(), "{seen:?}: {info:?}");
+        if info.status == MigrationStatus::PreSwitchover {
+            break info;
+        }
+        assert!(
+            info.status.is_running() || info.status == MigrationStatus::None,
+            "{seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(paused.ram.is_some(), "{paused:?}");
+    assert_ne!(q.run_state().await.unwrap(), "running");
+    q.continue_migration(MigrationStatus::PreSwitchover)
+        .await
+        .expect("migrate-continue");
+    let done = q
+        .wait_migration_info(Duration::from_secs(60), Duration::from_millis(20))
+        .await
+        .expect("migration completes");
+    assert_eq!(done.status, MigrationStatus::Completed);
+    assert!(done.downtime.is_some(), "{done:?}");
+    assert!(std::fs::metadata(&out).unwrap().len() > 0);
+    // The source stays paused after a completed migration; it can run on.
+    q.cont().await.expect("cont");
+    assert_eq!(q.run_state().await.unwrap(), "running");
     vm.kill().await;
 }
