@@ -1,16 +1,16 @@
-//! `apphttp`: a tiny, std-only HTTP/1.1 server for the example apps that run inside
-//! cloudlet guest VMs. The apps are linked statically and must stay small, so this
-//! crate has no dependencies.
+//! `apphttp`: a small HTTP/1.1 server for the example apps that run inside cloudlet
+//! guest VMs. The apps are linked statically and must stay small, so it is built on
+//! std threads and two small parsers: `httparse` for requests and `serde_json` for
+//! the JSON the apps answer with; no async runtime.
 //!
-//! - [`request`]: request parsing with size limits; every malformed input maps to
-//!   an error carrying the status to answer with (400, 411, 413, 414, 431, 501, 505).
+//! - [`request`]: reads requests with size limits; every malformed input maps to an
+//!   error carrying the status to answer with (400, 411, 413, 414, 431, 501, 505).
 //! - [`response`]: responses and their serialization.
 //! - [`server`]: thread-per-connection server with keep-alive.
-//! - [`url`], [`json`]: percent-decoding and JSON output helpers.
-//! - [`client`]: a one-shot blocking client for tests and probes.
+//! - [`url`]: percent-decoding of paths and query strings.
+//!
+//! Tests talk to the apps with `cloudlet-testkit`'s client.
 
-pub mod client;
-pub mod json;
 pub mod request;
 pub mod response;
 pub mod server;

@@ -1,16 +1,22 @@
-//! HTTP/1.1 request parsing (RFC 9112 subset).
+//! HTTP/1.1 request reading (RFC 9112 subset) on top of the `httparse` crate.
 //!
-//! Parsing is split in two steps so the server can answer `Expect: 100-continue`
-//! and reject oversized bodies before reading them:
+//! httparse parses the request line, header fields, chunk-size lines and trailer
+//! fields; this module feeds it from a socket within [`Limits`], decides how the body
+//! is framed and reads it. Reading is split in steps so the server can answer
+//! `Expect: 100-continue` and reject oversized bodies before reading them:
 //! [`read_head`] reads the request line and headers, [`Head::body_framing`] decides how
 //! the body is delimited, and [`read_body`] reads it.
 //!
 //! Supported: `Content-Length` and `Transfer-Encoding: chunked` bodies, CRLF or bare LF
-//! line endings, HTTP/1.0 and HTTP/1.1. Rejected: obsolete line folding, conflicting
-//! framing headers, other transfer codings, absolute-form and asterisk-form targets.
+//! line endings, empty lines before the request line, HTTP/1.0 and HTTP/1.1, any
+//! number of requests in a row on one connection (keep-alive and pipelining: nothing
+//! past the current request is consumed). Rejected: obsolete line folding, conflicting
+//! framing headers, other transfer codings, absolute-form and asterisk-form targets,
+//! non-ASCII targets.
 
-use std::fmt;
 use std::io::{self, BufRead, Read};
+
+use httparse::Status;
 
 use crate::url;
 
@@ -47,26 +53,35 @@ pub enum Version {
 
 /// Why a request could not be read. [`ReadRequestError::status`] gives the HTTP status
 /// to answer with, if any.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ReadRequestError {
     /// The peer closed the connection before sending any byte of a new request.
     /// This is the normal end of a keep-alive connection, not an error to report.
+    #[error("Connection closed by peer")]
     Closed,
     /// The socket failed or timed out, or the peer closed mid-request.
-    Io(io::Error),
-    /// Syntax error in the request line, headers or chunked framing.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// Syntax error in the request line, headers or chunked framing (as found by httparse).
+    #[error("Bad request: {0}")]
     BadRequest(&'static str),
     /// Request line longer than [`Limits::max_request_line`].
+    #[error("Request line too long")]
     UriTooLong,
     /// Head larger than [`Limits::max_head`] or more than [`Limits::max_headers`] fields.
+    #[error("Request head too large")]
     HeadTooLarge,
     /// Body larger than [`Limits::max_body`].
+    #[error("Request body larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
     /// A PUT or PATCH came without `Content-Length` or `Transfer-Encoding`.
+    #[error("Content-Length required")]
     LengthRequired,
     /// A transfer coding other than `chunked`.
+    #[error("Unsupported transfer coding")]
     UnsupportedTransferEncoding,
     /// `HTTP/x.y` with a major version other than 1.
+    #[error("HTTP version not supported")]
     VersionNotSupported,
 }
 
@@ -84,41 +99,6 @@ impl ReadRequestError {
             ReadRequestError::UnsupportedTransferEncoding => Some(501),
             ReadRequestError::VersionNotSupported => Some(505),
         }
-    }
-}
-
-impl fmt::Display for ReadRequestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReadRequestError::Closed => write!(f, "Connection closed by peer"),
-            ReadRequestError::Io(e) => write!(f, "I/O error: {e}"),
-            ReadRequestError::BadRequest(why) => write!(f, "Bad request: {why}"),
-            ReadRequestError::UriTooLong => write!(f, "Request line too long"),
-            ReadRequestError::HeadTooLarge => write!(f, "Request head too large"),
-            ReadRequestError::BodyTooLarge { limit } => {
-                write!(f, "Request body larger than {limit} bytes")
-            }
-            ReadRequestError::LengthRequired => write!(f, "Content-Length required"),
-            ReadRequestError::UnsupportedTransferEncoding => {
-                write!(f, "Unsupported transfer coding")
-            }
-            ReadRequestError::VersionNotSupported => write!(f, "HTTP version not supported"),
-        }
-    }
-}
-
-impl std::error::Error for ReadRequestError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ReadRequestError::Io(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<io::Error> for ReadRequestError {
-    fn from(e: io::Error) -> Self {
-        ReadRequestError::Io(e)
     }
 }
 
@@ -252,173 +232,175 @@ fn parse_decimal(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
+/// Longest chunk-size line and largest trailer section of a chunked body.
+const MAX_CHUNK_LINE: usize = 1024;
+const MAX_TRAILERS: usize = 8 * 1024;
 
-/// Reads one line (up to and including `\n`) into `buf`, reading at most `limit + 2`
-/// bytes. Returns `Ok(None)` at EOF before any byte, `Ok(Some(line))` with the line
-/// terminator stripped, or `Err(too_long)` when the line does not fit in `limit`.
-fn read_line<R: BufRead>(
+/// Copies bytes from `r` into `buf` until `scan` finds a complete block at the start
+/// of `buf` and returns its length; exactly that many bytes are consumed from `r`, so
+/// whatever follows (a body, the next pipelined request) stays in `r`. At most `max`
+/// bytes are buffered: a block that does not fit gives `too_large()`.
+/// Returns `Ok(false)` if `r` is at end of input before any byte.
+fn read_block<R: BufRead>(
     r: &mut R,
     buf: &mut Vec<u8>,
-    limit: usize,
-    too_long: ReadRequestError,
-) -> Result<Option<usize>, ReadRequestError> {
+    max: usize,
+    too_large: impl Fn() -> ReadRequestError,
+    mut scan: impl FnMut(&[u8]) -> Result<Option<usize>, ReadRequestError>,
+) -> Result<bool, ReadRequestError> {
     buf.clear();
-    let n = r.by_ref().take(limit as u64 + 2).read_until(b'\n', buf)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.last() != Some(&b'\n') {
-        if n >= limit + 2 {
-            return Err(too_long);
+    loop {
+        let available = r.fill_buf()?;
+        if available.is_empty() {
+            return match buf.is_empty() {
+                true => Ok(false),
+                false => Err(eof("connection closed mid-request")),
+            };
         }
-        return Err(ReadRequestError::Io(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed mid-line",
-        )));
+        let old = buf.len();
+        let take = available.len().min(max.saturating_sub(old));
+        buf.extend_from_slice(&available[..take]);
+        match scan(buf)? {
+            // The first `old` bytes are consumed already (they were not a whole block).
+            Some(n) if (old..=buf.len()).contains(&n) => {
+                r.consume(n - old);
+                buf.truncate(n);
+                return Ok(true);
+            }
+            Some(_) => return Err(ReadRequestError::BadRequest("inconsistent framing")),
+            None if buf.len() >= max => return Err(too_large()),
+            None => r.consume(take),
+        }
     }
-    buf.pop();
-    if buf.last() == Some(&b'\r') {
-        buf.pop();
+}
+
+fn eof(what: &'static str) -> ReadRequestError {
+    ReadRequestError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, what))
+}
+
+fn status<T>(parsed: Status<T>) -> Option<T> {
+    match parsed {
+        Status::Complete(t) => Some(t),
+        Status::Partial => None,
     }
-    if buf.len() > limit {
-        return Err(too_long);
+}
+
+/// The first line of `head` after any empty lines, without its terminator, and
+/// whether it is complete.
+fn first_line(head: &[u8]) -> (&[u8], bool) {
+    let start = head
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(head.len());
+    let line = &head[start..];
+    match line.iter().position(|&b| b == b'\n') {
+        Some(end) => (
+            line[..end].strip_suffix(b"\r").unwrap_or(&line[..end]),
+            true,
+        ),
+        None => (line, false),
     }
-    Ok(Some(n))
+}
+
+/// Maps a parse error to the status to answer with. A well-formed `HTTP/x.y` other
+/// than 1.0 and 1.1 is 505, anything else 400.
+fn parse_error(e: httparse::Error, head: &[u8]) -> ReadRequestError {
+    use httparse::Error as E;
+    let bad = ReadRequestError::BadRequest;
+    match e {
+        E::TooManyHeaders => ReadRequestError::HeadTooLarge,
+        E::Version if names_http_version(first_line(head).0) => {
+            ReadRequestError::VersionNotSupported
+        }
+        E::Version => bad("invalid HTTP version"),
+        E::HeaderName => bad("invalid header name"),
+        E::HeaderValue => bad("invalid header value"),
+        E::NewLine => bad("invalid line ending"),
+        E::Token | E::Status => bad("request line must be 'METHOD TARGET VERSION'"),
+    }
+}
+
+fn names_http_version(request_line: &[u8]) -> bool {
+    let version = request_line
+        .rsplit(|&b| b == b' ')
+        .next()
+        .unwrap_or_default();
+    match version.strip_prefix(b"HTTP/") {
+        Some([major]) => major.is_ascii_digit(),
+        Some([major, b'.', minor]) => major.is_ascii_digit() && minor.is_ascii_digit(),
+        _ => false,
+    }
+}
+
+/// Parses a request head, complete or not; `Ok(Some(length))` once it is complete.
+/// httparse has no limit of its own on the request line, so it is checked here.
+fn parse_head<'h, 'b>(
+    head: &'b [u8],
+    limits: &Limits,
+    fields: &'h mut [httparse::Header<'b>],
+) -> Result<(Option<usize>, httparse::Request<'h, 'b>), ReadRequestError> {
+    let (line, complete) = first_line(head);
+    // An incomplete line may still end in the `\r` of its terminator.
+    if line.len() > limits.max_request_line + usize::from(!complete) {
+        return Err(ReadRequestError::UriTooLong);
+    }
+    let mut req = httparse::Request::new(fields);
+    let parsed = req.parse(head).map_err(|e| parse_error(e, head))?;
+    Ok((status(parsed), req))
 }
 
 /// Reads the request line and header fields.
 pub fn read_head<R: BufRead>(r: &mut R, limits: &Limits) -> Result<Head, ReadRequestError> {
-    let mut line = Vec::with_capacity(256);
-
-    // RFC 9112 section 2.2: ignore at least one empty line before the request line.
-    let mut consumed = 0usize;
-    let mut saw_any = false;
-    loop {
-        match read_line(
-            r,
-            &mut line,
-            limits.max_request_line,
-            ReadRequestError::UriTooLong,
-        )? {
-            None if saw_any => {
-                return Err(ReadRequestError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed before request line",
-                )))
-            }
-            None => return Err(ReadRequestError::Closed),
-            Some(n) => {
-                saw_any = true;
-                consumed += n;
-                if !line.is_empty() {
-                    break;
-                }
-                if consumed > 8 {
-                    return Err(ReadRequestError::BadRequest("empty request line"));
-                }
-            }
-        }
+    let mut buf = Vec::with_capacity(1024);
+    // httparse ties the header array to the bytes, so each attempt gets its own.
+    let new_fields = || vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let found = read_block(
+        r,
+        &mut buf,
+        limits.max_head,
+        || ReadRequestError::HeadTooLarge,
+        |head| Ok(parse_head(head, limits, &mut new_fields())?.0),
+    )?;
+    if !found {
+        return Err(ReadRequestError::Closed);
     }
-    let (method, target, version) = parse_request_line(&line)?;
-
-    let mut headers = Vec::new();
-    loop {
-        let remaining = limits.max_head.saturating_sub(consumed);
-        let n = match read_line(r, &mut line, remaining, ReadRequestError::HeadTooLarge)? {
-            Some(n) => n,
-            None => {
-                return Err(ReadRequestError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed in request head",
-                )))
-            }
-        };
-        consumed += n;
-        if consumed > limits.max_head {
-            return Err(ReadRequestError::HeadTooLarge);
-        }
-        if line.is_empty() {
-            break;
-        }
-        if headers.len() >= limits.max_headers {
-            return Err(ReadRequestError::HeadTooLarge);
-        }
-        headers.push(parse_header_line(&line)?);
+    let mut fields = new_fields();
+    let (_, req) = parse_head(&buf, limits, &mut fields)?;
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(ReadRequestError::BadRequest("incomplete request head"));
+    };
+    if !target.starts_with('/') {
+        return Err(ReadRequestError::BadRequest(
+            "request target must be in origin form",
+        ));
     }
-
+    // httparse lets bytes above 0x7f through; the apps' paths are percent-encoded.
+    if !target.is_ascii() {
+        return Err(ReadRequestError::BadRequest(
+            "invalid character in request target",
+        ));
+    }
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| {
+            let value = String::from_utf8_lossy(h.value);
+            (
+                h.name.to_string(),
+                value.trim_matches([' ', '\t']).to_string(),
+            )
+        })
+        .collect();
     Ok(Head {
-        method,
-        target,
-        version,
+        method: method.to_string(),
+        target: target.to_string(),
+        version: if version == 0 {
+            Version::Http10
+        } else {
+            Version::Http11
+        },
         headers,
     })
-}
-
-fn parse_request_line(line: &[u8]) -> Result<(String, String, Version), ReadRequestError> {
-    let bad = ReadRequestError::BadRequest;
-    let line = std::str::from_utf8(line).map_err(|_| bad("request line is not UTF-8"))?;
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad("request line must be 'METHOD TARGET VERSION'"));
-    };
-    if method.is_empty() || !method.bytes().all(is_tchar) {
-        return Err(bad("invalid method"));
-    }
-    if !target.starts_with('/') {
-        return Err(bad("request target must be in origin form"));
-    }
-    if target
-        .bytes()
-        .any(|b| b <= b' ' || b == 0x7f || !b.is_ascii())
-    {
-        return Err(bad("invalid character in request target"));
-    }
-    let version = match version {
-        "HTTP/1.1" => Version::Http11,
-        "HTTP/1.0" => Version::Http10,
-        v => {
-            let digits = v.strip_prefix("HTTP/").map(str::as_bytes);
-            return match digits {
-                Some([major, b'.', minor]) if major.is_ascii_digit() && minor.is_ascii_digit() => {
-                    Err(ReadRequestError::VersionNotSupported)
-                }
-                Some([major]) if major.is_ascii_digit() => {
-                    Err(ReadRequestError::VersionNotSupported)
-                }
-                _ => Err(bad("invalid HTTP version")),
-            };
-        }
-    };
-    Ok((method.to_string(), target.to_string(), version))
-}
-
-fn parse_header_line(line: &[u8]) -> Result<(String, String), ReadRequestError> {
-    let bad = ReadRequestError::BadRequest;
-    if matches!(line.first(), Some(b' ' | b'\t')) {
-        return Err(bad("obsolete header line folding"));
-    }
-    let colon = line
-        .iter()
-        .position(|&b| b == b':')
-        .ok_or(bad("header line without ':'"))?;
-    let (name, value) = (&line[..colon], &line[colon + 1..]);
-    if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
-        return Err(bad("invalid header name"));
-    }
-    if value.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
-        return Err(bad("control character in header value"));
-    }
-    // Names are tchars (ASCII), so this cannot fail; values may carry obs-text.
-    let name = String::from_utf8_lossy(name).into_owned();
-    let value = String::from_utf8_lossy(value)
-        .trim_matches([' ', '\t'])
-        .to_string();
-    Ok((name, value))
 }
 
 /// Reads a body framed as `framing`, refusing more than `max_body` bytes.
@@ -427,88 +409,99 @@ pub fn read_body<R: BufRead>(
     framing: BodyFraming,
     max_body: usize,
 ) -> Result<Vec<u8>, ReadRequestError> {
+    let mut body = Vec::new();
     match framing {
-        BodyFraming::None => Ok(Vec::new()),
-        BodyFraming::Length(n) => {
-            if n > max_body {
-                return Err(ReadRequestError::BodyTooLarge { limit: max_body });
-            }
-            read_exact_vec(r, n)
+        BodyFraming::None => {}
+        BodyFraming::Length(n) if n > max_body => {
+            return Err(ReadRequestError::BodyTooLarge { limit: max_body })
         }
-        BodyFraming::Chunked => read_chunked(r, max_body),
-    }
-}
-
-/// Reads exactly `n` bytes, growing the buffer as data arrives rather than trusting
-/// the announced length for one large allocation.
-fn read_exact_vec<R: Read>(r: &mut R, n: usize) -> Result<Vec<u8>, ReadRequestError> {
-    let mut body = Vec::with_capacity(n.min(64 * 1024));
-    let got = r.by_ref().take(n as u64).read_to_end(&mut body)?;
-    if got != n {
-        return Err(ReadRequestError::Io(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("body ended after {got} of {n} bytes"),
-        )));
+        BodyFraming::Length(n) => read_exact_into(r, n, &mut body)?,
+        BodyFraming::Chunked => read_chunked(r, max_body, &mut body)?,
     }
     Ok(body)
 }
 
-fn read_chunked<R: BufRead>(r: &mut R, max_body: usize) -> Result<Vec<u8>, ReadRequestError> {
-    const MAX_CHUNK_LINE: usize = 1024;
+/// Appends exactly `n` bytes to `body`, growing it as data arrives rather than
+/// trusting an announced length for one large allocation.
+fn read_exact_into<R: Read>(
+    r: &mut R,
+    n: usize,
+    body: &mut Vec<u8>,
+) -> Result<(), ReadRequestError> {
+    body.reserve(n.min(64 * 1024));
+    let got = r.by_ref().take(n as u64).read_to_end(body)?;
+    match got == n {
+        true => Ok(()),
+        false => Err(eof("connection closed in request body")),
+    }
+}
+
+fn read_chunked<R: BufRead>(
+    r: &mut R,
+    max_body: usize,
+    body: &mut Vec<u8>,
+) -> Result<(), ReadRequestError> {
     let bad = ReadRequestError::BadRequest;
-    let eof = || {
-        ReadRequestError::Io(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed in chunked body",
-        ))
-    };
-    let mut body = Vec::new();
     let mut line = Vec::new();
     loop {
-        read_line(
+        let mut size = 0u64;
+        let scan_size = |b: &[u8]| match httparse::parse_chunk_size(b) {
+            Ok(parsed) => Ok(status(parsed).map(|(n, s)| {
+                size = s;
+                n
+            })),
+            Err(_) => Err(bad("invalid chunk size")),
+        };
+        if !read_block(
             r,
             &mut line,
             MAX_CHUNK_LINE,
-            bad("chunk size line too long"),
-        )?
-        .ok_or_else(eof)?;
-        let size_field = line.split(|&b| b == b';').next().unwrap_or_default();
-        let size_str = std::str::from_utf8(size_field)
-            .map_err(|_| bad("invalid chunk size"))?
-            .trim_matches([' ', '\t']);
-        if size_str.is_empty() || !size_str.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad("invalid chunk size"));
+            || bad("chunk size line too long"),
+            scan_size,
+        )? {
+            return Err(eof("connection closed in chunked body"));
         }
-        let size = u64::from_str_radix(size_str, 16).map_err(|_| bad("chunk size overflow"))?;
         if size == 0 {
             break;
         }
-        let remaining = (max_body - body.len()) as u64;
-        if size > remaining {
-            return Err(ReadRequestError::BodyTooLarge { limit: max_body });
-        }
-        // size <= remaining <= max_body, so it fits in usize.
-        let size = size as usize;
-        let got = r.by_ref().take(size as u64).read_to_end(&mut body)?;
-        if got != size {
-            return Err(eof());
-        }
-        read_line(r, &mut line, 0, bad("missing CRLF after chunk data"))?.ok_or_else(eof)?;
-    }
-    // Trailer fields: read and discard, bounded.
-    let mut trailer_bytes = 0usize;
-    loop {
-        let n = read_line(r, &mut line, MAX_CHUNK_LINE, bad("trailer line too long"))?
-            .ok_or_else(eof)?;
-        if line.is_empty() {
-            break;
-        }
-        trailer_bytes += n;
-        if trailer_bytes > 8 * MAX_CHUNK_LINE {
-            return Err(bad("trailer section too large"));
+        let remaining = max_body.saturating_sub(body.len());
+        let size = match usize::try_from(size) {
+            Ok(size) if size <= remaining => size,
+            _ => return Err(ReadRequestError::BodyTooLarge { limit: max_body }),
+        };
+        read_exact_into(r, size, body)?;
+        let scan_crlf = |b: &[u8]| match b {
+            [b'\n', ..] => Ok(Some(1)),
+            [b'\r', b'\n', ..] => Ok(Some(2)),
+            [] | [b'\r'] => Ok(None),
+            _ => Err(bad("missing CRLF after chunk data")),
+        };
+        if !read_block(
+            r,
+            &mut line,
+            2,
+            || bad("missing CRLF after chunk data"),
+            scan_crlf,
+        )? {
+            return Err(eof("connection closed in chunked body"));
         }
     }
-    Ok(body)
+    // Trailer fields: parsed by httparse and discarded, bounded.
+    let scan_trailers =
+        |b: &[u8]| match httparse::parse_headers(b, &mut [httparse::EMPTY_HEADER; 32]) {
+            Ok(parsed) => Ok(status(parsed).map(|(n, _)| n)),
+            Err(_) => Err(bad("invalid trailer section")),
+        };
+    if !read_block(
+        r,
+        &mut line,
+        MAX_TRAILERS,
+        || bad("trailer section too large"),
+        scan_trailers,
+    )? {
+        return Err(eof("connection closed in chunked body"));
+    }
+    Ok(())
 }
 
 /// A fully read request, as handed to a [`crate::Handler`].
@@ -560,6 +553,7 @@ pub fn read_request<R: BufRead>(r: &mut R, limits: &Limits) -> Result<Request, R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn parse(raw: &[u8]) -> Result<Request, ReadRequestError> {
         parse_with(raw, &Limits::default())
@@ -572,6 +566,20 @@ mod tests {
 
     fn status_of(raw: &[u8]) -> Option<u16> {
         parse(raw).err().and_then(|e| e.status())
+    }
+
+    /// Every request in `raw`, read through a buffer of `capacity` bytes, so that
+    /// heads and bodies arrive split at every possible point.
+    fn parse_all(raw: &[u8], capacity: usize, limits: &Limits) -> Vec<Request> {
+        let mut r = io::BufReader::with_capacity(capacity, raw);
+        let mut out = Vec::new();
+        loop {
+            match read_request(&mut r, limits) {
+                Ok(req) => out.push(req),
+                Err(ReadRequestError::Closed) => return out,
+                Err(e) => panic!("capacity {capacity}: {e}"),
+            }
+        }
     }
 
     #[test]
@@ -588,30 +596,33 @@ mod tests {
     }
 
     #[test]
-    fn accepts_bare_lf_and_leading_empty_line() {
-        let req = parse(b"\r\nGET / HTTP/1.0\nA:  b \n\n").unwrap();
+    fn accepts_bare_lf_and_leading_empty_lines() {
+        let req = parse(b"\r\n\nGET / HTTP/1.0\nA:  b \n\n").unwrap();
         assert_eq!(req.head.headers, vec![("A".to_string(), "b".to_string())]);
         assert!(!req.head.wants_keep_alive());
     }
 
     #[test]
-    fn reads_content_length_body_and_leaves_the_rest() {
-        let raw = b"PUT /kv/k HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n";
-        let mut r = io::BufReader::new(&raw[..]);
-        let req = read_request(&mut r, &Limits::default()).unwrap();
-        assert_eq!(req.body, b"hello");
-        let next = read_request(&mut r, &Limits::default()).unwrap();
-        assert_eq!(next.path(), "/");
-        assert!(matches!(
-            read_request(&mut r, &Limits::default()),
-            Err(ReadRequestError::Closed)
-        ));
+    fn pipelined_requests_split_anywhere() {
+        let raw: &[u8] = b"PUT /kv/k HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+            POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nT: 1\r\n\r\n\
+            GET /last HTTP/1.1\r\n\r\n";
+        for capacity in 1..=raw.len() {
+            let reqs = parse_all(raw, capacity, &Limits::default());
+            let summary: Vec<_> = reqs.iter().map(|r| (r.path(), &r.body[..])).collect();
+            assert_eq!(
+                summary,
+                [("/kv/k", &b"hello"[..]), ("/c", b"abc"), ("/last", b"")],
+                "capacity {capacity}"
+            );
+        }
     }
 
     #[test]
     fn bad_request_lines_give_400() {
         for raw in [
             &b"GARBAGE\r\n\r\n"[..],
+            b"NONSENSE\r\n\r\n",
             b"GET /\r\n\r\n",
             b"GET  / HTTP/1.1\r\n\r\n",
             b"GET / HTTP/1.1 extra\r\n\r\n",
@@ -621,7 +632,7 @@ mod tests {
             b"GET / HTTX/1.1\r\n\r\n",
             b"GET /\x01 HTTP/1.1\r\n\r\n",
             b"GET /\xff HTTP/1.1\r\n\r\n",
-            b"\r\n\r\n\r\n\r\n\r\n\r\n",
+            b"GET /\xc3\xa9 HTTP/1.1\r\n\r\n",
         ] {
             assert_eq!(
                 status_of(raw),
@@ -642,6 +653,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nA: b\x00c\r\n\r\n",
             b"PUT / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
             b"PUT / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
             b"PUT / HTTP/1.1\r\nContent-Length: \r\n\r\n",
             b"PUT / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
             b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
@@ -667,6 +679,7 @@ mod tests {
     #[test]
     fn unsupported_version_gives_505() {
         assert_eq!(status_of(b"GET / HTTP/2.0\r\n\r\n"), Some(505));
+        assert_eq!(status_of(b"GET / HTTP/1.2\r\n\r\n"), Some(505));
         assert_eq!(status_of(b"GET / HTTP/2\r\n\r\n"), Some(505));
     }
 
@@ -733,6 +746,7 @@ mod tests {
             &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"[..],
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nBad Trailer\r\n\r\n",
         ] {
             assert_eq!(
                 status_of(raw),
@@ -741,6 +755,11 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+        let long_size = format!(
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;{}\r\n",
+            "e".repeat(MAX_CHUNK_LINE)
+        );
+        assert_eq!(status_of(long_size.as_bytes()), Some(400));
         let truncated = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab";
         assert!(matches!(parse(truncated), Err(ReadRequestError::Io(_))));
     }
@@ -748,17 +767,15 @@ mod tests {
     #[test]
     fn truncated_inputs_are_io_errors_not_panics() {
         assert!(matches!(parse(b""), Err(ReadRequestError::Closed)));
-        for raw in [
-            &b"GET / HTTP/1.1"[..],
-            b"GET / HTTP/1.1\r\nHost: x",
-            b"GET / HTTP/1.1\r\nHost: x\r\n",
-            b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort",
-        ] {
+        let full: &[u8] = b"PUT /kv/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        for end in 1..full.len() {
             assert!(
-                matches!(parse(raw), Err(ReadRequestError::Io(_))),
-                "{raw:?}"
+                matches!(parse(&full[..end]), Err(ReadRequestError::Io(_))),
+                "{:?}",
+                String::from_utf8_lossy(&full[..end])
             );
         }
+        assert!(parse(full).is_ok());
     }
 
     #[test]
@@ -776,6 +793,16 @@ mod tests {
                 .status(),
             Some(414)
         );
+        // Also while the line is still arriving.
+        let unterminated = format!("GET /{}", "a".repeat(64));
+        assert_eq!(
+            parse_with(unterminated.as_bytes(), &limits)
+                .unwrap_err()
+                .status(),
+            Some(414)
+        );
+        let fits = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(32 - 14));
+        assert!(parse_with(fits.as_bytes(), &limits).is_ok());
         let big_header = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "v".repeat(200));
         assert_eq!(
             parse_with(big_header.as_bytes(), &limits)
@@ -790,6 +817,13 @@ mod tests {
         );
         let three = "GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n";
         assert!(parse_with(three.as_bytes(), &limits).is_ok());
+        // Empty lines before the request line count towards the head.
+        assert_eq!(
+            parse_with("\r\n".repeat(100).as_bytes(), &limits)
+                .unwrap_err()
+                .status(),
+            Some(431)
+        );
     }
 
     #[test]
@@ -803,37 +837,105 @@ mod tests {
         assert!(req.head.expects_continue());
     }
 
-    #[test]
-    fn arbitrary_bytes_never_panic() {
-        // Cheap deterministic fuzzing over mutations of a valid request.
-        let base = b"PUT /kv/x?a=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n";
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+    /// A request that error handling must survive: either a status to answer with, or
+    /// an I/O error (truncated input), never a panic.
+    fn check_never_panics(raw: &[u8], capacity: usize) {
         let limits = Limits {
+            max_request_line: 64,
+            max_head: 256,
+            max_headers: 4,
             max_body: 16,
-            ..Limits::default()
         };
-        for _ in 0..5000 {
-            let mut raw = base.to_vec();
-            for _ in 0..(next() % 4 + 1) {
-                let i = (next() as usize) % raw.len();
-                match next() % 3 {
-                    0 => raw[i] = next() as u8,
-                    1 => {
-                        raw.remove(i);
-                    }
-                    _ => raw.truncate(i),
+        let mut r = io::BufReader::with_capacity(capacity, raw);
+        for _ in 0..raw.len() + 1 {
+            match read_request(&mut r, &limits) {
+                Ok(req) => assert!(req.body.len() <= limits.max_body),
+                Err(ReadRequestError::Closed | ReadRequestError::Io(_)) => return,
+                Err(e) => {
+                    let status = e.status().unwrap();
+                    assert!((400..506).contains(&status), "{e}: {status}");
+                    return;
                 }
+            }
+        }
+        panic!("more requests than bytes");
+    }
+
+    const VALID: &[u8] = b"PUT /kv/x?a=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
+        4\r\nabcd\r\n0\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok";
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            raw in proptest::collection::vec(any::<u8>(), 0..512),
+            capacity in 1usize..64,
+        ) {
+            check_never_panics(&raw, capacity);
+        }
+
+        #[test]
+        fn mutated_requests_never_panic(
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..6),
+            capacity in 1usize..64,
+        ) {
+            let mut raw = VALID.to_vec();
+            for (i, byte, op) in edits {
                 if raw.is_empty() {
                     break;
                 }
+                let i = i % raw.len();
+                match op {
+                    0 => raw[i] = byte,
+                    1 => { raw.remove(i); }
+                    _ => raw.insert(i, byte),
+                }
             }
-            let _ = parse_with(&raw, &limits);
+            check_never_panics(&raw, capacity);
+        }
+
+        #[test]
+        fn valid_requests_roundtrip(
+            method in "[A-Z]{1,8}",
+            path in "/[a-zA-Z0-9%/._~-]{0,40}",
+            headers in proptest::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,15}", "[ -~]{0,30}"), 0..5),
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+            chunk in 1usize..20,
+            chunked in any::<bool>(),
+            capacity in 1usize..100,
+        ) {
+            // Framing headers are this test's to choose.
+            let headers: Vec<(String, String)> = headers
+                .into_iter()
+                .filter(|(n, _)| !n.eq_ignore_ascii_case("content-length")
+                    && !n.eq_ignore_ascii_case("transfer-encoding"))
+                .map(|(n, v)| (n, v.trim().to_string()))
+                .collect();
+            let mut raw = format!("{method} {path} HTTP/1.1\r\n");
+            for (n, v) in &headers {
+                raw.push_str(&format!("{n}: {v}\r\n"));
+            }
+            let mut raw = raw.into_bytes();
+            if chunked {
+                raw.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                for part in body.chunks(chunk) {
+                    raw.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                    raw.extend_from_slice(part);
+                    raw.extend_from_slice(b"\r\n");
+                }
+                raw.extend_from_slice(b"0\r\n\r\n");
+            } else {
+                raw.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+                raw.extend_from_slice(&body);
+            }
+            let twice = [raw.clone(), raw].concat();
+            let reqs = parse_all(&twice, capacity, &Limits::default());
+            prop_assert_eq!(reqs.len(), 2);
+            for req in reqs {
+                prop_assert_eq!(req.method(), method.as_str());
+                prop_assert_eq!(&req.head.target, &path);
+                prop_assert_eq!(&req.head.headers[..headers.len()], &headers[..]);
+                prop_assert_eq!(&req.body, &body);
+            }
         }
     }
 }

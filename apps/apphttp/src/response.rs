@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use crate::json;
+use serde::Serialize;
 
 /// A response body, owned or shared with a store (so a large value can be sent
 /// without copying it out of the store under a lock).
@@ -56,13 +56,13 @@ impl Response {
         )
     }
 
-    /// `application/json`; `json` must already be serialized.
-    pub fn json(status: u16, json: impl Into<String>) -> Self {
-        Response::with_body(
-            status,
-            "application/json",
-            Body::Bytes(json.into().into_bytes()),
-        )
+    /// `application/json`: `value` serialized by serde_json (a 500 in the unlikely
+    /// case that it cannot be, e.g. a map with non-string keys).
+    pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(json) => Response::with_body(status, "application/json", Body::Bytes(json)),
+            Err(e) => Response::error(500, &format!("Cannot serialize the response: {e}")),
+        }
     }
 
     /// `application/octet-stream`.
@@ -72,7 +72,8 @@ impl Response {
 
     /// A JSON error document `{"error": message}`; every error response uses this shape.
     pub fn error(status: u16, message: &str) -> Self {
-        Response::json(status, json::Object::new().str("error", message).finish())
+        let json = serde_json::json!({ "error": message }).to_string();
+        Response::with_body(status, "application/json", Body::Bytes(json.into_bytes()))
     }
 
     /// Adds a header.
@@ -186,8 +187,27 @@ mod tests {
 
     #[test]
     fn error_is_json() {
-        let r = Response::error(404, "No such key");
-        assert_eq!(r.body.as_slice(), br#"{"error":"No such key"}"#);
+        let r = Response::error(404, "No \"such\" key\n");
+        assert_eq!(r.body.as_slice(), br#"{"error":"No \"such\" key\n"}"#);
         assert_eq!(r.headers[0].1, "application/json");
+    }
+
+    #[test]
+    fn json_keeps_field_order() {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            b: u32,
+            a: Option<&'a str>,
+            list: &'a [&'a str],
+        }
+        let r = Response::json(
+            200,
+            &Doc {
+                b: 1,
+                a: None,
+                list: &["x"],
+            },
+        );
+        assert_eq!(r.body.as_slice(), br#"{"b":1,"a":null,"list":["x"]}"#);
     }
 }

@@ -58,19 +58,6 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
     query_pairs(query).find(|(k, _)| k == name).map(|(_, v)| v)
 }
 
-/// Percent-encodes everything except RFC 3986 unreserved characters.
-pub fn percent_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len());
-    for &b in data {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,11 +92,5 @@ mod tests {
         assert_eq!(query_param(q, "x").as_deref(), Some("&="));
         assert_eq!(query_param(q, "bad"), None);
         assert_eq!(query_param(q, "missing"), None);
-    }
-
-    #[test]
-    fn encode_decode_roundtrip() {
-        let all: Vec<u8> = (0..=255).collect();
-        assert_eq!(percent_decode(&percent_encode(&all), false), Some(all));
     }
 }

@@ -5,9 +5,10 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use apphttp::{json, url, Body, Handler, Request, Response};
+use apphttp::{url, Body, Handler, Request, Response};
+use serde::Serialize;
 
-use crate::churn::{ChurnConfig, ChurnStatus, Churner};
+use crate::churn::{ChurnConfig, Churner};
 use crate::store::{KvStore, PutOutcome, MAX_KEY_BYTES};
 
 /// Where `/id` reads the guest's identity from. Read on every request, because a VM
@@ -76,9 +77,9 @@ pub fn route(app: &App, req: &Request) -> Response {
             _ => method_not_allowed("GET, HEAD"),
         },
         "/churn" => match req.method() {
-            "GET" => Response::json(200, churn_json(&app.churn.status())),
+            "GET" => Response::json(200, &app.churn.status()),
             "POST" => start_churn(app, req),
-            "DELETE" => Response::json(200, churn_json(&app.churn.stop())),
+            "DELETE" => Response::json(200, &app.churn.stop()),
             _ => method_not_allowed("GET, HEAD, POST, DELETE"),
         },
         "/kv" | "/kv/" => match req.method() {
@@ -119,7 +120,18 @@ fn key_route(app: &App, req: &Request, raw_key: &str) -> Response {
 fn list_keys(app: &App, req: &Request) -> Response {
     let prefix = req.query_param("prefix").unwrap_or_default();
     let keys = app.store.keys(&prefix);
-    Response::json(200, json::string_array(keys.iter().map(String::as_str)))
+    Response::json(200, &keys)
+}
+
+/// `GET /stats`.
+#[derive(Serialize)]
+struct Stats {
+    keys: usize,
+    bytes: u64,
+    uptime_s: u64,
+    pid: u32,
+    churn_running: bool,
+    churn_mib_per_s: f64,
 }
 
 fn stats(app: &App) -> Response {
@@ -127,17 +139,14 @@ fn stats(app: &App) -> Response {
     let churn = app.churn.status();
     Response::json(
         200,
-        json::Object::new()
-            .raw("keys", s.keys)
-            .raw("bytes", s.bytes)
-            .raw("uptime_s", app.started.elapsed().as_secs())
-            .raw("pid", std::process::id())
-            .raw("churn_running", churn.running)
-            .raw(
-                "churn_mib_per_s",
-                if churn.running { churn.mib_per_s } else { 0.0 },
-            )
-            .finish(),
+        &Stats {
+            keys: s.keys,
+            bytes: s.bytes,
+            uptime_s: app.started.elapsed().as_secs(),
+            pid: std::process::id(),
+            churn_running: churn.running,
+            churn_mib_per_s: if churn.running { churn.mib_per_s } else { 0.0 },
+        },
     )
 }
 
@@ -156,13 +165,20 @@ fn read_trimmed(path: &std::path::Path) -> Option<String> {
     Some(text.trim().to_string())
 }
 
+/// `GET /id`.
+#[derive(Serialize)]
+struct Id {
+    hostname: Option<String>,
+    vm_id: Option<String>,
+}
+
 fn id(files: &IdFiles) -> Response {
     Response::json(
         200,
-        json::Object::new()
-            .opt_str("hostname", read_trimmed(&files.hostname).as_deref())
-            .opt_str("vm_id", read_trimmed(&files.vm_id).as_deref())
-            .finish(),
+        &Id {
+            hostname: read_trimmed(&files.hostname),
+            vm_id: read_trimmed(&files.vm_id),
+        },
     )
 }
 
@@ -178,28 +194,12 @@ fn start_churn(app: &App, req: &Request) -> Response {
         Some(Ok(v)) => Some(v),
     };
     match app.churn.start(ChurnConfig { mib_per_s, seconds }) {
-        Ok(status) => Response::json(202, churn_json(&status)),
+        Ok(status) => Response::json(202, &status),
         Err(e @ crate::churn::StartChurnError::CannotSpawn(_)) => {
             Response::error(500, &e.to_string())
         }
         Err(e) => Response::error(400, &e.to_string()),
     }
-}
-
-fn churn_json(s: &ChurnStatus) -> String {
-    json::Object::new()
-        .raw("running", s.running)
-        .raw("mib_per_s", s.mib_per_s)
-        .raw(
-            "seconds",
-            s.seconds
-                .map_or_else(|| "null".to_string(), |v| v.to_string()),
-        )
-        .raw("elapsed_s", format!("{:.3}", s.elapsed_s))
-        .raw("bytes_written", s.bytes_written)
-        .raw("buffer_bytes", s.buffer_bytes)
-        .raw("buffer_allocated", s.buffer_allocated)
-        .finish()
 }
 
 #[cfg(test)]
@@ -312,7 +312,12 @@ mod tests {
         );
         let started = call(&a, "POST", "/churn?mib_per_s=4&seconds=10", b"");
         assert_eq!(started.status, 202);
-        assert!(body(&started).starts_with(r#"{"running":true,"mib_per_s":4,"seconds":10,"#));
+        let status: serde_json::Value = serde_json::from_str(&body(&started)).unwrap();
+        assert_eq!(
+            (&status["running"], &status["mib_per_s"], &status["seconds"]),
+            (&true.into(), &4.0.into(), &10.0.into())
+        );
+        assert!(body(&started).starts_with(r#"{"running":true,"mib_per_s":4.0,"seconds":10.0,"#));
         assert!(body(&call(&a, "GET", "/stats", b"")).contains(r#""churn_running":true"#));
         let stopped = call(&a, "DELETE", "/churn", b"");
         assert_eq!(stopped.status, 200);

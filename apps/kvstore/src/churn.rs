@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
+
 pub const PAGE_SIZE: usize = 4096;
 const MIB: f64 = 1024.0 * 1024.0;
 /// Highest rate accepted, in MiB/s.
@@ -47,20 +49,25 @@ impl std::fmt::Display for StartChurnError {
     }
 }
 
-/// A snapshot of the churn state.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A snapshot of the churn state, as `/churn` answers it in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ChurnStatus {
     pub running: bool,
     /// Rate of the current or last run (0 if none yet).
     pub mib_per_s: f64,
     pub seconds: Option<f64>,
     /// How long the current run has been going, or how long the last run lasted.
+    #[serde(serialize_with = "millisecond_precision")]
     pub elapsed_s: f64,
     /// Bytes written by the current or last run.
     pub bytes_written: u64,
     pub buffer_bytes: usize,
     /// Whether the buffer has been allocated (it is, from the first start on).
     pub buffer_allocated: bool,
+}
+
+fn millisecond_precision<S: serde::Serializer>(s: &f64, to: S) -> Result<S::Ok, S::Error> {
+    to.serialize_f64((s * 1000.0).round() / 1000.0)
 }
 
 struct Run {

@@ -3,7 +3,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use apphttp::{json, Handler, Request, Response};
+use apphttp::{Handler, Request, Response};
+use serde::Serialize;
 
 use crate::dict::Dictionary;
 use crate::translate::translate;
@@ -63,36 +64,34 @@ pub fn route(app: &App, req: &Request) -> Response {
             let Some(loaded) = app.loaded.get() else {
                 return loading();
             };
-            let t = translate(&loaded.dict, &text);
-            Response::json(
-                200,
-                json::Object::new()
-                    .str("translation", &t.text)
-                    .raw(
-                        "unknown",
-                        json::string_array(t.unknown.iter().map(String::as_str)),
-                    )
-                    .finish(),
-            )
+            Response::json(200, &translate(&loaded.dict, &text))
         }
         _ => Response::error(404, "No such route"),
     }
 }
 
+/// `GET /stats`.
+#[derive(Serialize)]
+struct Stats {
+    entries: usize,
+    bytes: u64,
+    load_ms: Option<u128>,
+    loaded: bool,
+    pid: u32,
+}
+
 fn stats(app: &App) -> Response {
-    let body = match app.loaded.get() {
-        Some(l) => json::Object::new()
-            .raw("entries", l.dict.len())
-            .raw("bytes", l.dict.bytes())
-            .raw("load_ms", l.load_time.as_millis())
-            .raw("loaded", true),
-        None => json::Object::new()
-            .raw("entries", 0)
-            .raw("bytes", 0)
-            .raw("load_ms", "null")
-            .raw("loaded", false),
-    };
-    Response::json(200, body.raw("pid", std::process::id()).finish())
+    let loaded = app.loaded.get();
+    Response::json(
+        200,
+        &Stats {
+            entries: loaded.map_or(0, |l| l.dict.len()),
+            bytes: loaded.map_or(0, |l| l.dict.bytes()),
+            load_ms: loaded.map(|l| l.load_time.as_millis()),
+            loaded: loaded.is_some(),
+            pid: std::process::id(),
+        },
+    )
 }
 
 #[cfg(test)]

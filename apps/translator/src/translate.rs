@@ -2,12 +2,15 @@
 
 use std::collections::HashSet;
 
+use serde::Serialize;
+
 use crate::dict::Dictionary;
 
-/// Result of [`translate`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Result of [`translate`], as `/translate` answers it in JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Translation {
     /// The input with every known word replaced by its translation.
+    #[serde(rename = "translation")]
     pub text: String,
     /// Words not in the dictionary, lowercased, each once, in order of appearance.
     pub unknown: Vec<String>,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use apphttp::client::{request, ClientResponse};
+use cloudlet_testkit::{request, ClientResponse};
 
 const BIN: &str = env!("CARGO_BIN_EXE_translator");
 const TIMEOUT: Duration = Duration::from_secs(5);

@@ -34,45 +34,19 @@
 //! [`StreamEvent::Opaque`]. The output stays byte-exact; it is only less
 //! compact.
 
-/// The target page size of x86 guests: the unit of RAM records.
-pub const PAGE_SIZE: usize = 4096;
+// The wire constants live in `cloudlet-qemu-format`, shared with the
+// postcopy source of `cloudlet-qemu`; re-exported here as this module's
+// public API has always had them.
+use cloudlet_qemu_format::{command, RAM_FLAG_MASK as FLAG_MASK};
+pub use cloudlet_qemu_format::{
+    ram_flag, section, PAGE_SIZE, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
+};
 
-/// `QEMU_VM_FILE_MAGIC` ("QEVM").
-pub const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
-/// `QEMU_VM_FILE_VERSION`.
-pub const QEMU_VM_FILE_VERSION: u32 = 3;
-
-/// Section types.
-pub mod section {
-    pub const EOF: u8 = 0x00;
-    pub const START: u8 = 0x01;
-    pub const PART: u8 = 0x02;
-    pub const END: u8 = 0x03;
-    pub const FULL: u8 = 0x04;
-    pub const SUBSECTION: u8 = 0x05;
-    pub const VMDESCRIPTION: u8 = 0x06;
-    pub const CONFIGURATION: u8 = 0x07;
-    pub const COMMAND: u8 = 0x08;
-    pub const FOOTER: u8 = 0x7e;
-}
-
-/// RAM record flags (the low 12 bits of the record's be64).
-pub mod ram_flag {
-    pub const ZERO: u64 = 0x02;
-    pub const MEM_SIZE: u64 = 0x04;
-    pub const PAGE: u64 = 0x08;
-    pub const EOS: u64 = 0x10;
-    pub const CONTINUE: u64 = 0x20;
-    pub const XBZRLE: u64 = 0x40;
-    pub const HOOK: u64 = 0x80;
-    pub const COMPRESS_PAGE: u64 = 0x100;
-}
-
-const FLAG_MASK: u64 = (PAGE_SIZE as u64) - 1;
 /// Largest token the parser buffers (the MEM_SIZE block list is the biggest).
 const MAX_TOKEN: usize = 256 * 1024;
-/// Commands whose payload is exactly their length field: OPEN_RETURN_PATH, PING.
-const KNOWN_COMMANDS: [(u16, u16); 2] = [(1, 0), (2, 4)];
+/// Commands (id, data length) the parser steps over; any other command
+/// switches it to passthrough.
+const KNOWN_COMMANDS: [(u16, u16); 2] = [(command::OPEN_RETURN_PATH, 0), (command::PING, 4)];
 
 /// A RAM block announced by the RAM section's MEM_SIZE record.
 #[derive(Debug, Clone, PartialEq, Eq)]

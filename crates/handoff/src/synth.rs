@@ -8,6 +8,7 @@
 //! deltas and duplicates.
 
 use crate::stream::{ram_flag, section, write_ram_header, PAGE_SIZE};
+use cloudlet_qemu_format::command;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -146,7 +147,7 @@ impl SynthStream {
         }
         let mut out = Vec::new();
         let ram_id: u32 = 2;
-        out.extend_from_slice(b"QEVM\0\0\0\x03");
+        out.extend_from_slice(&cloudlet_qemu_format::stream_header());
         out.push(section::CONFIGURATION);
         let machine = b"pc-i440fx-7.2";
         out.extend_from_slice(&(machine.len() as u32).to_be_bytes());
@@ -162,7 +163,9 @@ impl SynthStream {
             out.extend_from_slice(b"x-ignore-shared");
         }
         if opts.return_path {
-            out.extend_from_slice(&[section::COMMAND, 0, 1, 0, 0]);
+            out.push(section::COMMAND);
+            out.extend_from_slice(&command::OPEN_RETURN_PATH.to_be_bytes());
+            out.extend_from_slice(&0u16.to_be_bytes());
         }
         // RAM setup.
         section_header(&mut out, section::START, ram_id, Some("ram"));

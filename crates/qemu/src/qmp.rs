@@ -43,6 +43,11 @@ pub enum QmpError {
     Io(#[from] std::io::Error),
     #[error("Unexpected QMP reply to {command}: {detail}")]
     Reply { command: String, detail: String },
+    #[error("Migration {status}: {desc}")]
+    MigrationFailed {
+        status: crate::migration::MigrationStatus,
+        desc: String,
+    },
 }
 
 /// An asynchronous event from QEMU.

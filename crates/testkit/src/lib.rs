@@ -3,6 +3,11 @@
 //! The `tiny` base is built once per checkout into `target/test-home` (or
 //! `$CLOUDLET_TEST_HOME`) and shared by every test binary; a file lock keeps
 //! parallel test binaries from building it twice.
+//!
+//! [`request`] and [`http`] talk HTTP/1.1 to guest apps (and anything else) with a
+//! small blocking client of this crate's own ([`client`]).
+
+pub mod client;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -11,7 +16,7 @@ use std::time::Duration;
 
 use cloudlet_base::{build_base, BaseStore, BaseVm, BuildOptions, Recipe};
 
-pub use apphttp::client::{request, ClientResponse};
+pub use client::{read_response, request, ClientResponse};
 
 /// The workspace's `target` directory.
 pub fn target_dir() -> PathBuf {
@@ -132,5 +137,36 @@ pub fn kill_processes_with(needle: &str) {
     for pid in pids_with(needle) {
         // SAFETY: signalling processes that name this test's own directory.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[tokio::test]
+    async fn http_talks_to_a_local_port() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\nbody") {
+                let n = stream.read(&mut buf).unwrap();
+                assert!(n > 0, "{}", String::from_utf8_lossy(&request));
+                request.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let resp = http(port, "POST", "/x", Some(b"body".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!((resp.status, resp.text().as_str()), (200, "ok"));
+        assert!(server.join().unwrap().starts_with("POST /x HTTP/1.1\r\n"));
     }
 }
