@@ -45,6 +45,7 @@ fmt:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) run -q -p check-layout -- --baseline tools/check-layout/baseline.txt
 
 test: deps doctor-tests guest lint
 	$(CARGO) test --workspace -- --test-threads=2

@@ -33,7 +33,6 @@ use cloudlet_client::Client;
 use cloudlet_qemu::QmpClient;
 use cloudlet_testkit::http;
 use cloudlet_wan::{Side, Wan, WanConfig};
-use serde_json::{json, Value};
 
 const TOKEN: &str = "bench-token-0123456789";
 const API_PORT: u16 = 7450;
@@ -464,14 +463,10 @@ async fn run_qemu(args: &Args, bin: &Path, mode: &str, churn: u32) -> anyhow::Re
     let switched_disk = match argv.iter().any(|a| a.contains("file.driver=nbd")) {
         false => None,
         true => {
-            let nodes = src_qmp
-                .execute("query-named-block-nodes", Some(json!({ "flat": true })))
-                .await?;
-            let file = nodes.as_array().and_then(|n| {
-                n.iter()
-                    .find(|x| x["node-name"] == cloudlet_qemu::spec::DISK_FILE_NODE)
-                    .and_then(|x| x["file"].as_str().map(str::to_string))
-            });
+            let file = src_qmp
+                .find_block_node(cloudlet_qemu::spec::DISK_FILE_NODE)
+                .await?
+                .map(|n| n.file);
             Some(file.context("the source's disk is still on the daemon's NBD server")?)
         }
     };
@@ -606,65 +601,53 @@ async fn qemu_migrate(
     for q in [src, dst] {
         q.set_migration_capabilities(&caps).await?;
         if mode == "multifd-zstd" {
-            q.execute(
-                "migrate-set-parameters",
-                Some(json!({"multifd-channels": 4, "multifd-compression": "zstd"})),
-            )
+            q.set_migration_parameters(&cloudlet_qemu::MigrationParameters {
+                multifd_channels: Some(4),
+                multifd_compression: Some(cloudlet_qemu::MultifdCompression::Zstd),
+                ..Default::default()
+            })
             .await?;
         }
     }
     let mut src_events = src.events();
     let mut dst_events = dst.events();
-    dst.execute(
-        "migrate-incoming",
-        Some(json!({"uri": format!("tcp:{}:{QEMU_MIGRATE_PORT}", s.wan.b_addr())})),
-    )
-    .await?;
+    dst.migrate_incoming(&format!("tcp:{}:{QEMU_MIGRATE_PORT}", s.wan.b_addr()))
+        .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = s.wan.stats().a_to_b.bytes;
     let start = Instant::now();
-    src.execute(
-        "migrate",
-        Some(json!({"uri": format!("tcp:{}:{QEMU_MIGRATE_PORT}", s.wan.b_addr())})),
-    )
-    .await?;
+    src.migrate(&format!("tcp:{}:{QEMU_MIGRATE_PORT}", s.wan.b_addr()))
+        .await?;
     let cap = Duration::from_secs(args.qemu_cap_s);
     let mut last_print = Instant::now();
     let final_v = loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let v = src.execute("query-migrate", None).await?;
-        let status = v
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let ram = |k: &str| {
-            v.get("ram")
-                .and_then(|r| r.get(k))
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        };
+        let v = src.query_migrate().await?;
+        let status = v.status;
+        let ram = v.ram_or_default();
         if last_print.elapsed() > Duration::from_secs(10) {
             last_print = Instant::now();
             eprintln!(
                 "  {:>5.1} s: {status}, transferred {:.1} MB, remaining {:.1} MB, pass {}",
                 start.elapsed().as_secs_f64(),
-                ram("transferred") as f64 / 1e6,
-                ram("remaining") as f64 / 1e6,
-                ram("dirty-sync-count")
+                ram.transferred as f64 / 1e6,
+                ram.remaining as f64 / 1e6,
+                ram.dirty_sync_count
             );
         }
-        match status.as_str() {
-            "completed" => break v,
-            "failed" | "cancelled" => bail!(
-                "migration {status}: {}",
-                v.get("error-desc").and_then(Value::as_str).unwrap_or("")
-            ),
+        match status {
+            cloudlet_qemu::MigrationStatus::Completed => break v,
+            cloudlet_qemu::MigrationStatus::Failed | cloudlet_qemu::MigrationStatus::Cancelled => {
+                bail!(
+                    "migration {status}: {}",
+                    v.error_desc.as_deref().unwrap_or("")
+                )
+            }
             _ => {}
         }
         if start.elapsed() > cap {
-            let transferred = ram("transferred");
-            let _ = src.execute("migrate_cancel", None).await;
+            let transferred = ram.transferred;
+            let _ = src.cancel_migration().await;
             return Ok(QemuOutcome::DidNotConverge {
                 after: start.elapsed(),
                 transferred,
@@ -692,12 +675,8 @@ async fn qemu_migrate(
     if resume_us == 0 || stop_us == 0 {
         bail!("no STOP ({stop_us}) or RESUME ({resume_us}) event");
     }
-    let transferred = final_v
-        .get("ram")
-        .and_then(|r| r.get("transferred"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    let qemu_downtime_ms = final_v.get("downtime").and_then(Value::as_u64).unwrap_or(0);
+    let transferred = final_v.ram_or_default().transferred;
+    let qemu_downtime_ms = final_v.downtime.unwrap_or(0);
     // Total: from `migrate` to the destination's RESUME.
     let resume_wall = std::time::SystemTime::UNIX_EPOCH + Duration::from_micros(resume_us as u64);
     let now_wall = std::time::SystemTime::now();

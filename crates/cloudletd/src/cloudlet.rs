@@ -916,28 +916,15 @@ async fn resume_adopted(id: &str, vm: &Vm) {
 }
 
 async fn incoming_unfinished(vm: &Vm) -> bool {
-    let postcopy = match vm.qmp().execute("query-migrate", None).await {
-        Ok(v) => matches!(
-            v.get("status").and_then(|s| s.as_str()),
-            Some("postcopy-active" | "postcopy-paused" | "postcopy-recover")
-        ),
-        Err(_) => false,
-    };
-    let lazy_disk = match vm
+    let postcopy = vm
         .qmp()
-        .execute(
-            "query-named-block-nodes",
-            Some(serde_json::json!({ "flat": true })),
-        )
+        .query_migrate()
         .await
-    {
-        Ok(v) => v.as_array().is_some_and(|nodes| {
-            nodes.iter().any(|n| {
-                n.get("node-name").and_then(|x| x.as_str())
-                    == Some(cloudlet_qemu::spec::LAZY_DISK_NODE)
-            })
-        }),
-        Err(_) => false,
-    };
+        .is_ok_and(|i| i.status.is_postcopy());
+    let lazy_disk = vm
+        .qmp()
+        .find_block_node(cloudlet_qemu::spec::LAZY_DISK_NODE)
+        .await
+        .is_ok_and(|n| n.is_some());
     postcopy || lazy_disk
 }

@@ -36,7 +36,8 @@ use cloudlet_handoff::converge::{ConvergeConfig, Convergence};
 use cloudlet_handoff::memcheck::{self, DiffReport, IncrementalDigest, MemoryDigest, RamFile};
 use cloudlet_handoff::session::{self, SessionFrame, SessionReader, SESSION_MAGIC};
 use cloudlet_handoff::{BaseMemory, Decoder, DecoderConfig, Encoder, EncoderConfig};
-use cloudlet_qemu::{DiskFormat, Vm};
+use cloudlet_qemu::dirty::DirtyExportConfig;
+use cloudlet_qemu::{DiskFormat, MigrationParameters, MigrationStatus, Vm};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,6 +48,9 @@ use crate::store::{VmRecord, RECORD_FORMAT};
 use crate::synth::{SynthProgress, VmPaths};
 use crate::throttle::DutyCycle;
 
+/// The dirty bitmap on the VM's disk (node `disk0`) that records the
+/// guest's writes while it moves.
+const DIRTY_BITMAP: &str = "handoff";
 /// Disk is compared with the base in chunks of this size.
 const DISK_CHUNK: usize = 64 * 1024;
 /// Frames in flight between the migration reader and the network.
@@ -144,6 +148,14 @@ const MAX_CAPPED_SYNCS: u64 = 12;
 const MIN_QEMU_RATE: f64 = 256.0 * 1024.0;
 /// Not capped.
 const UNCAPPED: u64 = 1_000_000_000_000;
+/// Only QEMU's rate limit changed.
+fn bandwidth(bytes_per_sec: u64) -> MigrationParameters {
+    MigrationParameters {
+        max_bandwidth: Some(bytes_per_sec),
+        ..Default::default()
+    }
+}
+
 /// How long the whole handoff may take.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -562,31 +574,23 @@ async fn with_refusal(err: HandoffError, refusal: &tokio::sync::OnceCell<String>
 
 /// Put the source VM back to running after a failed handoff.
 async fn recover_source(vm: &Vm) {
+    use cloudlet_qemu::MigrationStatus as M;
     let q = vm.qmp();
-    let _ = q.execute("migrate_cancel", None).await;
+    let _ = q.cancel_migration().await;
     for _ in 0..50 {
-        let st = q
-            .execute("query-migrate", None)
-            .await
-            .ok()
-            .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_string));
+        let st = q.query_migrate().await.ok().map(|i| i.status);
         if !matches!(
-            st.as_deref(),
-            Some("active" | "pre-switchover" | "device" | "cancelling")
+            st,
+            Some(M::Active | M::PreSwitchover | M::Device | M::Cancelling)
         ) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = q
-        .execute(
-            "block-dirty-bitmap-remove",
-            Some(json!({"node": "disk0", "name": "handoff"})),
-        )
-        .await;
+    let _ = q.remove_dirty_bitmap("disk0", DIRTY_BITMAP).await;
     if let Ok(s) = q.run_state().await {
         if s != "running" {
-            let _ = q.execute("cont", None).await;
+            let _ = q.cont().await;
         }
     }
 }
@@ -770,23 +774,13 @@ async fn send_vm(
     let mut events = q.events();
     // The guest's dirty rate, sampled while the disk moves (QEMU hashes a
     // sample of pages now and after a second); see `converge`.
-    let sampling = q
-        .execute(
-            "calc-dirty-rate",
-            Some(json!({"calc-time": 1, "sample-pages": 4096})),
-        )
-        .await
-        .is_ok();
+    let sampling = q.calc_dirty_rate(1, Some(4096)).await.is_ok();
     let mut conv = Convergence::new(ConvergeConfig::default());
 
     // Disk, live.
     progress.set_stage("disk");
     let t = Instant::now();
-    q.execute(
-        "block-dirty-bitmap-add",
-        Some(json!({"node": "disk0", "name": "handoff"})),
-    )
-    .await?;
+    q.add_dirty_bitmap("disk0", DIRTY_BITMAP).await?;
     let mut disk = DiskSync {
         vm_disk: vm.spec().disk_path.clone(),
         base_disk: base.disk_path(),
@@ -812,24 +806,18 @@ async fn send_vm(
         ("events", true),
     ])
     .await?;
-    q.execute(
-        "migrate-set-parameters",
-        // QEMU judges the link by what it wrote into our socket over the
-        // last 100 ms (pages equal to the base cost nothing on the link):
-        // the flow window keeps that close to the WAN's rate. We also
-        // switch over ourselves, after draining the link, as soon as the
-        // remainder fits our downtime target (raising this limit).
-        Some(json!({
-            "max-bandwidth": UNCAPPED,
-            "downtime-limit": HOLD_DOWNTIME_MS
-        })),
-    )
+    // QEMU judges the link by what it wrote into our socket over the last
+    // 100 ms (pages equal to the base cost nothing on the link): the flow
+    // window keeps that close to the WAN's rate. We also switch over
+    // ourselves, after draining the link, as soon as the remainder fits our
+    // downtime target (raising this limit).
+    q.set_migration_parameters(&MigrationParameters {
+        max_bandwidth: Some(UNCAPPED),
+        downtime_limit: Some(HOLD_DOWNTIME_MS),
+        ..Default::default()
+    })
     .await?;
-    q.execute(
-        "migrate",
-        Some(json!({"uri": format!("unix:{}", sock.display())})),
-    )
-    .await?;
+    q.migrate(&format!("unix:{}", sock.display())).await?;
     let (mut conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
         .map_err(|_| HandoffError::Stream("QEMU did not connect".into()))??;
@@ -993,20 +981,19 @@ async fn send_vm(
     let mut warmed: Option<Instant> = None;
     loop {
         wait_tick(&mut events, &mut stop_us, Duration::from_millis(50)).await;
-        let v = q.execute("query-migrate", None).await?;
-        let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+        let info = q.query_migrate().await?;
+        let status = info.status;
         conv.tick(last_tick.elapsed());
         last_tick = Instant::now();
-        if let Some(ram) = v.get("ram") {
-            let g = |k: &str| ram.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let ram = info.ram_or_default();
+        if info.ram.is_some() {
             progress
                 .iteration
-                .store(g("dirty-sync-count"), Ordering::Relaxed);
+                .store(ram.dirty_sync_count, Ordering::Relaxed);
             progress
                 .remaining_bytes
-                .store(g("remaining"), Ordering::Relaxed);
-            let page = ram.get("page-size").and_then(Value::as_u64).unwrap_or(4096);
-            conv.observe_qemu(g("dirty-sync-count"), (g("dirty-pages-rate") * page) as f64);
+                .store(ram.remaining, Ordering::Relaxed);
+            conv.observe_qemu(ram.dirty_sync_count, ram.dirty_bytes_rate() as f64);
         }
         let el = link_window.0.elapsed();
         if el >= Duration::from_millis(500) {
@@ -1025,32 +1012,24 @@ async fn send_vm(
                 }
             }
         }
-        if status == "active" && warmed.is_none_or(|w| w.elapsed() > Duration::from_secs(20)) {
+        if status == MigrationStatus::Active
+            && warmed.is_none_or(|w| w.elapsed() > Duration::from_secs(20))
+        {
             warmed = Some(Instant::now());
             let (dest, token, hid) = (dest.to_string(), token.to_string(), handoff_id.to_string());
             tokio::spawn(async move { warm_commit_connection(&dest, &token, &hid).await });
         }
-        if status == "active" && !released {
+        if status == MigrationStatus::Active && !released {
             duty.set(conv.duty());
-            let ram = v.get("ram");
-            let g = |k: &str| {
-                ram.and_then(|r| r.get(k))
-                    .and_then(|x| x.as_u64())
-                    .unwrap_or(0)
-            };
-            let sync = g("dirty-sync-count");
+            let sync = ram.dirty_sync_count;
             if sync != last_sync.0 {
                 last_sync = (sync, Instant::now());
-                let qemu_mbps = ram
-                    .and_then(|r| r.get("mbps"))
-                    .and_then(|x| x.as_f64())
-                    .unwrap_or(0.0);
                 tracing::info!(
                     vm_id = %id,
                     sync,
-                    remaining = g("remaining"),
-                    qemu_mbps,
-                    dirty_pages_rate = g("dirty-pages-rate"),
+                    remaining = ram.remaining,
+                    qemu_mbps = ram.mbps,
+                    dirty_pages_rate = ram.dirty_pages_rate,
                     duty = conv.duty(),
                     cap_mbit = rate_cap.map_or(0.0, |c| c as f64 * 8e-6),
                     "QEMU synced its dirty bitmap"
@@ -1059,12 +1038,8 @@ async fn send_vm(
             if capping && sync > MAX_CAPPED_SYNCS {
                 // Enough passes: QEMU stops at its next check.
                 capping = false;
-                q.execute(
-                    "migrate-set-parameters",
-                    Some(json!({ "max-bandwidth": UNCAPPED })),
-                )
-                .await?;
-                tracing::info!(vm_id = %id, sync, remaining = g("remaining"), "QEMU's rate cap lifted after {MAX_CAPPED_SYNCS} passes");
+                q.set_migration_parameters(&bandwidth(UNCAPPED)).await?;
+                tracing::info!(vm_id = %id, sync, remaining = ram.remaining, "QEMU's rate cap lifted after {MAX_CAPPED_SYNCS} passes");
             }
             if let Some(link) = conv.link_rate().filter(|_| capping) {
                 let limit = HOLD_DOWNTIME_MS as f64 / 1000.0;
@@ -1074,25 +1049,16 @@ async fn send_vm(
                     as f64;
                 let floor = ((link * QEMU_STOP_TARGET.as_secs_f64() - in_flight) / limit)
                     .max(MIN_QEMU_RATE);
-                let cap = (g("remaining") as f64 / (limit * CAP_MARGIN)).max(floor) as u64;
+                let cap = (ram.remaining as f64 / (limit * CAP_MARGIN)).max(floor) as u64;
                 if rate_cap.is_none_or(|c: u64| cap.abs_diff(c) * 10 > c) {
-                    q.execute(
-                        "migrate-set-parameters",
-                        Some(json!({ "max-bandwidth": cap })),
-                    )
-                    .await?;
+                    q.set_migration_parameters(&bandwidth(cap)).await?;
                     rate_cap = Some(cap);
                 }
             }
             // What QEMU will find dirty at its final sync: what is left of
             // this pass and what the guest dirtied since the last sync.
-            let page = ram
-                .and_then(|r| r.get("page-size"))
-                .and_then(|x| x.as_u64())
-                .unwrap_or(4096);
-            let expected = g("remaining")
-                + (g("dirty-pages-rate") as f64 * page as f64 * last_sync.1.elapsed().as_secs_f64())
-                    as u64;
+            let expected = ram.remaining
+                + (ram.dirty_bytes_rate() as f64 * last_sync.1.elapsed().as_secs_f64()) as u64;
             if !released && sync >= 2 && conv.ready_to_switch(expected, t_memory.elapsed()) {
                 released = true;
                 // Let the link drain first, so that the last pages do not
@@ -1123,20 +1089,18 @@ async fn send_vm(
                 // still come right before QEMU's stop: at most a period).
                 duty.set(conv.duty());
                 hold.store(false, Ordering::Relaxed);
-                q.execute(
-                    "migrate-set-parameters",
-                    Some(json!({
-                        "downtime-limit": RELEASE_DOWNTIME_MS,
-                        "max-bandwidth": UNCAPPED
-                    })),
-                )
+                q.set_migration_parameters(&MigrationParameters {
+                    downtime_limit: Some(RELEASE_DOWNTIME_MS),
+                    max_bandwidth: Some(UNCAPPED),
+                    ..Default::default()
+                })
                 .await?;
             }
         }
         drain_stops(&mut events, &mut stop_us);
         match status {
-            "completed" => break,
-            "failed" | "cancelled" => {
+            MigrationStatus::Completed => break,
+            MigrationStatus::Failed | MigrationStatus::Cancelled => {
                 // The reader usually knows why (the destination stopped
                 // reading or answered with an error): report that first.
                 if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), reader).await {
@@ -1144,10 +1108,10 @@ async fn send_vm(
                 }
                 return Err(HandoffError::Stream(format!(
                     "QEMU migration {status}: {}",
-                    v.get("error-desc").and_then(Value::as_str).unwrap_or("")
+                    info.error_desc.as_deref().unwrap_or("")
                 )));
             }
-            "pre-switchover" if !switched => {
+            MigrationStatus::PreSwitchover if !switched => {
                 switched = true;
                 // QEMU has stopped the VM; no pause/resume of ours may come
                 // after this point.
@@ -1189,15 +1153,12 @@ async fn send_vm(
                 progress.set_stage("switchover");
                 phases.push(phase("memory_precopy", t_memory));
                 switch_at = Some(Instant::now());
-                let ram = v.get("ram").cloned().unwrap_or(Value::Null);
-                let qemu_mbps = ram.get("mbps").and_then(|x| x.as_f64()).unwrap_or(0.0);
-                let remaining = ram.get("remaining").and_then(|x| x.as_u64()).unwrap_or(0);
                 tracing::info!(
                     vm_id = %id,
                     stop_us,
                     since_stop_ms = (now_us() - stop_us) / 1000,
-                    qemu_mbps,
-                    remaining,
+                    qemu_mbps = ram.mbps,
+                    remaining = ram.remaining,
                     sent = sent_bytes.load(Ordering::Relaxed),
                     "QEMU paused before the switchover"
                 );
@@ -1205,12 +1166,7 @@ async fn send_vm(
                 mark(id, "src_pre_switchover_seen");
                 if rate_cap.is_some() {
                     // QEMU lifts its limit for the last pass; so do we.
-                    let _ = q
-                        .execute(
-                            "migrate-set-parameters",
-                            Some(json!({ "max-bandwidth": UNCAPPED })),
-                        )
-                        .await;
+                    let _ = q.set_migration_parameters(&bandwidth(UNCAPPED)).await;
                 }
                 let dirty = dirty_count(&q).await;
                 mark(id, "src_disk_count");
@@ -1233,8 +1189,7 @@ async fn send_vm(
                     disk.send_changes(&tx, only).await?;
                     mark(id, "src_disk_queued");
                 }
-                q.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
-                    .await?;
+                q.continue_migration(MigrationStatus::PreSwitchover).await?;
                 mark(id, "src_migrate_continue");
                 // QEMU writes its last pass now; the reader ends with it
                 // (a failure shows in `wait_migration_done` below).
@@ -1548,13 +1503,13 @@ async fn wait_migration_done(
     q: &cloudlet_qemu::QmpClient,
     events: &mut tokio::sync::broadcast::Receiver<cloudlet_qemu::QmpEvent>,
     timeout: Duration,
-) -> Result<Value, cloudlet_qemu::QmpError> {
+) -> Result<cloudlet_qemu::MigrationInfo, cloudlet_qemu::QmpError> {
     const POLL: Duration = Duration::from_millis(100);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let v = q.execute("query-migrate", None).await?;
-        if let Some(done) = cloudlet_qemu::qmp::migration_outcome(&v) {
-            return done.map(|()| v);
+        let info = q.query_migrate().await?;
+        if let Some(done) = info.outcome() {
+            return done.map(|()| info);
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(cloudlet_qemu::QmpError::Timeout {
@@ -1710,13 +1665,7 @@ fn now_us() -> i64 {
 
 /// The result of `calc-dirty-rate` once QEMU has measured it, bytes/s.
 async fn sampled_dirty_rate(q: &cloudlet_qemu::QmpClient) -> Option<f64> {
-    let v = q.execute("query-dirty-rate", None).await.ok()?;
-    if v.get("status").and_then(Value::as_str) != Some("measured") {
-        return None;
-    }
-    // QEMU reports MiB/s.
-    let mib = v.get("dirty-rate").and_then(Value::as_i64)?;
-    Some(mib.max(0) as f64 * 1048576.0)
+    q.measured_dirty_rate().await.ok().flatten()
 }
 
 /// The byte ranges written since the handoff began: QEMU copies the
@@ -1724,99 +1673,24 @@ async fn sampled_dirty_rate(q: &cloudlet_qemu::QmpClient) -> Option<f64> {
 /// sync=incremental`), whose allocation map is then the answer. Runs while
 /// the VM is stopped.
 async fn dirty_extents(q: &cloudlet_qemu::QmpClient, vm: &Vm) -> Result<Vec<(u64, u64)>, String> {
-    let size = std::fs::metadata(&vm.spec().disk_path)
-        .map_err(|e| e.to_string())?
-        .len();
-    let scratch = vm.spec().socket_dir().join("handoff-dirty.qcow2");
-    let _ = std::fs::remove_file(&scratch);
-    {
-        let s = scratch.clone();
-        tokio::task::spawn_blocking(move || cloudlet_qemu::image::create_qcow2(&s, size))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-    }
-    let mut events = q.events();
-    let run = async {
-        q.execute(
-            "blockdev-add",
-            Some(json!({"driver": "qcow2", "node-name": "hdirty",
-                "file": {"driver": "file", "filename": scratch}})),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        q.execute(
-            "blockdev-backup",
-            Some(
-                json!({"job-id": "hdirty", "device": "disk0", "target": "hdirty",
-                "sync": "incremental", "bitmap": "handoff"}),
-            ),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, events.recv()).await {
-                Ok(Ok(ev))
-                    if ev.event == "BLOCK_JOB_COMPLETED"
-                        && ev.data.get("device").and_then(Value::as_str) == Some("hdirty") =>
-                {
-                    if let Some(err) = ev.data.get("error").and_then(Value::as_str) {
-                        return Err(format!("backup job: {err}"));
-                    }
-                    return Ok(());
-                }
-                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("backup job did not finish in 30 s".into()),
-            }
-        }
-    };
-    let r = run.await;
-    let _ = q
-        .execute("blockdev-del", Some(json!({"node-name": "hdirty"})))
-        .await;
-    let r = match r {
-        Ok(()) => {
-            let s = scratch.clone();
-            tokio::task::spawn_blocking(move || cloudlet_qemu::image::allocated_extents(&s))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-        }
-        Err(e) => Err(e),
-    };
-    let _ = std::fs::remove_file(&scratch);
-    r
+    q.export_dirty_extents(&DirtyExportConfig {
+        node: "disk0".into(),
+        bitmap: DIRTY_BITMAP.into(),
+        scratch: vm.spec().socket_dir().join("handoff-dirty.qcow2"),
+        timeout: Duration::from_secs(30),
+    })
+    .await
+    .map_err(|e| crate::error_chain(&e))
 }
 
 /// Bytes written to the disk since the handoff began (QEMU's dirty bitmap);
 /// `u64::MAX` when that cannot be read, so the caller rescans rather than
 /// risk losing a write.
 async fn dirty_count(q: &cloudlet_qemu::QmpClient) -> u64 {
-    let Ok(v) = q.execute("query-block", None).await else {
-        return u64::MAX;
-    };
-    let counts: Vec<u64> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|d| {
-            d.get("inserted")
-                .and_then(|i| i.get("dirty-bitmaps"))
-                .or_else(|| d.get("dirty-bitmaps"))
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter(|b| b.get("name").and_then(Value::as_str) == Some("handoff"))
-        .map(|b| b.get("count").and_then(Value::as_u64).unwrap_or(u64::MAX))
-        .collect();
-    if counts.is_empty() {
-        return u64::MAX;
+    match q.dirty_bitmap_count("disk0", DIRTY_BITMAP).await {
+        Ok(Some(n)) => n,
+        _ => u64::MAX,
     }
-    counts.iter().fold(0u64, |a, c| a.saturating_add(*c))
 }
 
 /// The base VM's memory as the codec's dedup source (block `mem`).
@@ -1901,10 +1775,7 @@ pub async fn prepare_incoming(
             .set_migration_capabilities(&[("x-ignore-shared", false), ("events", true)])
             .await?;
         vm.qmp()
-            .execute(
-                "migrate-incoming",
-                Some(json!({"uri": format!("unix:{}", sock.display())})),
-            )
+            .migrate_incoming(&format!("unix:{}", sock.display()))
             .await?;
         Ok::<_, ReceiveHandoffError>(vm)
     }
@@ -2592,7 +2463,7 @@ pub async fn commit_incoming(
         std::process::exit(70);
     }
     let mut events = vm.qmp().events();
-    if let Err(e) = vm.qmp().execute("cont", None).await {
+    if let Err(e) = vm.qmp().cont().await {
         // Not resumed: say a definite no, so that the source resumes its.
         let _ = abort_incoming(c, hid).await;
         return Err(ReceiveHandoffError::NotCommitted(format!(

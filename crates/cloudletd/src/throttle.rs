@@ -86,7 +86,7 @@ async fn run(q: QmpClient, mut rx: watch::Receiver<f64>, cycles: Arc<AtomicU64>)
         }
         if paused {
             // Refused once QEMU is completing the migration: stop cycling.
-            if q.execute("cont", None).await.is_err() {
+            if q.cont().await.is_err() {
                 return;
             }
             paused = false;
@@ -105,7 +105,7 @@ async fn run(q: QmpClient, mut rx: watch::Receiver<f64>, cycles: Arc<AtomicU64>)
         if rx.borrow().is_nan() {
             return;
         }
-        if q.execute("stop", None).await.is_err() {
+        if q.stop().await.is_err() {
             return;
         }
         paused = true;

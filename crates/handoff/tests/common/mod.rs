@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use cloudlet_base::BaseVm;
 use cloudlet_handoff::BaseMemory;
-use serde_json::json;
 
 /// Restore `base` into a fresh VM, let it run `run_for`, then migrate it into
 /// a file (the whole RAM unless `ignore_shared`). Returns the stream's path.
@@ -33,19 +32,16 @@ pub async fn capture_stream(
     q.set_migration_capabilities(&[("x-ignore-shared", ignore_shared)])
         .await
         .expect("capabilities");
-    q.execute(
-        "migrate-set-parameters",
-        Some(json!({ "max-bandwidth": 8u64 << 30 })),
-    )
+    q.set_migration_parameters(&cloudlet_qemu::MigrationParameters {
+        max_bandwidth: Some(8u64 << 30),
+        ..Default::default()
+    })
     .await
     .expect("bandwidth");
     let path = dir.join("stream");
-    q.execute(
-        "migrate",
-        Some(json!({ "uri": format!("exec:cat > {}", path.display()) })),
-    )
-    .await
-    .expect("migrate");
+    q.migrate(&format!("exec:cat > {}", path.display()))
+        .await
+        .expect("migrate");
     q.wait_migration(Duration::from_secs(120))
         .await
         .expect("migration");
