@@ -6,11 +6,10 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use cloudlet_api::{
-    AppInfo, BaseVmInfo, CloudletInfo, CreateVmRequest, PortMapping, Progress, Resources, VmInfo,
-    VmState,
+    AppInfo, BaseVmInfo, CloudletInfo, CreateVmRequest, PortMapping, Resources, VmInfo, VmState,
 };
 use cloudlet_base::{BaseStore, BaseVm};
 use cloudlet_qemu::{PortForward, Vm, VmExit};
@@ -20,7 +19,7 @@ use crate::fetch::{FetchOverlayError, OverlaySource};
 use crate::handoff::ReceiveHandoffError;
 use crate::lifecycle::VmLifecycle;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError, VmRecord, RECORD_FORMAT};
+use crate::store::{NewVmRecord, Store, StoreError, VmRecord};
 use crate::synth::{
     app_info, synthesize, SynthProgress, SynthRequest, SynthesizeError, Synthesized, VmPaths,
 };
@@ -144,13 +143,6 @@ pub struct Cloudlet {
     pub(crate) incoming: Mutex<HashMap<String, crate::handoff::Incoming>>,
     /// Ready copies of the base disks, for early-start synthesis.
     pub(crate) spares: Arc<crate::spares::Spares>,
-}
-
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
@@ -659,29 +651,17 @@ impl CloudletOps for Arc<Cloudlet> {
         let id = hex::encode(rand::random::<[u8; 6]>());
         let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
         let paths = self.paths(&id);
-        let rec = VmRecord {
-            format: RECORD_FORMAT,
+        let rec = VmRecord::new(NewVmRecord {
             id: id.clone(),
             name: name.clone(),
             state: VmState::Synthesizing,
             generation: 1,
             base_id: base.manifest.id.clone(),
             overlay: source.describe(),
-            flavor: flavor.name.clone(),
-            ports: vec![],
-            created_unix: now_unix(),
-            progress: Progress::default(),
-            timings: vec![],
-            error: None,
-            moved_to: None,
-            spec: None,
-            pid: None,
+            flavor: &flavor,
             dir: paths.dir.clone(),
             app: app.clone(),
-            vcpus: flavor.vcpus,
-            memory_mib: flavor.memory_mib,
-            committed_handoff: None,
-        };
+        });
         let (progress, ports) = self.reserve(rec)?;
         self.metrics.synth_started.inc();
         tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");

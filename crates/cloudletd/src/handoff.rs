@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cloudlet_api::{
     HandoffCommitted, HandoffLoaded, HandoffOffer, HandoffPrepared, HandoffReport, HandoffRequest,
-    Progress, StageTiming, VmState,
+    StageTiming, VmState,
 };
 use cloudlet_handoff::converge::{ConvergeConfig, Convergence};
 use cloudlet_handoff::memcheck::{self, DiffReport, IncrementalDigest, MemoryDigest, RamFile};
@@ -42,9 +42,9 @@ use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::cloudlet::{now_unix, Cloudlet, Entry};
+use crate::cloudlet::{Cloudlet, Entry};
 use crate::lifecycle::VmLifecycle;
-use crate::store::{VmRecord, RECORD_FORMAT};
+use crate::store::{NewVmRecord, VmRecord};
 use crate::synth::{SynthProgress, VmPaths};
 use crate::throttle::DutyCycle;
 
@@ -1726,29 +1726,17 @@ pub async fn prepare_incoming(
         .cloned()
         .ok_or_else(|| crate::cloudlet::CreateVmError::UnknownFlavor(offer.flavor.clone()))?;
     let paths = c.paths(&offer.vm_id);
-    let rec = VmRecord {
-        format: RECORD_FORMAT,
+    let rec = VmRecord::new(NewVmRecord {
         id: offer.vm_id.clone(),
         name: offer.name.clone(),
         state: VmState::Receiving,
         generation: offer.generation + 1,
         base_id: offer.base_id.clone(),
         overlay: offer.overlay.clone(),
-        flavor: flavor.name.clone(),
-        ports: vec![],
-        created_unix: now_unix(),
-        progress: Progress::default(),
-        timings: vec![],
-        error: None,
-        moved_to: None,
-        spec: None,
-        pid: None,
+        flavor: &flavor,
         dir: paths.dir.clone(),
         app: offer.app.clone(),
-        vcpus: flavor.vcpus,
-        memory_mib: flavor.memory_mib,
-        committed_handoff: None,
-    };
+    });
     // Over the earlier record, if any (a refusal here leaves it as it was).
     let (_progress, ports) = c.reserve(rec)?;
     let started = async {

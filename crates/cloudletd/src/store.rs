@@ -57,7 +57,50 @@ pub struct VmRecord {
     pub committed_handoff: Option<String>,
 }
 
+/// What a new record is made of ([`VmRecord::new`]).
+pub struct NewVmRecord<'a> {
+    pub id: String,
+    pub name: String,
+    /// `Synthesizing` or `Receiving`.
+    pub state: VmState,
+    pub generation: u64,
+    pub base_id: String,
+    pub overlay: String,
+    pub flavor: &'a cloudlet_api::Flavor,
+    pub dir: PathBuf,
+    pub app: AppInfo,
+}
+
 impl VmRecord {
+    /// A record of a VM about to be made here: no ports, QEMU or history yet.
+    pub fn new(n: NewVmRecord<'_>) -> VmRecord {
+        VmRecord {
+            format: RECORD_FORMAT,
+            id: n.id,
+            name: n.name,
+            state: n.state,
+            generation: n.generation,
+            base_id: n.base_id,
+            overlay: n.overlay,
+            flavor: n.flavor.name.clone(),
+            ports: vec![],
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            progress: Progress::default(),
+            timings: vec![],
+            error: None,
+            moved_to: None,
+            spec: None,
+            pid: None,
+            dir: n.dir,
+            app: n.app,
+            vcpus: n.flavor.vcpus,
+            memory_mib: n.flavor.memory_mib,
+            committed_handoff: None,
+        }
+    }
+
     pub fn state(&self) -> VmState {
         self.state
     }
