@@ -261,6 +261,26 @@ pub struct ApiError {
     pub error: String,
     /// Stable machine-readable kind, e.g. `not_found`, `over_capacity`.
     pub kind: String,
+    /// With kind `memory_differs` (a destination refusing a handoff's
+    /// commit): where its copy of the memory differs from the source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_differs: Option<MemoryDifference>,
+}
+
+/// Where a moved VM's memory differs from the source's: per 1 MiB chunk,
+/// the destination's digest of each of its pages (64-bit XXH3, hex), so
+/// that the source sends only the pages whose digest is not its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct MemoryDifference {
+    pub chunks: Vec<DifferingChunk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DifferingChunk {
+    /// Index of the 1 MiB chunk in the guest's RAM.
+    pub chunk: u64,
+    /// The destination's digest of each page of the chunk, in order.
+    pub page_digests: Vec<String>,
 }
 
 /// App metadata carried inside an overlay: what the launch VM serves.

@@ -2,27 +2,21 @@
 //! handlers call this (through [`CloudletOps`]); it never sees HTTP.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cloudlet_api::{
-    AppInfo, BaseVmInfo, CloudletInfo, CreateVmRequest, PortMapping, Resources, VmInfo, VmState,
-};
+use cloudlet_api::{BaseVmInfo, PortMapping, Resources, VmInfo, VmState};
 use cloudlet_base::{BaseStore, BaseVm};
 use cloudlet_qemu::{PortForward, Vm, VmExit};
 
 use crate::config::CloudletConfig;
-use crate::fetch::{FetchOverlayError, OverlaySource};
-use crate::handoff::ReceiveHandoffError;
+use crate::fetch::FetchOverlayError;
 use crate::lifecycle::VmLifecycle;
 use crate::metrics::Metrics;
-use crate::store::{NewVmRecord, Store, StoreError, VmRecord};
-use crate::synth::{
-    app_info, synthesize, SynthProgress, SynthRequest, SynthesizeError, Synthesized, VmPaths,
-};
+use crate::store::{Store, StoreError, VmRecord};
+use crate::synth::{SynthProgress, SynthesizeError, VmPaths};
 
 /// Why a VM could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -79,52 +73,6 @@ pub enum BaseOpError {
     InUse { name: String, count: usize },
 }
 
-/// What the HTTP layer may ask of a cloudlet.
-pub trait CloudletOps: Send + Sync + 'static {
-    fn info(&self) -> CloudletInfo;
-    fn list_bases(&self) -> Result<Vec<BaseVmInfo>, BaseOpError>;
-    fn import_base(
-        &self,
-        file: PathBuf,
-    ) -> impl Future<Output = Result<BaseVmInfo, BaseOpError>> + Send;
-    fn delete_base(&self, name: &str) -> Result<(), BaseOpError>;
-    fn list_vms(&self) -> Vec<VmInfo>;
-    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError>;
-    fn create_vm(
-        &self,
-        req: CreateVmRequest,
-        source: OverlaySource,
-    ) -> impl Future<Output = Result<VmInfo, CreateVmError>> + Send;
-    fn delete_vm(&self, id: &str) -> impl Future<Output = Result<(), VmOpError>> + Send;
-    fn metrics(&self) -> String;
-    fn handoff_vm(
-        &self,
-        id: &str,
-        req: cloudlet_api::HandoffRequest,
-    ) -> impl Future<Output = Result<cloudlet_api::HandoffReport, crate::handoff::HandoffError>> + Send;
-    fn prepare_incoming(
-        &self,
-        offer: cloudlet_api::HandoffOffer,
-    ) -> impl Future<Output = Result<cloudlet_api::HandoffPrepared, ReceiveHandoffError>> + Send;
-    fn receive_stream(
-        &self,
-        hid: &str,
-        body: axum::body::BodyDataStream,
-    ) -> impl Future<Output = Result<cloudlet_api::HandoffLoaded, ReceiveHandoffError>> + Send;
-    fn commit_incoming(
-        &self,
-        hid: &str,
-    ) -> impl Future<Output = Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError>> + Send;
-    fn incoming_arrival(
-        &self,
-        hid: &str,
-    ) -> Result<cloudlet_api::HandoffArrival, ReceiveHandoffError>;
-    fn abort_incoming(
-        &self,
-        hid: &str,
-    ) -> impl Future<Output = Result<(), ReceiveHandoffError>> + Send;
-}
-
 pub(crate) struct Entry {
     pub(crate) record: VmRecord,
     pub(crate) vm: Option<Arc<Vm>>,
@@ -138,14 +86,12 @@ pub struct Cloudlet {
     pub(crate) store: Store,
     pub(crate) vms: Mutex<HashMap<String, Entry>>,
     pub metrics: Metrics,
-    accel: String,
-    /// Handoffs arriving here, by handoff id.
-    pub(crate) incoming: Mutex<HashMap<String, crate::handoff::Incoming>>,
+    pub(crate) accel: String,
     /// Ready copies of the base disks, for early-start synthesis.
     pub(crate) spares: Arc<crate::spares::Spares>,
 }
 
-fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
+pub(crate) fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
     BaseVmInfo {
         name: m.name.clone(),
         id: m.id.clone(),
@@ -181,7 +127,6 @@ impl Cloudlet {
             vms: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             accel,
-            incoming: Mutex::new(HashMap::new()),
             spares: Arc::new(crate::spares::Spares::new(&home)),
         });
         c.recover().await?;
@@ -204,6 +149,16 @@ impl Cloudlet {
         Ok(c)
     }
 
+    /// The VM registry. A panic while it was held (a bug) does not make
+    /// VMs that exist look absent: that could let a caller start one
+    /// elsewhere while it runs here.
+    pub(crate) fn registry(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.vms.lock().unwrap_or_else(|p| {
+            tracing::error!("the VM registry's lock was poisoned (a panic while held): going on");
+            p.into_inner()
+        })
+    }
+
     /// The handoff protocol this cloudlet speaks
     /// ([`cloudlet_api::HANDOFF_PROTOCOL`], unless a test says otherwise).
     pub(crate) fn handoff_protocol(&self) -> u32 {
@@ -213,7 +168,7 @@ impl Cloudlet {
     }
 
     /// Replaces a spare disk a synthesis took, in the background.
-    fn refill_spares(&self) {
+    pub(crate) fn refill_spares(&self) {
         let (b, sp) = (self.bases.clone(), self.spares.clone());
         tokio::task::spawn_blocking(move || sp.refill(&b));
     }
@@ -312,16 +267,14 @@ impl Cloudlet {
     }
 
     pub(crate) fn insert(&self, record: VmRecord, vm: Option<Arc<Vm>>) {
-        if let Ok(mut m) = self.vms.lock() {
-            m.insert(
-                record.id.clone(),
-                Entry {
-                    record,
-                    vm,
-                    progress: Arc::default(),
-                },
-            );
-        }
+        self.registry().insert(
+            record.id.clone(),
+            Entry {
+                record,
+                vm,
+                progress: Arc::default(),
+            },
+        );
     }
 
     pub(crate) fn paths(&self, id: &str) -> VmPaths {
@@ -337,7 +290,7 @@ impl Cloudlet {
         tokio::spawn(async move {
             let exit = vm.wait_exit().await;
             let rec = {
-                let Ok(mut m) = me.vms.lock() else { return };
+                let mut m = me.registry();
                 let Some(e) = m.get_mut(&id) else { return };
                 if !e.record.state().can_die() {
                     return; // deleted or moved on purpose
@@ -358,11 +311,8 @@ impl Cloudlet {
         });
     }
 
-    fn used(&self) -> Resources {
-        let m = match self.vms.lock() {
-            Ok(m) => m,
-            Err(_) => return Resources::default(),
-        };
+    pub(crate) fn used(&self) -> Resources {
+        let m = self.registry();
         let mut r = Resources::default();
         for e in m.values().filter(|e| holds_resources(e.record.state)) {
             r.vcpus += e.record.vcpus;
@@ -405,9 +355,7 @@ impl Cloudlet {
         &self,
         mut rec: VmRecord,
     ) -> Result<(Arc<SynthProgress>, Vec<PortForward>), CreateVmError> {
-        let mut m = self.vms.lock().map_err(|_| CreateVmError::OverCapacity {
-            detail: "internal lock poisoned".into(),
-        })?;
+        let mut m = self.registry();
         let mut used = Resources::default();
         for e in m.values().filter(|e| holds_resources(e.record.state)) {
             used.vcpus += e.record.vcpus;
@@ -460,7 +408,7 @@ impl Cloudlet {
     }
 
     pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Option<VmRecord> {
-        let mut m = self.vms.lock().ok()?;
+        let mut m = self.registry();
         let e = m.get_mut(id)?;
         f(e);
         Some(e.record.clone())
@@ -486,7 +434,7 @@ impl Cloudlet {
     }
 }
 
-fn valid_name(n: &str) -> bool {
+pub(crate) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63
         && n.chars()
@@ -535,321 +483,6 @@ pub(crate) fn qemu_alive(pid: u32, spec: &cloudlet_qemu::VmSpec) -> bool {
             c.contains("qemu-system") && c.contains(&spec.qmp_socket().display().to_string())
         })
         .unwrap_or(false)
-}
-
-impl CloudletOps for Arc<Cloudlet> {
-    fn info(&self) -> CloudletInfo {
-        let used = self.used();
-        let cap = self.config.capacity;
-        CloudletInfo {
-            name: self.config.name.clone(),
-            location: self.config.location.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            capacity: cap,
-            free: Resources {
-                vcpus: cap.vcpus.saturating_sub(used.vcpus),
-                memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
-                vms: cap.vms.saturating_sub(used.vms),
-            },
-            base_vms: self.list_bases().unwrap_or_default(),
-            flavors: self.config.flavors.clone(),
-            accel: self.accel.clone(),
-            handoff_protocol: self.handoff_protocol(),
-        }
-    }
-
-    fn list_bases(&self) -> Result<Vec<BaseVmInfo>, BaseOpError> {
-        Ok(self.bases.list()?.iter().map(base_info).collect())
-    }
-
-    async fn import_base(&self, file: PathBuf) -> Result<BaseVmInfo, BaseOpError> {
-        let bases = self.bases.clone();
-        let r =
-            tokio::task::spawn_blocking(move || cloudlet_base::import_base(&bases, &file, None))
-                .await
-                .map_err(|e| cloudlet_base::BaseError::Damaged {
-                    name: "import".into(),
-                    detail: e.to_string(),
-                })?;
-        Ok(base_info(&r?))
-    }
-
-    fn delete_base(&self, name: &str) -> Result<(), BaseOpError> {
-        let base = self.bases.get(name)?;
-        let count = self
-            .vms
-            .lock()
-            .map(|m| {
-                m.values()
-                    .filter(|e| {
-                        holds_resources(e.record.state) && e.record.base_id == base.manifest.id
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        if count > 0 {
-            return Err(BaseOpError::InUse {
-                name: name.into(),
-                count,
-            });
-        }
-        Ok(self.bases.delete(name)?)
-    }
-
-    fn list_vms(&self) -> Vec<VmInfo> {
-        let mut v: Vec<VmInfo> = self
-            .vms
-            .lock()
-            .map(|m| m.values().map(Cloudlet::view).collect())
-            .unwrap_or_default();
-        v.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
-        v
-    }
-
-    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError> {
-        let m = self
-            .vms
-            .lock()
-            .map_err(|_| VmOpError::NotFound(id.into()))?;
-        key_of(&m, id)
-            .and_then(|k| m.get(&k))
-            .map(Cloudlet::view)
-            .ok_or_else(|| VmOpError::NotFound(id.into()))
-    }
-
-    async fn create_vm(
-        &self,
-        req: CreateVmRequest,
-        source: OverlaySource,
-    ) -> Result<VmInfo, CreateVmError> {
-        let flavor_name = req
-            .flavor
-            .clone()
-            .unwrap_or(self.config.default_flavor.clone());
-        let flavor = self
-            .config
-            .flavor(&flavor_name)
-            .cloned()
-            .ok_or(CreateVmError::UnknownFlavor(flavor_name.clone()))?;
-        if let Some(n) = &req.name {
-            if !valid_name(n) {
-                return Err(CreateVmError::BadName(n.clone()));
-            }
-        }
-        // Everything that can be refused is refused before anything starts.
-        let (header, manifest, _) = source.manifest().await?;
-        let app: AppInfo =
-            app_info(&manifest).map_err(|e| CreateVmError::Metadata(e.to_string()))?;
-        let base = self.resolve(&manifest.base_id)?;
-        if flavor.memory_mib < base.manifest.machine.memory_mib {
-            return Err(CreateVmError::FlavorTooSmall {
-                flavor: flavor.name,
-                flavor_mib: flavor.memory_mib,
-                base_mib: base.manifest.machine.memory_mib,
-            });
-        }
-        let id = hex::encode(rand::random::<[u8; 6]>());
-        let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
-        let paths = self.paths(&id);
-        let rec = VmRecord::new(NewVmRecord {
-            id: id.clone(),
-            name: name.clone(),
-            state: VmState::Synthesizing,
-            generation: 1,
-            base_id: base.manifest.id.clone(),
-            overlay: source.describe(),
-            flavor: &flavor,
-            dir: paths.dir.clone(),
-            app: app.clone(),
-        });
-        let (progress, ports) = self.reserve(rec)?;
-        self.metrics.synth_started.inc();
-        tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");
-        let result = synthesize(
-            SynthRequest {
-                vm_id: &id,
-                name: &name,
-                source: &source,
-                manifest,
-                file_len: header.file_len,
-                base: &base,
-                paths: &paths,
-                ports,
-                app: &app,
-                spares: Some(&self.spares),
-            },
-            &progress,
-            self.config.early_start,
-        )
-        .await;
-        self.refill_spares();
-        match result {
-            Ok(Synthesized { vm, timings, tail }) => {
-                let vm = Arc::new(vm);
-                if let Some(tail) = tail {
-                    // Early start: the memory still streams in. If that
-                    // fails, the guest cannot be trusted: stop it (the exit
-                    // watch records it).
-                    progress.set_stage(crate::synth::STAGE_STREAMING);
-                    let (vm, id, progress) = (vm.clone(), id.clone(), progress.clone());
-                    tokio::spawn(async move {
-                        match tail.await {
-                            Ok(Ok(stats)) => {
-                                progress.set_stage("ready");
-                                tracing::info!(vm_id = %id, ?stats, "early start: memory complete")
-                            }
-                            Ok(Err(e)) => {
-                                tracing::error!(vm_id = %id, "early start failed after the VM started, stopping it: {e}");
-                                vm.kill().await;
-                            }
-                            Err(e) => {
-                                tracing::error!(vm_id = %id, "early start task: {e}");
-                                vm.kill().await;
-                            }
-                        }
-                    });
-                }
-                let total = timings
-                    .iter()
-                    .find(|t| t.stage == "total")
-                    .map_or(0, |t| t.ms);
-                self.metrics.synth_ok.inc();
-                self.metrics.synth_ms.observe(total);
-                let rec = self
-                    .update(&id, |e| {
-                        e.record.set_state_or_log(VmState::Running);
-                        e.record.timings = timings;
-                        e.record.progress = e.progress.snapshot();
-                        e.record.spec = Some(vm.spec().clone());
-                        e.record.pid = Some(vm.pid());
-                        e.vm = Some(vm.clone());
-                    })
-                    .ok_or_else(|| VmOpError::NotFound(id.clone()))
-                    .map_err(|e| CreateVmError::OverCapacity {
-                        detail: e.to_string(),
-                    })?;
-                if let Err(e) = self.store.put(&rec) {
-                    vm.kill().await;
-                    paths.remove();
-                    return Err(e.into());
-                }
-                self.watch(id.clone(), vm);
-                tracing::info!(vm_id = %id, ms = total, "VM running");
-                Ok(Cloudlet::view(&Entry {
-                    record: rec,
-                    vm: None,
-                    progress,
-                }))
-            }
-            Err(e) => {
-                self.metrics.synth_failed.inc();
-                tracing::warn!(vm_id = %id, "synthesis failed: {e}");
-                paths.remove();
-                if let Some(rec) = self.update(&id, |en| {
-                    en.record.set_state_or_log(VmState::Failed);
-                    en.record.error = Some(e.to_string());
-                    en.record.progress = en.progress.snapshot();
-                    en.record.progress.stage = "failed".into();
-                    en.record.ports.clear();
-                }) {
-                    let _ = self.store.put(&rec);
-                }
-                Err(e.into())
-            }
-        }
-    }
-
-    async fn delete_vm(&self, id: &str) -> Result<(), VmOpError> {
-        let (id, vm, rec) = {
-            let mut m = self
-                .vms
-                .lock()
-                .map_err(|_| VmOpError::NotFound(id.into()))?;
-            let key = key_of(&m, id).ok_or_else(|| VmOpError::NotFound(id.into()))?;
-            let e = m
-                .get_mut(&key)
-                .ok_or_else(|| VmOpError::NotFound(id.into()))?;
-            if !e.record.state().can_delete() {
-                return Err(VmOpError::Busy {
-                    id: key,
-                    state: e.record.state(),
-                    what: "delete",
-                });
-            }
-            e.record.set_state_or_log(VmState::Deleting);
-            (key, e.vm.take(), e.record.clone())
-        };
-        self.store.put(&rec)?;
-        match vm {
-            Some(vm) => vm.kill().await,
-            None => kill_pid(
-                rec.pid
-                    .filter(|p| rec.spec.as_ref().is_some_and(|s| qemu_alive(*p, s))),
-            ),
-        }
-        self.paths(&id).remove();
-        self.store.delete(&id)?;
-        if let Ok(mut m) = self.vms.lock() {
-            m.remove(&id);
-        }
-        tracing::info!(vm_id = %id, "VM deleted");
-        Ok(())
-    }
-
-    async fn handoff_vm(
-        &self,
-        id: &str,
-        req: cloudlet_api::HandoffRequest,
-    ) -> Result<cloudlet_api::HandoffReport, crate::handoff::HandoffError> {
-        crate::handoff::handoff_vm(self, id, req).await
-    }
-
-    async fn prepare_incoming(
-        &self,
-        offer: cloudlet_api::HandoffOffer,
-    ) -> Result<cloudlet_api::HandoffPrepared, ReceiveHandoffError> {
-        crate::handoff::prepare_incoming(self, offer).await
-    }
-
-    async fn receive_stream(
-        &self,
-        hid: &str,
-        body: axum::body::BodyDataStream,
-    ) -> Result<cloudlet_api::HandoffLoaded, ReceiveHandoffError> {
-        crate::handoff::receive_stream(self, hid, body).await
-    }
-
-    async fn commit_incoming(
-        &self,
-        hid: &str,
-    ) -> Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError> {
-        crate::handoff::commit_incoming(self, hid).await
-    }
-
-    async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {
-        crate::handoff::abort_incoming(self, hid).await
-    }
-
-    fn incoming_arrival(
-        &self,
-        hid: &str,
-    ) -> Result<cloudlet_api::HandoffArrival, ReceiveHandoffError> {
-        crate::handoff::incoming_arrival(self, hid)
-    }
-
-    fn metrics(&self) -> String {
-        let used = self.used();
-        let running = self
-            .vms
-            .lock()
-            .map(|m| {
-                m.values()
-                    .filter(|e| e.record.state == VmState::Running)
-                    .count()
-            })
-            .unwrap_or(0);
-        self.metrics.render(running, used, self.config.capacity)
-    }
 }
 
 /// Ask the kernel to read every base's images back into the page cache

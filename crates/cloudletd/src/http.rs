@@ -17,7 +17,8 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use utoipa::OpenApi;
 
-use crate::cloudlet::{BaseOpError, CloudletOps, CreateVmError, VmOpError};
+use crate::cloudlet::{BaseOpError, CreateVmError, VmOpError};
+use crate::commands::CloudletOps;
 use crate::fetch::{FetchOverlayError, OverlaySource};
 use crate::handoff::{HandoffError, ReceiveHandoffError};
 
@@ -36,6 +37,7 @@ pub struct ApiFailure {
     status: StatusCode,
     kind: &'static str,
     message: String,
+    memory_differs: Option<cloudlet_api::MemoryDifference>,
 }
 
 impl ApiFailure {
@@ -44,6 +46,7 @@ impl ApiFailure {
             status,
             kind,
             message: message.into(),
+            memory_differs: None,
         }
     }
 }
@@ -53,6 +56,7 @@ impl IntoResponse for ApiFailure {
         let body = ApiError {
             error: self.message,
             kind: self.kind.into(),
+            memory_differs: self.memory_differs,
         };
         (self.status, Json(body)).into_response()
     }
@@ -60,8 +64,15 @@ impl IntoResponse for ApiFailure {
 
 impl From<CreateVmError> for ApiFailure {
     fn from(e: CreateVmError) -> Self {
-        use CreateVmError as E;
-        let (status, kind) = match &e {
+        let (status, kind) = create_vm_status(&e);
+        ApiFailure::new(status, kind, crate::error_chain(&e))
+    }
+}
+
+fn create_vm_status(e: &CreateVmError) -> (StatusCode, &'static str) {
+    use CreateVmError as E;
+    {
+        match e {
             E::UnknownFlavor(_) | E::BadName(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
             E::Overlay(FetchOverlayError::Status { status: 404, .. }) => {
@@ -92,8 +103,7 @@ impl From<CreateVmError> for ApiFailure {
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "synthesis_failed"),
             },
             E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
-        };
-        ApiFailure::new(status, kind, crate::error_chain(&e))
+        }
     }
 }
 
@@ -135,9 +145,12 @@ impl From<HandoffError> for ApiFailure {
             H::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             H::NotRunning { .. } | H::StillStarting(_) => (StatusCode::CONFLICT, "busy"),
             H::NoToken(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            H::Refused { .. } | H::Unreachable { .. } => {
-                (StatusCode::BAD_GATEWAY, "destination_failed")
-            }
+            H::Refused { .. }
+            | H::Unreachable { .. }
+            | H::MemoryDiffers { .. }
+            | H::NotRepaired { .. }
+            | H::BadAnswer { .. }
+            | H::StoppedReading { .. } => (StatusCode::BAD_GATEWAY, "destination_failed"),
             H::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             H::CommitUnknown { .. } => (StatusCode::GATEWAY_TIMEOUT, "commit_unknown"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
@@ -157,16 +170,27 @@ impl From<ReceiveHandoffError> for ApiFailure {
             R::StaleGeneration { .. } => (StatusCode::CONFLICT, "stale_generation"),
             // Definite refusals of a commit (the source may resume its VM).
             R::NotCommitted(_) => (StatusCode::CONFLICT, "not_committed"),
-            R::MemoryDiffers { .. } => (StatusCode::CONFLICT, "memory_differs"),
-            R::Create(c) => {
-                let f = ApiFailure::from(CreateVmError::OverCapacity {
-                    detail: c.to_string(),
-                });
-                (f.status, f.kind)
+            R::WrongStage { .. } => (StatusCode::CONFLICT, "wrong_stage"),
+            R::MemoryDiffers(report) => {
+                let mut f = ApiFailure::new(
+                    StatusCode::CONFLICT,
+                    "memory_differs",
+                    crate::error_chain(&e),
+                );
+                f.memory_differs = Some(crate::handoff::peer::memory_difference(report));
+                return f;
             }
-            R::Session(_) | R::Decode(_) | R::Truncated | R::Read(_) => {
-                (StatusCode::BAD_REQUEST, "invalid_stream")
-            }
+            R::Create(c) => create_vm_status(c),
+            R::Session(_)
+            | R::Decode(_)
+            | R::Truncated
+            | R::MigrationIncomplete
+            | R::Idle(_)
+            | R::Body(_)
+            | R::UnexpectedFrame { .. }
+            | R::RepairOutside { .. }
+            | R::DigestChunk { .. }
+            | R::MemorySize { .. } => (StatusCode::BAD_REQUEST, "invalid_stream"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
         };
         ApiFailure::new(status, kind, crate::error_chain(&e))
@@ -187,7 +211,7 @@ type ApiResult<T> = Result<T, ApiFailure>;
         cloudlet_api::PortMapping, cloudlet_api::Progress, cloudlet_api::StageTiming,
         cloudlet_api::HandoffRequest, cloudlet_api::HandoffReport, cloudlet_api::HandoffOffer,
         cloudlet_api::HandoffPrepared, cloudlet_api::HandoffLoaded, cloudlet_api::HandoffCommitted,
-        cloudlet_api::AppInfo
+        cloudlet_api::AppInfo, cloudlet_api::MemoryDifference, cloudlet_api::DifferingChunk
     )),
     modifiers(&BearerAuth)
 )]
@@ -453,7 +477,14 @@ async fn handoff_stream<C: CloudletOps>(
     body: Body,
 ) -> ApiResult<Json<cloudlet_api::HandoffLoaded>> {
     Ok(Json(
-        st.ops.receive_stream(&hid, body.into_data_stream()).await?,
+        st.ops
+            .receive_stream(
+                &hid,
+                body.into_data_stream()
+                    .map(|r| r.map_err(std::io::Error::other))
+                    .boxed(),
+            )
+            .await?,
     ))
 }
 

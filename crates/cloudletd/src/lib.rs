@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod cloudlet;
+pub mod commands;
 pub mod config;
 pub mod early;
 pub mod fetch;
@@ -26,7 +27,8 @@ pub mod throttle;
 
 use std::sync::Arc;
 
-pub use cloudlet::{Cloudlet, CloudletOps};
+pub use cloudlet::Cloudlet;
+pub use commands::{CloudletOps, Daemon};
 pub use config::CloudletConfig;
 
 /// An error with its causes ("a: b: c", each cause once): the top-level
@@ -56,7 +58,7 @@ pub async fn serve(
         http: reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()?,
-        ops: cloudlet,
+        ops: Daemon::new(cloudlet),
     });
     use axum::serve::ListenerExt;
     // Small answers (a handoff's "loaded", a commit) must not wait for

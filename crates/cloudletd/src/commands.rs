@@ -1,0 +1,394 @@
+//! Domain commands: what the REST API may ask ([`CloudletOps`]), carried
+//! out on the cloudlet's core ([`crate::cloudlet`]), its synthesis
+//! ([`crate::synth`]) and its handoffs ([`crate::handoff`]). The flow is one
+//! way: `api` -> `commands` -> core, synthesis, handoff -> QEMU.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cloudlet_api::{
+    AppInfo, BaseVmInfo, CloudletInfo, CreateVmRequest, Resources, VmInfo, VmState,
+};
+
+use crate::cloudlet::{
+    base_info, holds_resources, key_of, kill_pid, qemu_alive, valid_name, BaseOpError, Cloudlet,
+    CreateVmError, Entry, VmOpError,
+};
+use crate::fetch::OverlaySource;
+use crate::handoff::destination::{self, Arrivals};
+use crate::handoff::{HandoffError, ReceiveHandoffError};
+use crate::lifecycle::VmLifecycle;
+use crate::store::{NewVmRecord, VmRecord};
+use crate::synth::{app_info, synthesize, SynthRequest, Synthesized};
+
+/// A request body as the domain sees it (no framework type).
+pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>;
+
+/// What the HTTP layer may ask of a cloudlet: domain types only (the API
+/// layer is tested against a fake of it).
+pub trait CloudletOps: Send + Sync + 'static {
+    fn info(&self) -> CloudletInfo;
+    fn list_bases(&self) -> Result<Vec<BaseVmInfo>, BaseOpError>;
+    fn import_base(
+        &self,
+        file: PathBuf,
+    ) -> impl Future<Output = Result<BaseVmInfo, BaseOpError>> + Send;
+    fn delete_base(&self, name: &str) -> Result<(), BaseOpError>;
+    fn list_vms(&self) -> Vec<VmInfo>;
+    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError>;
+    fn create_vm(
+        &self,
+        req: CreateVmRequest,
+        source: OverlaySource,
+    ) -> impl Future<Output = Result<VmInfo, CreateVmError>> + Send;
+    fn delete_vm(&self, id: &str) -> impl Future<Output = Result<(), VmOpError>> + Send;
+    fn metrics(&self) -> String;
+    fn handoff_vm(
+        &self,
+        id: &str,
+        req: cloudlet_api::HandoffRequest,
+    ) -> impl Future<Output = Result<cloudlet_api::HandoffReport, HandoffError>> + Send;
+    fn prepare_incoming(
+        &self,
+        offer: cloudlet_api::HandoffOffer,
+    ) -> impl Future<Output = Result<cloudlet_api::HandoffPrepared, ReceiveHandoffError>> + Send;
+    fn receive_stream(
+        &self,
+        hid: &str,
+        body: ByteStream,
+    ) -> impl Future<Output = Result<cloudlet_api::HandoffLoaded, ReceiveHandoffError>> + Send;
+    fn commit_incoming(
+        &self,
+        hid: &str,
+    ) -> impl Future<Output = Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError>> + Send;
+    fn incoming_arrival(
+        &self,
+        hid: &str,
+    ) -> Result<cloudlet_api::HandoffArrival, ReceiveHandoffError>;
+    fn abort_incoming(
+        &self,
+        hid: &str,
+    ) -> impl Future<Output = Result<(), ReceiveHandoffError>> + Send;
+}
+
+/// The daemon's domain: the cloudlet and the handoffs arriving at it.
+#[derive(Clone)]
+pub struct Daemon {
+    pub cloudlet: Arc<Cloudlet>,
+    pub arrivals: Arc<Arrivals>,
+}
+
+impl Daemon {
+    pub fn new(cloudlet: Arc<Cloudlet>) -> Self {
+        Self {
+            cloudlet,
+            arrivals: Arc::default(),
+        }
+    }
+}
+
+impl CloudletOps for Daemon {
+    fn info(&self) -> CloudletInfo {
+        let used = self.cloudlet.used();
+        let cap = self.cloudlet.config.capacity;
+        CloudletInfo {
+            name: self.cloudlet.config.name.clone(),
+            location: self.cloudlet.config.location.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            capacity: cap,
+            free: Resources {
+                vcpus: cap.vcpus.saturating_sub(used.vcpus),
+                memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
+                vms: cap.vms.saturating_sub(used.vms),
+            },
+            base_vms: self.list_bases().unwrap_or_default(),
+            flavors: self.cloudlet.config.flavors.clone(),
+            accel: self.cloudlet.accel.clone(),
+            handoff_protocol: self.cloudlet.handoff_protocol(),
+        }
+    }
+
+    fn list_bases(&self) -> Result<Vec<BaseVmInfo>, BaseOpError> {
+        Ok(self.cloudlet.bases.list()?.iter().map(base_info).collect())
+    }
+
+    async fn import_base(&self, file: PathBuf) -> Result<BaseVmInfo, BaseOpError> {
+        let bases = self.cloudlet.bases.clone();
+        let r =
+            tokio::task::spawn_blocking(move || cloudlet_base::import_base(&bases, &file, None))
+                .await
+                .map_err(|e| cloudlet_base::BaseError::Damaged {
+                    name: "import".into(),
+                    detail: e.to_string(),
+                })?;
+        Ok(base_info(&r?))
+    }
+
+    fn delete_base(&self, name: &str) -> Result<(), BaseOpError> {
+        let base = self.cloudlet.bases.get(name)?;
+        let count = self
+            .cloudlet
+            .registry()
+            .values()
+            .filter(|e| holds_resources(e.record.state) && e.record.base_id == base.manifest.id)
+            .count();
+        if count > 0 {
+            return Err(BaseOpError::InUse {
+                name: name.into(),
+                count,
+            });
+        }
+        Ok(self.cloudlet.bases.delete(name)?)
+    }
+
+    fn list_vms(&self) -> Vec<VmInfo> {
+        let mut v: Vec<VmInfo> = self
+            .cloudlet
+            .registry()
+            .values()
+            .map(Cloudlet::view)
+            .collect();
+        v.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError> {
+        let m = self.cloudlet.registry();
+        key_of(&m, id)
+            .and_then(|k| m.get(&k))
+            .map(Cloudlet::view)
+            .ok_or_else(|| VmOpError::NotFound(id.into()))
+    }
+
+    async fn create_vm(
+        &self,
+        req: CreateVmRequest,
+        source: OverlaySource,
+    ) -> Result<VmInfo, CreateVmError> {
+        let flavor_name = req
+            .flavor
+            .clone()
+            .unwrap_or(self.cloudlet.config.default_flavor.clone());
+        let flavor = self
+            .cloudlet
+            .config
+            .flavor(&flavor_name)
+            .cloned()
+            .ok_or(CreateVmError::UnknownFlavor(flavor_name.clone()))?;
+        if let Some(n) = &req.name {
+            if !valid_name(n) {
+                return Err(CreateVmError::BadName(n.clone()));
+            }
+        }
+        // Everything that can be refused is refused before anything starts.
+        let (header, manifest, _) = source.manifest().await?;
+        let app: AppInfo =
+            app_info(&manifest).map_err(|e| CreateVmError::Metadata(e.to_string()))?;
+        let base = self.cloudlet.resolve(&manifest.base_id)?;
+        if flavor.memory_mib < base.manifest.machine.memory_mib {
+            return Err(CreateVmError::FlavorTooSmall {
+                flavor: flavor.name,
+                flavor_mib: flavor.memory_mib,
+                base_mib: base.manifest.machine.memory_mib,
+            });
+        }
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
+        let paths = self.cloudlet.paths(&id);
+        let rec = VmRecord::new(NewVmRecord {
+            id: id.clone(),
+            name: name.clone(),
+            state: VmState::Synthesizing,
+            generation: 1,
+            base_id: base.manifest.id.clone(),
+            overlay: source.describe(),
+            flavor: &flavor,
+            dir: paths.dir.clone(),
+            app: app.clone(),
+        });
+        let (progress, ports) = self.cloudlet.reserve(rec)?;
+        self.cloudlet.metrics.synth_started.inc();
+        tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");
+        let result = synthesize(
+            SynthRequest {
+                vm_id: &id,
+                name: &name,
+                source: &source,
+                manifest,
+                file_len: header.file_len,
+                base: &base,
+                paths: &paths,
+                ports,
+                app: &app,
+                spares: Some(&self.cloudlet.spares),
+            },
+            &progress,
+            self.cloudlet.config.early_start,
+        )
+        .await;
+        self.cloudlet.refill_spares();
+        match result {
+            Ok(Synthesized { vm, timings, tail }) => {
+                let vm = Arc::new(vm);
+                if let Some(tail) = tail {
+                    // Early start: the memory still streams in. If that
+                    // fails, the guest cannot be trusted: stop it (the exit
+                    // watch records it).
+                    progress.set_stage(crate::synth::STAGE_STREAMING);
+                    let (vm, id, progress) = (vm.clone(), id.clone(), progress.clone());
+                    tokio::spawn(async move {
+                        match tail.await {
+                            Ok(Ok(stats)) => {
+                                progress.set_stage("ready");
+                                tracing::info!(vm_id = %id, ?stats, "early start: memory complete")
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(vm_id = %id, "early start failed after the VM started, stopping it: {e}");
+                                vm.kill().await;
+                            }
+                            Err(e) => {
+                                tracing::error!(vm_id = %id, "early start task: {e}");
+                                vm.kill().await;
+                            }
+                        }
+                    });
+                }
+                let total = timings
+                    .iter()
+                    .find(|t| t.stage == "total")
+                    .map_or(0, |t| t.ms);
+                self.cloudlet.metrics.synth_ok.inc();
+                self.cloudlet.metrics.synth_ms.observe(total);
+                let rec = self
+                    .cloudlet
+                    .update(&id, |e| {
+                        e.record.set_state_or_log(VmState::Running);
+                        e.record.timings = timings;
+                        e.record.progress = e.progress.snapshot();
+                        e.record.spec = Some(vm.spec().clone());
+                        e.record.pid = Some(vm.pid());
+                        e.vm = Some(vm.clone());
+                    })
+                    .ok_or_else(|| VmOpError::NotFound(id.clone()))
+                    .map_err(|e| CreateVmError::OverCapacity {
+                        detail: e.to_string(),
+                    })?;
+                if let Err(e) = self.cloudlet.store.put(&rec) {
+                    vm.kill().await;
+                    paths.remove();
+                    return Err(e.into());
+                }
+                self.cloudlet.watch(id.clone(), vm);
+                tracing::info!(vm_id = %id, ms = total, "VM running");
+                Ok(Cloudlet::view(&Entry {
+                    record: rec,
+                    vm: None,
+                    progress,
+                }))
+            }
+            Err(e) => {
+                self.cloudlet.metrics.synth_failed.inc();
+                tracing::warn!(vm_id = %id, "synthesis failed: {e}");
+                paths.remove();
+                if let Some(rec) = self.cloudlet.update(&id, |en| {
+                    en.record.set_state_or_log(VmState::Failed);
+                    en.record.error = Some(e.to_string());
+                    en.record.progress = en.progress.snapshot();
+                    en.record.progress.stage = "failed".into();
+                    en.record.ports.clear();
+                }) {
+                    let _ = self.cloudlet.store.put(&rec);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn delete_vm(&self, id: &str) -> Result<(), VmOpError> {
+        let (id, vm, rec) = {
+            let mut m = self.cloudlet.registry();
+            let key = key_of(&m, id).ok_or_else(|| VmOpError::NotFound(id.into()))?;
+            let e = m
+                .get_mut(&key)
+                .ok_or_else(|| VmOpError::NotFound(id.into()))?;
+            if !e.record.state().can_delete() {
+                return Err(VmOpError::Busy {
+                    id: key,
+                    state: e.record.state(),
+                    what: "delete",
+                });
+            }
+            e.record.set_state_or_log(VmState::Deleting);
+            (key, e.vm.take(), e.record.clone())
+        };
+        self.cloudlet.store.put(&rec)?;
+        match vm {
+            Some(vm) => vm.kill().await,
+            None => kill_pid(
+                rec.pid
+                    .filter(|p| rec.spec.as_ref().is_some_and(|s| qemu_alive(*p, s))),
+            ),
+        }
+        self.cloudlet.paths(&id).remove();
+        self.cloudlet.store.delete(&id)?;
+        self.cloudlet.registry().remove(&id);
+        tracing::info!(vm_id = %id, "VM deleted");
+        Ok(())
+    }
+
+    async fn handoff_vm(
+        &self,
+        id: &str,
+        req: cloudlet_api::HandoffRequest,
+    ) -> Result<cloudlet_api::HandoffReport, HandoffError> {
+        crate::handoff::source::handoff_vm(&self.cloudlet, id, req).await
+    }
+
+    async fn prepare_incoming(
+        &self,
+        offer: cloudlet_api::HandoffOffer,
+    ) -> Result<cloudlet_api::HandoffPrepared, ReceiveHandoffError> {
+        destination::prepare_incoming(&self.cloudlet, &self.arrivals, offer).await
+    }
+
+    async fn receive_stream(
+        &self,
+        hid: &str,
+        body: ByteStream,
+    ) -> Result<cloudlet_api::HandoffLoaded, ReceiveHandoffError> {
+        destination::receive_stream(&self.cloudlet, &self.arrivals, hid, body).await
+    }
+
+    async fn commit_incoming(
+        &self,
+        hid: &str,
+    ) -> Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError> {
+        destination::commit_incoming(&self.cloudlet, &self.arrivals, hid).await
+    }
+
+    async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {
+        self.arrivals.abort(&self.cloudlet, hid).await
+    }
+
+    fn incoming_arrival(
+        &self,
+        hid: &str,
+    ) -> Result<cloudlet_api::HandoffArrival, ReceiveHandoffError> {
+        self.arrivals.arrival(hid)
+    }
+
+    fn metrics(&self) -> String {
+        let used = self.cloudlet.used();
+        let running = self
+            .cloudlet
+            .registry()
+            .values()
+            .filter(|e| e.record.state == VmState::Running)
+            .count();
+        self.cloudlet
+            .metrics
+            .render(running, used, self.cloudlet.config.capacity)
+    }
+}

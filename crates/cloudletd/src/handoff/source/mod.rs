@@ -1,0 +1,339 @@
+//! The source side of a handoff (`POST /v1/vms/{id}/handoff`): a
+//! [`Source`] walks the phases in order, one method each:
+//!
+//! 1. [`Source::offer`]: the destination prepares (protocol, generation
+//!    and base checked there before its QEMU starts);
+//! 2. [`Source::send_disk_live`]: disk chunks that differ from the base,
+//!    while the VM runs (`disk`);
+//! 3. [`Source::start_migration`]: QEMU migrates into a socket of ours; a
+//!    reader encodes the stream into session frames (`stream`, `flow`);
+//! 4. [`Source::precopy`]: follow QEMU, throttle the guest if its memory
+//!    would not converge over this link, drain the link, let QEMU stop
+//!    (`precopy`);
+//! 5. [`Source::switchover`]: QEMU paused: digest the memory, send the disk
+//!    writes made meanwhile, let QEMU send its last pass (`switchover`);
+//! 6. [`Source::commit`]: record the move (generation + 1), commit until a
+//!    definite answer, repair a memory difference (`commit`);
+//! 7. on failure, [`rollback`]: resume here unless the commit was sent.
+
+mod commit;
+mod disk;
+mod flow;
+mod precopy;
+mod rollback;
+mod stream;
+mod switchover;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloudlet_api::{HandoffOffer, HandoffReport, HandoffRequest, StageTiming, VmState};
+use cloudlet_handoff::converge::{ConvergeConfig, Convergence};
+use cloudlet_handoff::session::SESSION_MAGIC;
+use cloudlet_qemu::{MigrationParameters, QmpEvent, Vm};
+use tokio::sync::{broadcast, OnceCell};
+use tracing::Instrument;
+
+use self::disk::{DiskSync, DIRTY_BITMAP};
+use self::flow::Session;
+use self::stream::{MigrationReader, SourceDigest};
+use super::peer::Peer;
+use super::{base_memory, phase, HandoffError};
+use crate::cloudlet::Cloudlet;
+use crate::lifecycle::VmLifecycle;
+use crate::store::VmRecord;
+use crate::synth::{SynthProgress, STAGE_STREAMING};
+use crate::throttle::DutyCycle;
+
+/// How long the whole handoff may take.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a VM still receiving its memory (early start) may take to have
+/// all of it before it can move.
+const STREAMING_WAIT: Duration = Duration::from_secs(600);
+/// QEMU's downtime limit until we let it switch over (ms); see `precopy`.
+const HOLD_DOWNTIME_MS: u64 = 300;
+/// Not capped (QEMU's `max-bandwidth`).
+const UNCAPPED: u64 = 1_000_000_000_000;
+
+/// One handoff, source side.
+pub struct Source {
+    c: Arc<Cloudlet>,
+    id: String,
+    vm: Arc<Vm>,
+    /// The record as the handoff began (state `handing_off`).
+    rec: VmRecord,
+    peer: Peer,
+    progress: Arc<SynthProgress>,
+    start: Instant,
+    phases: Vec<StageTiming>,
+    /// QEMU's events (STOP, MIGRATION).
+    events: broadcast::Receiver<QmpEvent>,
+    /// The last STOP before the switchover: the downtime starts there (µs).
+    stop_us: i64,
+    /// When QEMU paused before the switchover.
+    switch_at: Option<Instant>,
+}
+
+/// What moves once the memory does: the session, the disk, the reader.
+struct Moving {
+    session: Session,
+    disk: DiskSync,
+    digest: SourceDigest,
+    /// Set while the link drains before the switchover: the reader holds
+    /// QEMU's writes back.
+    hold: Arc<AtomicBool>,
+    reader: Option<tokio::task::JoinHandle<Result<u64, HandoffError>>>,
+    conv: Convergence,
+    t_memory: Instant,
+    /// QEMU measures the guest's dirty rate (`calc-dirty-rate`).
+    sampling: bool,
+}
+
+/// The source side: `POST /v1/vms/{id}/handoff`.
+pub async fn handoff_vm(
+    c: &Arc<Cloudlet>,
+    id: &str,
+    req: HandoffRequest,
+) -> Result<HandoffReport, HandoffError> {
+    let start = Instant::now();
+    wait_until_streamed(c, id, start + STREAMING_WAIT).await?;
+    let (id, vm, rec, progress) = claim(c, id)?;
+    c.store.put(&rec)?;
+    let dest = req.destination.trim_end_matches('/').to_string();
+    let token = req.token.clone().or_else(|| {
+        c.config
+            .peers
+            .iter()
+            .find(|p| p.url.trim_end_matches('/') == dest)
+            .map(|p| p.token.clone())
+    });
+    let Some(token) = token else {
+        if let Some(rec) = c.update(&id, |e| e.record.set_state_or_log(VmState::Running)) {
+            let _ = c.store.put(&rec);
+        }
+        return Err(HandoffError::NoToken(dest));
+    };
+    let handoff_id = hex::encode(rand::random::<[u8; 8]>());
+    let span =
+        tracing::info_span!("handoff", side = "source", vm_id = %id, handoff_id = %handoff_id);
+    let peer = Peer::new(&dest, &token, &handoff_id);
+    let duty = DutyCycle::start(vm.qmp().clone());
+    let refusal = Arc::new(OnceCell::new());
+    let mut source = Source {
+        c: c.clone(),
+        events: vm.qmp().events(),
+        id,
+        vm,
+        rec,
+        peer,
+        progress,
+        start,
+        phases: Vec::new(),
+        stop_us: 0,
+        switch_at: None,
+    };
+    let run = source.run(&duty, &refusal).instrument(span.clone());
+    let result = match tokio::time::timeout(HANDOFF_TIMEOUT, run).await {
+        Ok(r) => r,
+        Err(_) => Err(HandoffError::Timeout(HANDOFF_TIMEOUT)),
+    };
+    // Before anything else touches the run state: no pause of ours may
+    // follow a resume after a failure.
+    duty.stop().await;
+    match result {
+        Ok(report) => Ok(report),
+        Err(err) => {
+            let err = flow::with_refusal(err, &refusal).await;
+            source.rollback(err).instrument(span).await
+        }
+    }
+}
+
+/// A VM that is still receiving its memory (early start) moves once it
+/// has all of it.
+async fn wait_until_streamed(
+    c: &Cloudlet,
+    id: &str,
+    deadline: Instant,
+) -> Result<(), HandoffError> {
+    loop {
+        let streaming = {
+            let m = c.registry();
+            crate::cloudlet::key_of(&m, id)
+                .and_then(|k| m.get(&k))
+                .is_some_and(|e| e.progress.snapshot().stage == STAGE_STREAMING)
+        };
+        if !streaming {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(HandoffError::StillStarting(id.into()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Mark the VM as handing off (in memory; the caller stores it): only a
+/// running VM with all its memory may.
+fn claim(
+    c: &Cloudlet,
+    id: &str,
+) -> Result<(String, Arc<Vm>, VmRecord, Arc<SynthProgress>), HandoffError> {
+    let mut m = c.registry();
+    let key = crate::cloudlet::key_of(&m, id).ok_or_else(|| HandoffError::NotFound(id.into()))?;
+    let e = m
+        .get_mut(&key)
+        .ok_or_else(|| HandoffError::NotFound(id.into()))?;
+    let state = e.record.state();
+    let Some(vm) = e.vm.clone().filter(|_| state.can_hand_off()) else {
+        return Err(HandoffError::NotRunning { id: key, state });
+    };
+    if e.progress.snapshot().stage == STAGE_STREAMING {
+        return Err(HandoffError::StillStarting(key));
+    }
+    e.record.set_state_or_log(VmState::HandingOff);
+    e.progress = Arc::default();
+    e.progress.set_stage("preparing");
+    Ok((key, vm, e.record.clone(), e.progress.clone()))
+}
+
+impl Source {
+    async fn run(
+        &mut self,
+        duty: &DutyCycle,
+        refusal: &Arc<OnceCell<String>>,
+    ) -> Result<HandoffReport, HandoffError> {
+        let base = self
+            .c
+            .bases
+            .get_by_id(&self.rec.base_id)
+            .map_err(|source| HandoffError::Base {
+                base_id: self.rec.base_id.clone(),
+                source,
+            })?;
+        self.offer().await?;
+        let session = Session::open(&self.peer, refusal.clone());
+        session.send(SESSION_MAGIC.to_vec()).await?;
+        // The guest's dirty rate, sampled while the disk moves (QEMU hashes
+        // a sample of pages now and after a second); see `converge`.
+        let sampling = self.vm.qmp().calc_dirty_rate(1, Some(4096)).await.is_ok();
+        let disk = self.send_disk_live(&session, &base).await?;
+
+        // Memory and devices: QEMU migrates into our socket.
+        self.progress.set_stage("memory");
+        let t_memory = Instant::now();
+        let conn = self.start_migration().await?;
+        let (digest, digest_rx) =
+            SourceDigest::start(self.c.config.verify_memory, &self.vm.spec().ram_path)?;
+        let hold = Arc::new(AtomicBool::new(false));
+        let reader = MigrationReader::new(
+            &session,
+            conn,
+            &self.progress,
+            &hold,
+            &self.id,
+            base_memory(&base)?,
+            digest_rx,
+        )?
+        .spawn();
+        let mut m = Moving {
+            session,
+            disk,
+            digest,
+            hold,
+            reader: Some(reader),
+            conv: Convergence::new(ConvergeConfig::default()),
+            t_memory,
+            sampling,
+        };
+        let switched = self.precopy(&mut m, duty).await?;
+        let raw_bytes = self.end_stream(&mut m, switched, duty).await?;
+        self.commit(&mut m, raw_bytes).await
+    }
+
+    /// `POST /v1/handoff/prepare` at the destination.
+    async fn offer(&mut self) -> Result<(), HandoffError> {
+        let c = &self.c;
+        let offer = HandoffOffer {
+            protocol: c.handoff_protocol(),
+            handoff_id: self.peer_hid(),
+            vm_id: self.id.clone(),
+            name: self.rec.name.clone(),
+            generation: self.rec.generation,
+            base_id: self.rec.base_id.clone(),
+            flavor: self.rec.flavor.clone(),
+            app: self.rec.app.clone(),
+            overlay: self.rec.overlay.clone(),
+            source: c
+                .config
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| c.config.name.clone()),
+        };
+        let t = Instant::now();
+        self.peer.prepare(&offer).await?;
+        self.phases.push(phase("prepare", t));
+        Ok(())
+    }
+
+    fn peer_hid(&self) -> String {
+        self.peer.hid().to_string()
+    }
+
+    /// The disk, live: what differs from the base; QEMU's dirty bitmap
+    /// records the writes from here on.
+    async fn send_disk_live(
+        &mut self,
+        session: &Session,
+        base: &cloudlet_base::BaseVm,
+    ) -> Result<DiskSync, HandoffError> {
+        self.progress.set_stage("disk");
+        let t = Instant::now();
+        self.vm
+            .qmp()
+            .add_dirty_bitmap("disk0", DIRTY_BITMAP)
+            .await?;
+        let mut disk = DiskSync::new(self.vm.spec().disk_path.clone(), base.disk_path());
+        disk.send_changes(&session.frames()?, None).await?;
+        self.phases.push(phase("disk", t));
+        Ok(disk)
+    }
+
+    /// QEMU migrates into a Unix socket of ours, paused before the
+    /// switchover (`pause-before-switchover`).
+    async fn start_migration(&mut self) -> Result<tokio::net::UnixStream, HandoffError> {
+        const CONNECT: Duration = Duration::from_secs(10);
+        let q = self.vm.qmp();
+        let sock = self.vm.spec().socket_dir().join("migrate-out.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock)?;
+        q.set_migration_capabilities(&[
+            ("x-ignore-shared", false),
+            ("pause-before-switchover", true),
+            // Our duty cycle (`throttle`) replaces QEMU's vCPU throttling.
+            ("auto-converge", false),
+            // MIGRATION events: the switchover starts when QEMU pauses, not
+            // at our next poll.
+            ("events", true),
+        ])
+        .await?;
+        // QEMU judges the link by what it wrote into our socket over the
+        // last 100 ms (pages equal to the base cost nothing on the link):
+        // the flow window keeps that close to the WAN's rate. We also switch
+        // over ourselves, after draining the link, as soon as the remainder
+        // fits our downtime target (raising this limit).
+        q.set_migration_parameters(&MigrationParameters {
+            max_bandwidth: Some(UNCAPPED),
+            downtime_limit: Some(HOLD_DOWNTIME_MS),
+            ..Default::default()
+        })
+        .await?;
+        q.migrate(&format!("unix:{}", sock.display())).await?;
+        let (conn, _) = tokio::time::timeout(CONNECT, listener.accept())
+            .await
+            .map_err(|_| HandoffError::QemuDidNotConnect(CONNECT))??;
+        let _ = std::fs::remove_file(&sock);
+        Ok(conn)
+    }
+}
