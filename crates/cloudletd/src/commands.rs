@@ -22,6 +22,7 @@ use crate::handoff::{HandoffError, ReceiveHandoffError};
 use crate::lifecycle::VmLifecycle;
 use crate::store::{NewVmRecord, VmRecord};
 use crate::synth::{app_info, synthesize, SynthRequest, Synthesized};
+use tracing::Instrument;
 
 /// A request body as the domain sees it (no framework type).
 pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>;
@@ -86,6 +87,13 @@ impl Daemon {
             cloudlet,
             arrivals: Arc::default(),
         }
+    }
+
+    /// The span of a call about an arriving VM: its handoff id and VM id
+    /// on every line logged under it.
+    fn destination_span(&self, hid: &str) -> tracing::Span {
+        let vm_id = self.arrivals.vm_id(hid).unwrap_or_default();
+        tracing::info_span!("handoff", side = "destination", vm_id = %vm_id, handoff_id = %hid)
     }
 }
 
@@ -350,7 +358,10 @@ impl CloudletOps for Daemon {
         &self,
         offer: cloudlet_api::HandoffOffer,
     ) -> Result<cloudlet_api::HandoffPrepared, ReceiveHandoffError> {
-        destination::prepare_incoming(&self.cloudlet, &self.arrivals, offer).await
+        let span = tracing::info_span!("handoff", side = "destination", vm_id = %offer.vm_id, handoff_id = %offer.handoff_id);
+        destination::prepare_incoming(&self.cloudlet, &self.arrivals, offer)
+            .instrument(span)
+            .await
     }
 
     async fn receive_stream(
@@ -358,14 +369,18 @@ impl CloudletOps for Daemon {
         hid: &str,
         body: ByteStream,
     ) -> Result<cloudlet_api::HandoffLoaded, ReceiveHandoffError> {
-        destination::receive_stream(&self.cloudlet, &self.arrivals, hid, body).await
+        destination::receive_stream(&self.cloudlet, &self.arrivals, hid, body)
+            .instrument(self.destination_span(hid))
+            .await
     }
 
     async fn commit_incoming(
         &self,
         hid: &str,
     ) -> Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError> {
-        destination::commit_incoming(&self.cloudlet, &self.arrivals, hid).await
+        destination::commit_incoming(&self.cloudlet, &self.arrivals, hid)
+            .instrument(self.destination_span(hid))
+            .await
     }
 
     async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {

@@ -20,6 +20,7 @@ pub mod handoff;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
+pub mod retry;
 pub mod spares;
 pub mod store;
 pub mod synth;

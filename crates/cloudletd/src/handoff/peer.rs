@@ -14,6 +14,7 @@ use futures::Stream;
 use serde::de::DeserializeOwned;
 
 use super::HandoffError;
+use crate::retry::Backoff;
 
 /// How long the source keeps asking for the answer to its commit when
 /// none comes (the destination may be restarting): a definite answer may
@@ -151,7 +152,11 @@ impl Peer {
     /// the outcome is [`HandoffError::CommitUnknown`], never a refusal.
     pub async fn commit(&self) -> Result<HandoffCommitted, HandoffError> {
         let deadline = Instant::now() + COMMIT_ANSWER_DEADLINE;
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_millis(3200),
+            None,
+        );
         loop {
             let unknown = match self.commit_once().await {
                 Ok(done) => return Ok(done),
@@ -166,11 +171,10 @@ impl Peer {
             }
             tracing::warn!(
                 handoff = %self.hid,
-                attempt,
+                attempt = backoff.done,
                 "no definite answer to the commit yet: {unknown}"
             );
-            tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await;
-            attempt += 1;
+            backoff.wait().await;
         }
     }
 
@@ -197,7 +201,9 @@ impl Peer {
     /// link may be down; it also gives up on its own).
     pub fn abort_in_background(self) {
         tokio::spawn(async move {
-            for attempt in 0..6u32 {
+            let mut backoff =
+                Backoff::new(Duration::from_secs(1), Duration::from_secs(32), Some(6));
+            loop {
                 let sent = http_client()
                     .post(format!("{}/v1/handoff/{}/abort", self.url, self.hid))
                     .bearer_auth(&self.token)
@@ -209,7 +215,8 @@ impl Peer {
                     Ok(resp) if resp.status().is_success() || resp.status().is_client_error() => {
                         return
                     }
-                    _ => tokio::time::sleep(Duration::from_secs(1 << attempt)).await,
+                    _ if backoff.wait().await => {}
+                    _ => return,
                 }
             }
         });

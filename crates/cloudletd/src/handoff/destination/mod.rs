@@ -165,6 +165,11 @@ impl Arrivals {
             .ok_or_else(|| ReceiveHandoffError::UnknownHandoff(hid.into()))
     }
 
+    /// The VM an arrival brings.
+    pub fn vm_id(&self, hid: &str) -> Option<String> {
+        self.map().get(hid).map(|i| i.vm_id.clone())
+    }
+
     fn stage(&self, hid: &str) -> Result<Stage, ReceiveHandoffError> {
         self.map()
             .get(hid)

@@ -107,7 +107,10 @@ fn write_pages(
     w: &mut Written,
 ) -> Result<(), ReceiveHandoffError> {
     let end = offset.checked_add(data.len() as u64);
-    if !offset.is_multiple_of(memcheck::PAGE as u64) || data.is_empty() || end.is_none_or(|e| e > ram_len) {
+    if !offset.is_multiple_of(memcheck::PAGE as u64)
+        || data.is_empty()
+        || end.is_none_or(|e| e > ram_len)
+    {
         return Err(ReceiveHandoffError::RepairOutside {
             offset,
             len: data.len(),

@@ -52,13 +52,7 @@ impl SourceDigest {
     pub(super) fn start(
         verify: bool,
         ram_path: &std::path::Path,
-    ) -> Result<
-        (
-            Self,
-            Option<DigestRx>,
-        ),
-        HandoffError,
-    > {
+    ) -> Result<(Self, Option<DigestRx>), HandoffError> {
         let ram = if verify {
             Some(Arc::new(RamFile::open(ram_path)?))
         } else {
