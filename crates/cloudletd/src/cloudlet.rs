@@ -15,11 +15,11 @@ use cloudlet_base::{BaseStore, BaseVm};
 use cloudlet_qemu::{PortForward, Vm, VmExit};
 
 use crate::config::CloudletConfig;
-use crate::fetch::{FetchOverlayError, OverlaySource};
 use crate::handoff::ReceiveHandoffError;
 use crate::lifecycle::VmLifecycle;
 use crate::metrics::Metrics;
 use crate::store::{NewVmRecord, Store, StoreError, VmRecord};
+use crate::synth::fetch::{FetchOverlayError, OverlaySource};
 use crate::synth::{
     app_info, synthesize, SynthProgress, SynthRequest, SynthesizeError, Synthesized, VmPaths,
 };
@@ -142,7 +142,7 @@ pub struct Cloudlet {
     /// Handoffs arriving here, by handoff id.
     pub(crate) incoming: Mutex<HashMap<String, crate::handoff::Incoming>>,
     /// Ready copies of the base disks, for early-start synthesis.
-    pub(crate) spares: Arc<crate::spares::Spares>,
+    pub(crate) spares: Arc<crate::synth::spares::Spares>,
 }
 
 fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
@@ -182,7 +182,7 @@ impl Cloudlet {
             metrics: Metrics::default(),
             accel,
             incoming: Mutex::new(HashMap::new()),
-            spares: Arc::new(crate::spares::Spares::new(&home)),
+            spares: Arc::new(crate::synth::spares::Spares::new(&home)),
         });
         c.recover().await?;
         // Keep the bases in the page cache: synthesis copies its base in

@@ -18,8 +18,8 @@ use tokio::io::AsyncWriteExt;
 use utoipa::OpenApi;
 
 use crate::cloudlet::{BaseOpError, CloudletOps, CreateVmError, VmOpError};
-use crate::fetch::{FetchOverlayError, OverlaySource};
 use crate::handoff::{HandoffError, ReceiveHandoffError};
+use crate::synth::fetch::{FetchOverlayError, OverlaySource};
 
 /// Shared state of the HTTP layer.
 pub struct AppState<C> {

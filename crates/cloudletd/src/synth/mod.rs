@@ -19,8 +19,12 @@ use cloudlet_overlay::{Applier, ApplyConfig, ApplyOverlayError, LaunchPlan, Mani
 use cloudlet_qemu::postcopy::PostcopyStats;
 use cloudlet_qemu::{AgentError, DiskFormat, PortForward, RestoreVmError, Vm, VmSpec};
 
-use crate::early::synthesize_early;
-use crate::fetch::{FetchOverlayError, OverlaySource};
+pub mod early;
+pub mod fetch;
+pub mod spares;
+
+use self::early::synthesize_early;
+use self::fetch::{FetchOverlayError, OverlaySource};
 
 /// Segments in flight between the fetch task and the apply thread.
 const PIPELINE_DEPTH: usize = 8;
@@ -131,7 +135,7 @@ pub struct SynthRequest<'a> {
     pub ports: Vec<PortForward>,
     pub app: &'a AppInfo,
     /// Ready copies of the base disks (early start takes one if there is).
-    pub spares: Option<&'a crate::spares::Spares>,
+    pub spares: Option<&'a spares::Spares>,
 }
 
 /// A synthesized VM. With early start, `tail` still streams memory into the

@@ -37,7 +37,7 @@ use cloudlet_overlay::{Applier, ApplyConfig, ApplyOverlayError, LaunchPlan};
 use cloudlet_qemu::postcopy::{self, PageSource, PostcopyProgress, SavedState, PAGE};
 use cloudlet_qemu::Vm;
 
-use crate::fetch::{FetchConfig, FetchOverlayError, SegmentFetcher};
+use crate::synth::fetch::{FetchConfig, FetchOverlayError, SegmentFetcher};
 use crate::synth::{
     app_ready, stage, vm_spec, EarlyStats, SynthProgress, SynthRequest, SynthesizeError,
     Synthesized,
@@ -88,7 +88,7 @@ impl Applied {
 struct EarlyPages {
     plan: Arc<LaunchPlan>,
     st: Arc<Applied>,
-    demand: crate::fetch::DemandHandle,
+    demand: crate::synth::fetch::DemandHandle,
 }
 
 impl PageSource for EarlyPages {
@@ -120,7 +120,7 @@ impl PageSource for EarlyPages {
 struct EarlyDisk {
     plan: Arc<LaunchPlan>,
     st: Arc<Applied>,
-    demand: crate::fetch::DemandHandle,
+    demand: crate::synth::fetch::DemandHandle,
 }
 
 impl EarlyDisk {
