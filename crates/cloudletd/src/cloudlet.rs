@@ -12,10 +12,10 @@ use cloudlet_base::{BaseStore, BaseVm};
 use cloudlet_qemu::{PortForward, Vm, VmExit};
 
 use crate::config::CloudletConfig;
-use crate::fetch::FetchOverlayError;
 use crate::lifecycle::VmLifecycle;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, VmRecord};
+use crate::synth::fetch::FetchOverlayError;
 use crate::synth::{SynthProgress, SynthesizeError, VmPaths};
 
 /// Why a VM could not be created.
@@ -88,7 +88,7 @@ pub struct Cloudlet {
     pub metrics: Metrics,
     pub(crate) accel: String,
     /// Ready copies of the base disks, for early-start synthesis.
-    pub(crate) spares: Arc<crate::spares::Spares>,
+    pub(crate) spares: Arc<crate::synth::spares::Spares>,
 }
 
 pub(crate) fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
@@ -127,7 +127,7 @@ impl Cloudlet {
             vms: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             accel,
-            spares: Arc::new(crate::spares::Spares::new(&home)),
+            spares: Arc::new(crate::synth::spares::Spares::new(&home)),
         });
         c.recover().await?;
         // Keep the bases in the page cache: synthesis copies its base in

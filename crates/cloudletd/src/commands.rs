@@ -16,11 +16,11 @@ use crate::cloudlet::{
     base_info, holds_resources, key_of, kill_pid, qemu_alive, valid_name, BaseOpError, Cloudlet,
     CreateVmError, Entry, VmOpError,
 };
-use crate::fetch::OverlaySource;
 use crate::handoff::destination::{self, Arrivals};
 use crate::handoff::{HandoffError, ReceiveHandoffError};
 use crate::lifecycle::VmLifecycle;
 use crate::store::{NewVmRecord, VmRecord};
+use crate::synth::fetch::OverlaySource;
 use crate::synth::{app_info, synthesize, SynthRequest, Synthesized};
 use tracing::Instrument;
 

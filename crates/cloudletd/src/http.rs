@@ -19,8 +19,8 @@ use utoipa::OpenApi;
 
 use crate::cloudlet::{BaseOpError, CreateVmError, VmOpError};
 use crate::commands::CloudletOps;
-use crate::fetch::{FetchOverlayError, OverlaySource};
 use crate::handoff::{HandoffError, ReceiveHandoffError};
+use crate::synth::fetch::{FetchOverlayError, OverlaySource};
 
 /// Shared state of the HTTP layer.
 pub struct AppState<C> {

@@ -5,8 +5,8 @@
 //! - [`lifecycle`]: which VM state may follow which (every change goes
 //!   through it);
 //! - [`cloudlet`]: the domain: VM registry, capacity, synthesis, recovery;
-//! - [`synth`], [`early`] and [`fetch`]: the synthesis pipeline (early
-//!   start: the VM resumes while its memory still arrives);
+//! - [`synth`]: the synthesis pipeline, overlay -> running VM (full, or
+//!   early start: the VM resumes while its memory still arrives);
 //! - [`http`]: the REST API and its OpenAPI document;
 //! - [`handoff`] and [`throttle`]: live handoff to another cloudlet;
 //! - [`metrics`]: Prometheus metrics.
@@ -14,14 +14,11 @@
 pub mod cloudlet;
 pub mod commands;
 pub mod config;
-pub mod early;
-pub mod fetch;
 pub mod handoff;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod retry;
-pub mod spares;
 pub mod store;
 pub mod synth;
 pub mod throttle;

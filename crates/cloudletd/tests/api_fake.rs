@@ -68,7 +68,7 @@ impl CloudletOps for Fake {
     async fn create_vm(
         &self,
         _req: CreateVmRequest,
-        _source: cloudletd::fetch::OverlaySource,
+        _source: cloudletd::synth::fetch::OverlaySource,
     ) -> Result<VmInfo, CreateVmError> {
         Err(CreateVmError::OverCapacity {
             detail: "full".into(),

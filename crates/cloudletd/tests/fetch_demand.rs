@@ -14,7 +14,9 @@ use common::{partial_content_head, read_range_request, RangeRequest};
 
 use cloudlet_overlay::{create_overlay, CreateConfig, LaunchPlan, Manifest};
 use cloudlet_registry::{RegistryConfig, RegistryState, StorageLocation};
-use cloudletd::fetch::{file_order, FetchConfig, FetchOverlayError, OverlaySource, SegmentFetcher};
+use cloudletd::synth::fetch::{
+    file_order, FetchConfig, FetchOverlayError, OverlaySource, SegmentFetcher,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::AsyncWriteExt;

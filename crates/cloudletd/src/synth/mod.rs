@@ -1,29 +1,48 @@
-//! VM synthesis: overlay -> running VM, pipelined so that the network, the
-//! CPU and the disk work at the same time.
+//! VM synthesis: an overlay becomes a running VM.
+//!
+//! [`synthesize`] takes one of two ways:
 //!
 //! ```text
-//!  fetch task ──segments──> bounded channel ──> apply thread (decode, verify, write)
-//!       (HTTP range stream)                      ▲ Applier::new copies the base
-//!                                                 │ while the first segments arrive
-//!  then: device state -> QEMU -incoming -> resume -> identity -> app answers
+//!            ┌─ full ─── fetch -> apply (all) -> restore from the device state ──────┐
+//!  request ──┤                                                                       ├─> identity, clock -> app answers
+//!            └─ early ── fetch -> apply (device state, base copy) -> QEMU -incoming ─┘   (early: memory, disk still
+//!                        RUN; memory by postcopy, disk by NBD, gated on what is applied)    streaming in: the "tail")
 //! ```
+//!
+//! - [`full`]: the whole overlay is applied, then the VM is restored; the
+//!   fetch and the apply run at the same time.
+//! - [`early`] (early start, when the overlay and the VM directory allow
+//!   it): the guest resumes once its device state and the base copy are
+//!   there; its memory and disk stream in behind it.
+//! - [`fetch`]: reading the overlay (HTTP range requests or an uploaded
+//!   file), segments in any order, single segments on demand.
+//! - [`spares`]: a ready copy of each base disk, which early start takes
+//!   instead of copying the base while the user waits.
+//!
+//! This module holds what both ways share: the request ([`SynthRequest`]),
+//! the VM's files ([`VmPaths`]), live progress ([`SynthProgress`]), the
+//! stages ([`stage`], [`STAGE_STREAMING`]), the guest's identity and app
+//! check ([`app_ready`]) and the errors. `full` and `early` depend on it and
+//! on `fetch`, never on each other.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudlet_api::{AppInfo, StageTiming};
 use cloudlet_base::BaseVm;
-use cloudlet_overlay::{Applier, ApplyConfig, ApplyOverlayError, LaunchPlan, Manifest};
+use cloudlet_overlay::{ApplyOverlayError, LaunchPlan, Manifest};
 use cloudlet_qemu::postcopy::PostcopyStats;
 use cloudlet_qemu::{AgentError, DiskFormat, PortForward, RestoreVmError, Vm, VmSpec};
 
-use crate::early::synthesize_early;
-use crate::fetch::{FetchOverlayError, OverlaySource};
+pub mod early;
+pub mod fetch;
+pub mod full;
+pub mod spares;
 
-/// Segments in flight between the fetch task and the apply thread.
-const PIPELINE_DEPTH: usize = 8;
+use self::early::synthesize_early;
+use self::fetch::{FetchOverlayError, OverlaySource};
+use self::full::synthesize_full;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SynthesizeError {
@@ -113,6 +132,11 @@ impl VmPaths {
     pub fn run_dir(&self) -> PathBuf {
         self.run.join("run")
     }
+    /// Creates this VM's directories.
+    pub(crate) fn create(&self) -> Result<(), SynthesizeError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| io_error(&self.dir, e))?;
+        std::fs::create_dir_all(&self.run).map_err(|e| io_error(&self.run, e))
+    }
     /// Remove every file of this VM.
     pub fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -131,7 +155,7 @@ pub struct SynthRequest<'a> {
     pub ports: Vec<PortForward>,
     pub app: &'a AppInfo,
     /// Ready copies of the base disks (early start takes one if there is).
-    pub spares: Option<&'a crate::spares::Spares>,
+    pub spares: Option<&'a spares::Spares>,
 }
 
 /// A synthesized VM. With early start, `tail` still streams memory into the
@@ -189,126 +213,6 @@ fn on_tmpfs(dir: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC }
 }
 
-/// Synthesis that applies the whole overlay before the VM resumes.
-async fn synthesize_full(
-    req: SynthRequest<'_>,
-    progress: &SynthProgress,
-) -> Result<(Vm, Vec<StageTiming>), SynthesizeError> {
-    let mut timings = Vec::new();
-    let start = Instant::now();
-    let io = |path: &Path, e: std::io::Error| SynthesizeError::Io {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    std::fs::create_dir_all(&req.paths.dir).map_err(|e| io(&req.paths.dir, e))?;
-    std::fs::create_dir_all(&req.paths.run).map_err(|e| io(&req.paths.run, e))?;
-
-    // Fetch -> apply, overlapped.
-    progress.set_stage("fetching");
-    let manifest = req.manifest;
-    let data_offset = manifest.data_offset;
-    let segments: Vec<(u64, u64)> = manifest
-        .segments
-        .iter()
-        .map(|s| (s.offset, s.stored_len))
-        .collect();
-    progress
-        .segments_total
-        .store(segments.len() as u32, Ordering::Relaxed);
-    progress.bytes_total.store(req.file_len, Ordering::Relaxed);
-    progress.bytes_fetched.store(data_offset, Ordering::Relaxed);
-    let mut config = ApplyConfig::new(
-        req.base.disk_path(),
-        req.base.memory_path(),
-        req.paths.disk(),
-        req.paths.ram(),
-    );
-    // Every payload chunk, every base reference and every segment is checked
-    // against its hash as it is applied, and the base was matched by its
-    // content id (checked when it was built or imported): the extra pass that
-    // rehashes the whole launch state (about 1 s for a 512 MiB VM) proves
-    // nothing more here.
-    config.verify_launch_state = false;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u32, Vec<u8>)>(PIPELINE_DEPTH);
-    let mut stream = req.source.segments(data_offset, req.file_len).await?;
-    let fetch = async move {
-        let mut pos = 0u64;
-        for (i, (off, len)) in segments.iter().enumerate() {
-            if *off > pos {
-                stream.read_exact(off - pos).await?; // gap: not expected, skipped
-            }
-            let bytes = stream.read_exact(*len).await?;
-            pos = off + len;
-            if tx.send((i as u32, bytes)).await.is_err() {
-                break; // the apply side failed; its error wins
-            }
-        }
-        Ok::<_, FetchOverlayError>(())
-    };
-    let shared = Arc::new((AtomicU64::new(data_offset), AtomicU32::new(0)));
-    let shared2 = shared.clone();
-    let apply = tokio::task::spawn_blocking(move || {
-        let applier = Applier::new(manifest, &config)?;
-        while let Some((i, bytes)) = rx.blocking_recv() {
-            shared2.0.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            applier.apply_segment(i, &bytes)?;
-            shared2.1.fetch_add(1, Ordering::Relaxed);
-        }
-        applier.finish()
-    });
-    let watcher = async {
-        loop {
-            progress
-                .bytes_fetched
-                .store(shared.0.load(Ordering::Relaxed), Ordering::Relaxed);
-            let n = shared.1.load(Ordering::Relaxed);
-            progress.segments_applied.store(n, Ordering::Relaxed);
-            if n > 0 {
-                progress.set_stage("applying");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let (fetched, applied) = tokio::select! {
-        r = async { tokio::join!(fetch, apply) } => r,
-        _ = watcher => unreachable!("the watcher never ends"),
-    };
-    progress
-        .bytes_fetched
-        .store(shared.0.load(Ordering::Relaxed), Ordering::Relaxed);
-    progress
-        .segments_applied
-        .store(shared.1.load(Ordering::Relaxed), Ordering::Relaxed);
-    let applied = applied.map_err(|_| SynthesizeError::Cancelled)?;
-    // An apply error explains a fetch that stopped early; report it first.
-    let output = match (applied, fetched) {
-        (Err(ApplyOverlayError::MissingSegments { .. }), Err(f)) => return Err(f.into()),
-        (Err(e), _) => return Err(e.into()),
-        (Ok(_), Err(e)) => return Err(e.into()),
-        (Ok(o), Ok(())) => o,
-    };
-    timings.push(stage("fetch_apply", start));
-    std::fs::write(req.paths.state(), &output.device_state)
-        .map_err(|e| io(&req.paths.state(), e))?;
-
-    // Restore and hand the guest its identity.
-    progress.set_stage("restoring");
-    let t = Instant::now();
-    let vm = Vm::restore(
-        vm_spec(req.vm_id, req.base, req.paths, req.ports.clone()),
-        &req.paths.state(),
-    )
-    .await?;
-    timings.push(stage("restore", t));
-    if let Err(e) = app_ready(&vm, (req.vm_id, req.name, req.app), &mut timings).await {
-        vm.kill().await;
-        return Err(e);
-    }
-    timings.push(stage("total", start));
-    progress.set_stage("ready");
-    Ok((vm, timings))
-}
-
 /// The new VM's QEMU spec: the base's machine on this VM's files.
 pub(crate) fn vm_spec(
     vm_id: &str,
@@ -357,6 +261,15 @@ pub(crate) async fn app_ready(
     Ok(())
 }
 
+/// [`SynthesizeError::Io`] for `path`.
+pub(crate) fn io_error(path: &Path, e: std::io::Error) -> SynthesizeError {
+    SynthesizeError::Io {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+/// The timing of stage `name`, begun at `since`.
 pub(crate) fn stage(name: &str, since: Instant) -> StageTiming {
     StageTiming {
         stage: name.into(),
