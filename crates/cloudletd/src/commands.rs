@@ -1,5 +1,5 @@
 //! Domain commands: what the REST API may ask ([`CloudletOps`]), carried
-//! out on the cloudlet's core ([`crate::cloudlet`]), its synthesis
+//! out on the cloudlet's core ([`crate::core`]), its synthesis
 //! ([`crate::synth`]) and its handoffs ([`crate::handoff`]). The flow is one
 //! way: `api` -> `commands` -> core, synthesis, handoff -> QEMU.
 
@@ -12,14 +12,15 @@ use cloudlet_api::{
     AppInfo, BaseVmInfo, CloudletInfo, CreateVmRequest, Resources, VmInfo, VmState,
 };
 
-use crate::cloudlet::{
-    base_info, holds_resources, key_of, kill_pid, qemu_alive, valid_name, BaseOpError, Cloudlet,
-    CreateVmError, Entry, VmOpError,
+use crate::core::cloudlet::{
+    base_info, holds_resources, key_of, valid_name, BaseOpError, Cloudlet, CreateVmError, Entry,
+    VmOpError,
 };
+use crate::core::lifecycle::VmLifecycle;
+use crate::core::store::{NewVmRecord, VmRecord};
+use crate::core::{kill_pid, qemu_alive};
 use crate::handoff::destination::{self, Arrivals};
 use crate::handoff::{HandoffError, ReceiveHandoffError};
-use crate::lifecycle::VmLifecycle;
-use crate::store::{NewVmRecord, VmRecord};
 use crate::synth::fetch::OverlaySource;
 use crate::synth::{app_info, synthesize, SynthRequest, Synthesized};
 use tracing::Instrument;

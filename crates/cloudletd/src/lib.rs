@@ -1,31 +1,33 @@
 //! `cloudletd`, the daemon of one cloudlet.
 //!
+//! The flow is one way: [`api`] (REST) -> [`commands`] (the domain's
+//! narrow trait, [`CloudletOps`]) -> [`core`], [`synth`], [`handoff`] ->
+//! QEMU (`cloudlet_qemu`, the only place that speaks QMP).
+//!
 //! - [`config`]: what an operator sets (TOML, embedded defaults);
-//! - [`store`]: VM records in an embedded database, written atomically;
-//! - [`lifecycle`]: which VM state may follow which (every change goes
-//!   through it);
-//! - [`cloudlet`]: the domain: VM registry, capacity, synthesis, recovery;
+//! - [`core`]: the VM registry and capacity, the lifecycle (every state
+//!   change goes through it), the store (records written atomically),
+//!   recovery after a restart;
+//! - [`commands`]: what the API may ask, carried out;
 //! - [`synth`]: the synthesis pipeline, overlay -> running VM (full, or
 //!   early start: the VM resumes while its memory still arrives);
-//! - [`http`]: the REST API and its OpenAPI document;
+//! - [`api`]: the REST API and its OpenAPI document;
 //! - [`handoff`] and [`throttle`]: live handoff to another cloudlet;
 //! - [`metrics`]: Prometheus metrics.
 
-pub mod cloudlet;
+pub mod api;
 pub mod commands;
 pub mod config;
+pub mod core;
 pub mod handoff;
-pub mod http;
-pub mod lifecycle;
 pub mod metrics;
 pub mod retry;
-pub mod store;
 pub mod synth;
 pub mod throttle;
 
 use std::sync::Arc;
 
-pub use cloudlet::Cloudlet;
+pub use self::core::cloudlet::Cloudlet;
 pub use commands::{CloudletOps, Daemon};
 pub use config::CloudletConfig;
 
@@ -50,7 +52,7 @@ pub async fn serve(
     cloudlet: Arc<Cloudlet>,
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
-    let state = Arc::new(http::AppState {
+    let state = Arc::new(api::AppState {
         tokens: cloudlet.config.tokens.clone(),
         spool: cloudlet.config.home.join("spool"),
         http: reqwest::Client::builder()
@@ -66,6 +68,6 @@ pub async fn serve(
             tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
         }
     });
-    axum::serve(listener, http::router(state)).await?;
+    axum::serve(listener, api::router(state)).await?;
     Ok(())
 }

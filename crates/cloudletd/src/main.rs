@@ -41,7 +41,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.openapi {
-        println!("{}", cloudletd::http::openapi_json());
+        println!("{}", cloudletd::api::openapi_json());
         return Ok(());
     }
     tracing_subscriber::fmt()

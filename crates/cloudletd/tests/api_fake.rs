@@ -10,8 +10,8 @@ use cloudlet_api::{
     HandoffLoaded, HandoffOffer, HandoffPrepared, HandoffReport, HandoffRequest, VmInfo, VmState,
 };
 use cloudlet_handoff::memcheck::DiffReport;
-use cloudletd::cloudlet::{BaseOpError, CreateVmError, VmOpError};
 use cloudletd::commands::ByteStream;
+use cloudletd::core::cloudlet::{BaseOpError, CreateVmError, VmOpError};
 use cloudletd::handoff::{HandoffError, ReceiveHandoffError};
 use cloudletd::CloudletOps;
 use futures::StreamExt;
@@ -152,7 +152,7 @@ impl CloudletOps for Fake {
 
 async fn serve() -> String {
     let spool = tempfile::tempdir().expect("tempdir").keep();
-    let state = Arc::new(cloudletd::http::AppState {
+    let state = Arc::new(cloudletd::api::AppState {
         ops: Fake,
         tokens: vec![TOKEN.into()],
         http: reqwest::Client::new(),
@@ -162,7 +162,7 @@ async fn serve() -> String {
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, cloudletd::http::router(state)).await });
+    tokio::spawn(async move { axum::serve(listener, cloudletd::api::router(state)).await });
     url
 }
 

@@ -4,7 +4,7 @@
 fn docs_openapi_json_matches_the_code() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
     let kept = std::fs::read_to_string(path).expect("docs/openapi.json exists");
-    let served = cloudletd::http::openapi_json();
+    let served = cloudletd::api::openapi_json();
     assert!(
         kept.trim() == served.trim(),
         "docs/openapi.json is out of date: run `make openapi` and commit it"

@@ -80,7 +80,7 @@ pub enum HandoffError {
     #[error("Handoff timed out after {0:?}")]
     Timeout(Duration),
     #[error("State store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::core::store::StoreError),
 }
 
 /// Why a call of the destination's side (`/v1/handoff/...`) failed.
@@ -113,7 +113,7 @@ pub enum ReceiveHandoffError {
     #[error("The VM was not resumed here: {0}")]
     NotCommitted(String),
     #[error("Cannot create VM: {0}")]
-    Create(#[from] crate::cloudlet::CreateVmError),
+    Create(#[from] crate::core::cloudlet::CreateVmError),
     #[error("Cannot start QEMU: {0}")]
     Start(#[from] cloudlet_qemu::StartVmError),
     #[error("QEMU: {0}")]
@@ -156,5 +156,5 @@ pub enum ReceiveHandoffError {
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("State store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::core::store::StoreError),
 }

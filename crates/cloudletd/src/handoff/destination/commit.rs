@@ -14,7 +14,7 @@ use cloudlet_api::{HandoffCommitted, VmState};
 use cloudlet_qemu::Vm;
 
 use super::{Arrivals, Stage, COMMIT_WAITS_FOR_LOAD};
-use crate::cloudlet::{Cloudlet, Entry};
+use crate::core::cloudlet::{Cloudlet, Entry};
 use crate::handoff::{mark, mark_at, ReceiveHandoffError};
 
 /// Destination: `POST /v1/handoff/{id}/commit`.

@@ -40,8 +40,8 @@ pub use prepare::prepare_incoming;
 pub use receive::receive_stream;
 
 use super::ReceiveHandoffError;
-use crate::cloudlet::Cloudlet;
-use crate::store::VmRecord;
+use crate::core::cloudlet::Cloudlet;
+use crate::core::store::VmRecord;
 use crate::synth::VmPaths;
 
 /// How long a destination waits for the next bytes of a session.

@@ -10,10 +10,10 @@ use cloudlet_qemu::{DiskFormat, Vm};
 use tokio::sync::watch;
 
 use super::{forget_arrival, Arrivals, Incoming, Stage};
-use crate::cloudlet::Cloudlet;
+use crate::core::cloudlet::Cloudlet;
+use crate::core::lifecycle::VmLifecycle;
+use crate::core::store::{NewVmRecord, VmRecord};
 use crate::handoff::ReceiveHandoffError;
-use crate::lifecycle::VmLifecycle;
-use crate::store::{NewVmRecord, VmRecord};
 use crate::synth::VmPaths;
 
 /// Destination: `POST /v1/handoff/prepare`.
@@ -41,7 +41,7 @@ pub async fn prepare_incoming(
         .flavor(&offer.flavor)
         .or_else(|| c.config.flavor(&c.config.default_flavor))
         .cloned()
-        .ok_or_else(|| crate::cloudlet::CreateVmError::UnknownFlavor(offer.flavor.clone()))?;
+        .ok_or_else(|| crate::core::cloudlet::CreateVmError::UnknownFlavor(offer.flavor.clone()))?;
     let paths = c.paths(&offer.vm_id);
     let rec = VmRecord::new(NewVmRecord {
         id: offer.vm_id.clone(),

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 
 use super::verify::{load_and_digest, socket_unread, verdict, SourceDigest, StopDigestOnDrop};
 use super::{Arrivals, Stage, STREAM_IDLE_TIMEOUT};
-use crate::cloudlet::Cloudlet;
+use crate::core::cloudlet::Cloudlet;
 use crate::handoff::{base_memory, drop_later, mark, AbortOnDrop, ReceiveHandoffError};
 
 /// The RAM block of the guest's memory (the RAM file) in QEMU's stream.

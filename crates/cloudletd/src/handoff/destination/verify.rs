@@ -14,7 +14,7 @@ use cloudlet_qemu::{QmpEvent, Vm};
 use tokio::sync::broadcast;
 
 use super::Stage;
-use crate::cloudlet::Cloudlet;
+use crate::core::cloudlet::Cloudlet;
 use crate::handoff::events::wait_migration_done;
 use crate::handoff::{digest_name, mark, read_full, ReceiveHandoffError};
 

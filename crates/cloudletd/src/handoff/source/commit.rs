@@ -80,7 +80,7 @@ impl Source {
 
     /// The move did not happen (a definite refusal): the VM is ours again,
     /// at the generation it had (in memory; the caller stores it).
-    fn unrecord_moved(&self) -> Option<crate::store::VmRecord> {
+    fn unrecord_moved(&self) -> Option<crate::core::store::VmRecord> {
         self.c.update(&self.id, |e| {
             if e.record.state == VmState::Moved {
                 e.record.set_state_or_log(VmState::HandingOff);

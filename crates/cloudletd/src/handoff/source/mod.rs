@@ -40,9 +40,9 @@ use self::flow::Session;
 use self::stream::{MigrationReader, SourceDigest};
 use super::peer::Peer;
 use super::{base_memory, phase, HandoffError};
-use crate::cloudlet::Cloudlet;
-use crate::lifecycle::VmLifecycle;
-use crate::store::VmRecord;
+use crate::core::cloudlet::Cloudlet;
+use crate::core::lifecycle::VmLifecycle;
+use crate::core::store::VmRecord;
 use crate::synth::{SynthProgress, STAGE_STREAMING};
 use crate::throttle::DutyCycle;
 
@@ -160,7 +160,7 @@ async fn wait_until_streamed(
     loop {
         let streaming = {
             let m = c.registry();
-            crate::cloudlet::key_of(&m, id)
+            crate::core::cloudlet::key_of(&m, id)
                 .and_then(|k| m.get(&k))
                 .is_some_and(|e| e.progress.snapshot().stage == STAGE_STREAMING)
         };
@@ -181,7 +181,8 @@ fn claim(
     id: &str,
 ) -> Result<(String, Arc<Vm>, VmRecord, Arc<SynthProgress>), HandoffError> {
     let mut m = c.registry();
-    let key = crate::cloudlet::key_of(&m, id).ok_or_else(|| HandoffError::NotFound(id.into()))?;
+    let key =
+        crate::core::cloudlet::key_of(&m, id).ok_or_else(|| HandoffError::NotFound(id.into()))?;
     let e = m
         .get_mut(&key)
         .ok_or_else(|| HandoffError::NotFound(id.into()))?;

@@ -26,7 +26,7 @@
 
 use cloudlet_api::VmState;
 
-use crate::store::VmRecord;
+use crate::core::store::VmRecord;
 
 /// What a VM's state allows.
 pub trait VmLifecycle: Copy {
@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn set_state_refuses_what_the_diagram_does_not_show() {
         let mut r: VmRecord = serde_json::from_value(serde_json::json!({
-            "format": crate::store::RECORD_FORMAT, "id": "v", "name": "v", "state": "receiving",
+            "format": crate::core::store::RECORD_FORMAT, "id": "v", "name": "v", "state": "receiving",
             "generation": 2, "base_id": "b", "overlay": "o", "flavor": "small", "ports": [],
             "created_unix": 0, "progress": {"stage": "", "bytes_fetched": 0, "bytes_total": 0,
             "segments_applied": 0, "segments_total": 0}, "timings": [], "error": null,

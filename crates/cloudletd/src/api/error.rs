@@ -1,0 +1,178 @@
+//! The one map from domain errors to HTTP status codes and kinds.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cloudlet_api::ApiError;
+
+use crate::core::cloudlet::{BaseOpError, CreateVmError, VmOpError};
+use crate::handoff::{HandoffError, ReceiveHandoffError};
+use crate::synth::fetch::FetchOverlayError;
+
+/// Every error the API answers with: one place for status codes.
+#[derive(Debug)]
+pub struct ApiFailure {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    memory_differs: Option<cloudlet_api::MemoryDifference>,
+}
+
+impl ApiFailure {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            memory_differs: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let body = ApiError {
+            error: self.message,
+            kind: self.kind.into(),
+            memory_differs: self.memory_differs,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<CreateVmError> for ApiFailure {
+    fn from(e: CreateVmError) -> Self {
+        let (status, kind) = create_vm_status(&e);
+        ApiFailure::new(status, kind, crate::error_chain(&e))
+    }
+}
+
+fn create_vm_status(e: &CreateVmError) -> (StatusCode, &'static str) {
+    use CreateVmError as E;
+    {
+        match e {
+            E::UnknownFlavor(_) | E::BadName(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            E::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
+            E::Overlay(FetchOverlayError::Status { status: 404, .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "overlay_not_found")
+            }
+            E::Overlay(FetchOverlayError::Scheme { .. }) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            E::Overlay(FetchOverlayError::Connect { .. })
+            | E::Overlay(FetchOverlayError::Status { .. }) => {
+                (StatusCode::BAD_GATEWAY, "overlay_unreachable")
+            }
+            E::Overlay(_) | E::Metadata(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_overlay"),
+            E::BaseNotHeld { .. } => (StatusCode::CONFLICT, "base_not_held"),
+            E::FlavorTooSmall { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "flavor_too_small"),
+            E::OverCapacity { .. } | E::NoPorts(..) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "over_capacity")
+            }
+            E::Synthesis(s) => match s {
+                crate::synth::SynthesizeError::Apply(_)
+                | crate::synth::SynthesizeError::Fetch(FetchOverlayError::Format(_))
+                | crate::synth::SynthesizeError::Fetch(FetchOverlayError::Truncated { .. }) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "invalid_overlay")
+                }
+                crate::synth::SynthesizeError::Fetch(_) => {
+                    (StatusCode::BAD_GATEWAY, "overlay_unreachable")
+                }
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "synthesis_failed"),
+            },
+            E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+        }
+    }
+}
+
+impl From<VmOpError> for ApiFailure {
+    fn from(e: VmOpError) -> Self {
+        let (status, kind) = match &e {
+            VmOpError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            // Never 404 for a VM that exists but is busy (mid-handoff): a
+            // caller could conclude it may start it elsewhere.
+            VmOpError::Busy { .. } => (StatusCode::CONFLICT, "busy"),
+            VmOpError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+        };
+        ApiFailure::new(status, kind, crate::error_chain(&e))
+    }
+}
+
+impl From<BaseOpError> for ApiFailure {
+    fn from(e: BaseOpError) -> Self {
+        use cloudlet_base::BaseError as B;
+        let (status, kind) = match &e {
+            BaseOpError::Base(B::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
+            BaseOpError::InUse { .. } => (StatusCode::CONFLICT, "busy"),
+            BaseOpError::Archive(cloudlet_base::ArchiveError::Corrupt { .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_base")
+            }
+            BaseOpError::Archive(cloudlet_base::ArchiveError::Exists(_)) => {
+                (StatusCode::CONFLICT, "exists")
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "base_store"),
+        };
+        ApiFailure::new(status, kind, crate::error_chain(&e))
+    }
+}
+
+impl From<HandoffError> for ApiFailure {
+    fn from(e: HandoffError) -> Self {
+        use HandoffError as H;
+        let (status, kind) = match &e {
+            H::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            H::NotRunning { .. } | H::StillStarting(_) => (StatusCode::CONFLICT, "busy"),
+            H::NoToken(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            H::Refused { .. }
+            | H::Unreachable { .. }
+            | H::MemoryDiffers { .. }
+            | H::NotRepaired { .. }
+            | H::BadAnswer { .. }
+            | H::StoppedReading { .. } => (StatusCode::BAD_GATEWAY, "destination_failed"),
+            H::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            H::CommitUnknown { .. } => (StatusCode::GATEWAY_TIMEOUT, "commit_unknown"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
+        };
+        ApiFailure::new(status, kind, crate::error_chain(&e))
+    }
+}
+
+impl From<ReceiveHandoffError> for ApiFailure {
+    fn from(e: ReceiveHandoffError) -> Self {
+        use ReceiveHandoffError as R;
+        let (status, kind) = match &e {
+            R::BaseNotHeld(_) => (StatusCode::CONFLICT, "base_not_held"),
+            R::UnknownHandoff(_) => (StatusCode::NOT_FOUND, "not_found"),
+            R::Exists(_) => (StatusCode::CONFLICT, "exists"),
+            R::Protocol { .. } => (StatusCode::CONFLICT, "protocol_mismatch"),
+            R::StaleGeneration { .. } => (StatusCode::CONFLICT, "stale_generation"),
+            // Definite refusals of a commit (the source may resume its VM).
+            R::NotCommitted(_) => (StatusCode::CONFLICT, "not_committed"),
+            R::WrongStage { .. } => (StatusCode::CONFLICT, "wrong_stage"),
+            R::MemoryDiffers(report) => {
+                let mut f = ApiFailure::new(
+                    StatusCode::CONFLICT,
+                    "memory_differs",
+                    crate::error_chain(&e),
+                );
+                f.memory_differs = Some(crate::handoff::peer::memory_difference(report));
+                return f;
+            }
+            R::Create(c) => create_vm_status(c),
+            R::Session(_)
+            | R::Decode(_)
+            | R::Truncated
+            | R::MigrationIncomplete
+            | R::Idle(_)
+            | R::Body(_)
+            | R::UnexpectedFrame { .. }
+            | R::RepairOutside { .. }
+            | R::DigestChunk { .. }
+            | R::MemorySize { .. } => (StatusCode::BAD_REQUEST, "invalid_stream"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "handoff_failed"),
+        };
+        ApiFailure::new(status, kind, crate::error_chain(&e))
+    }
+}
+
+pub(crate) type ApiResult<T> = Result<T, ApiFailure>;

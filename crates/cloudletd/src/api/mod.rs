@@ -1,0 +1,169 @@
+//! The REST API: parse and validate, call [`CloudletOps`], map errors to
+//! status codes in one place ([`error::ApiFailure`]). Calls that change
+//! something need `Authorization: Bearer <token>`.
+//!
+//! - this module: the router, authentication, uploads spooled to files;
+//! - one module per resource: [`cloudlet`] (info, metrics), [`bases`],
+//!   [`vms`], [`handoff`] (cloudlet to cloudlet);
+//! - [`error`]: the one error -> status map; [`openapi`]: the document.
+
+pub mod bases;
+pub mod cloudlet;
+pub mod error;
+pub mod handoff;
+pub mod openapi;
+pub mod vms;
+
+pub use error::ApiFailure;
+use error::ApiResult;
+pub use openapi::{openapi_json, ApiDoc};
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::commands::CloudletOps;
+
+/// Shared state of the HTTP layer.
+pub struct AppState<C> {
+    pub ops: C,
+    pub tokens: Vec<String>,
+    pub http: reqwest::Client,
+    /// Where uploads are spooled.
+    pub spool: std::path::PathBuf,
+}
+
+pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
+    let protected = Router::new()
+        .route("/v1/base-vms", axum::routing::post(bases::import_base::<C>))
+        .route(
+            "/v1/base-vms/{name}",
+            axum::routing::delete(bases::delete_base::<C>),
+        )
+        .route("/v1/vms", axum::routing::post(vms::create_vm::<C>))
+        .route("/v1/vms/{id}", axum::routing::delete(vms::delete_vm::<C>))
+        .route(
+            "/v1/vms/{id}/handoff",
+            axum::routing::post(vms::handoff_vm::<C>),
+        )
+        .route(
+            "/v1/handoff/prepare",
+            axum::routing::post(handoff::handoff_prepare::<C>),
+        )
+        .route(
+            "/v1/handoff/{hid}/stream",
+            axum::routing::post(handoff::handoff_stream::<C>),
+        )
+        .route(
+            "/v1/handoff/{hid}/commit",
+            axum::routing::post(handoff::handoff_commit::<C>),
+        )
+        .route(
+            "/v1/handoff/{hid}/abort",
+            axum::routing::post(handoff::handoff_abort::<C>),
+        )
+        .route(
+            "/v1/handoff/{hid}",
+            axum::routing::get(handoff::handoff_arrival::<C>),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token::<C>,
+        ));
+    Router::new()
+        .route("/v1/cloudlet", get(cloudlet::cloudlet_info::<C>))
+        .route("/v1/base-vms", get(bases::list_bases::<C>))
+        .route("/v1/vms", get(vms::list_vms::<C>))
+        .route("/v1/vms/{id}", get(vms::get_vm::<C>))
+        .route("/metrics", get(cloudlet::metrics::<C>))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+        )
+        .route("/health", get(|| async { "ok" }))
+        .merge(protected)
+        .fallback(|| async {
+            ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint")
+        })
+        .with_state(state)
+}
+
+async fn require_token<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => ApiFailure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Missing bearer token",
+        )
+        .into_response(),
+        Some(t)
+            if st
+                .tokens
+                .iter()
+                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) =>
+        {
+            next.run(req).await
+        }
+        Some(_) => ApiFailure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Wrong bearer token",
+        )
+        .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Stream a request body into a new file under `dir`.
+pub(super) async fn spool(dir: &std::path::Path, body: Body) -> ApiResult<std::path::PathBuf> {
+    let io = |e: std::io::Error| {
+        ApiFailure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "spool",
+            format!("Cannot spool the upload: {e}"),
+        )
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    let path = dir.join(format!("upload-{}", hex::encode(rand::random::<[u8; 8]>())));
+    let mut f = tokio::fs::File::create(&path).await.map_err(io)?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(ApiFailure::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("Upload interrupted: {e}"),
+                ));
+            }
+        };
+        if let Err(e) = f.write_all(&chunk).await {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(io(e));
+        }
+    }
+    f.flush().await.map_err(io)?;
+    Ok(path)
+}

@@ -1,0 +1,112 @@
+//! VMs: `/v1/vms` (synthesis, delete) and `POST /v1/vms/{id}/handoff`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use cloudlet_api::{ApiError, CreateVmRequest, VmInfo};
+use serde::Deserialize;
+
+use super::error::{ApiFailure, ApiResult};
+use super::{spool, AppState};
+use crate::commands::CloudletOps;
+use crate::synth::fetch::OverlaySource;
+
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = Vec<VmInfo>)))]
+pub(super) async fn list_vms<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+) -> Json<Vec<VmInfo>> {
+    Json(st.ops.list_vms())
+}
+
+#[utoipa::path(get, path = "/v1/vms/{id}", responses((status = 200, body = VmInfo), (status = 404, body = ApiError)))]
+pub(super) async fn get_vm<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<VmInfo>> {
+    Ok(Json(st.ops.get_vm(&id)?))
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct UploadParams {
+    name: Option<String>,
+    flavor: Option<String>,
+}
+
+/// Synthesize a VM. JSON body [`CreateVmRequest`] with an overlay URL, or
+/// the overlay itself as an `application/octet-stream` body (with `name`
+/// and `flavor` as query parameters). Answers when the app is running;
+/// while it runs, `GET /v1/vms` shows its progress.
+#[utoipa::path(post, path = "/v1/vms", request_body = CreateVmRequest, security(("bearer" = [])),
+    params(("name" = Option<String>, Query, description = "VM name, for uploads"), ("flavor" = Option<String>, Query, description = "Flavor, for uploads")),
+    responses((status = 201, body = VmInfo), (status = 400, body = ApiError), (status = 401, body = ApiError),
+        (status = 409, body = ApiError), (status = 422, body = ApiError), (status = 502, body = ApiError), (status = 503, body = ApiError)))]
+pub(super) async fn create_vm<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Query(params): Query<UploadParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<VmInfo>)> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (req, source, upload) = if ctype.starts_with("application/octet-stream") {
+        let file = spool(&st.spool, body).await?;
+        let req = CreateVmRequest {
+            overlay: "upload".into(),
+            name: params.name,
+            flavor: params.flavor,
+        };
+        (req, OverlaySource::File(file.clone()), Some(file))
+    } else {
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|e| {
+            ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("Cannot read body: {e}"),
+            )
+        })?;
+        let req: CreateVmRequest = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("Invalid JSON body: {e}"),
+            )
+        })?;
+        let source = OverlaySource::Url {
+            client: st.http.clone(),
+            url: req.overlay.clone(),
+        };
+        (req, source, None)
+    };
+    let r = st.ops.create_vm(req, source).await;
+    if let Some(f) = upload {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok((StatusCode::CREATED, Json(r?)))
+}
+
+#[utoipa::path(delete, path = "/v1/vms/{id}", security(("bearer" = [])),
+    responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub(super) async fn delete_vm<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.ops.delete_vm(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Move a running VM to another cloudlet; answers when it runs there.
+#[utoipa::path(post, path = "/v1/vms/{id}/handoff", request_body = cloudlet_api::HandoffRequest, security(("bearer" = [])),
+    responses((status = 200, body = cloudlet_api::HandoffReport), (status = 404, body = ApiError), (status = 409, body = ApiError),
+        (status = 502, body = ApiError)))]
+pub(super) async fn handoff_vm<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    Path(id): Path<String>,
+    Json(req): Json<cloudlet_api::HandoffRequest>,
+) -> ApiResult<Json<cloudlet_api::HandoffReport>> {
+    Ok(Json(st.ops.handoff_vm(&id, req).await?))
+}

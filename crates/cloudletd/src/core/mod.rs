@@ -1,0 +1,11 @@
+//! The cloudlet's core: the VM registry and capacity ([`cloudlet`]), which
+//! VM state may follow which ([`lifecycle`]), the persisted records
+//! ([`store`]) and what a restarted daemon does with them (`recovery`).
+//! It knows QEMU (through `cloudlet_qemu`) but neither HTTP nor handoffs.
+
+pub mod cloudlet;
+pub mod lifecycle;
+mod recovery;
+pub mod store;
+
+pub use recovery::{kill_pid, qemu_alive};
