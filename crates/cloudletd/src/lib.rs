@@ -55,9 +55,6 @@ pub async fn serve(
     let state = Arc::new(api::AppState {
         tokens: cloudlet.config.tokens.clone(),
         spool: cloudlet.config.home.join("spool"),
-        http: reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()?,
         ops: Daemon::new(cloudlet),
     });
     use axum::serve::ListenerExt;

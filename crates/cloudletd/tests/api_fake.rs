@@ -155,7 +155,6 @@ async fn serve() -> String {
     let state = Arc::new(cloudletd::api::AppState {
         ops: Fake,
         tokens: vec![TOKEN.into()],
-        http: reqwest::Client::new(),
         spool,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

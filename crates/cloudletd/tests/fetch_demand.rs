@@ -160,10 +160,7 @@ async fn serve(data: Vec<u8>, how: Serve) -> (String, Arc<Seen>) {
 }
 
 fn url(url: String) -> OverlaySource {
-    OverlaySource::Url {
-        client: reqwest::Client::new(),
-        url,
-    }
+    OverlaySource::Url(url)
 }
 
 /// Receives everything; checks each segment comes once with its bytes.

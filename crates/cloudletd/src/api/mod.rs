@@ -36,7 +36,6 @@ use crate::commands::CloudletOps;
 pub struct AppState<C> {
     pub ops: C,
     pub tokens: Vec<String>,
-    pub http: reqwest::Client,
     /// Where uploads are spooled.
     pub spool: std::path::PathBuf,
 }

@@ -76,10 +76,7 @@ pub(super) async fn create_vm<C: CloudletOps>(
                 format!("Invalid JSON body: {e}"),
             )
         })?;
-        let source = OverlaySource::Url {
-            client: st.http.clone(),
-            url: req.overlay.clone(),
-        };
+        let source = OverlaySource::Url(req.overlay.clone());
         (req, source, None)
     };
     let r = st.ops.create_vm(req, source).await;

@@ -45,20 +45,29 @@ pub enum FetchOverlayError {
     Task { detail: String },
 }
 
+/// The client that fetches overlays' headers (segments have their own).
+fn overlay_client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .unwrap_or_default()
+    })
+}
+
 /// Where an overlay comes from.
 #[derive(Debug, Clone)]
 pub enum OverlaySource {
-    Url {
-        client: reqwest::Client,
-        url: String,
-    },
+    /// Fetched over HTTP(S) by the daemon's own client.
+    Url(String),
     File(PathBuf),
 }
 
 impl OverlaySource {
     pub fn describe(&self) -> String {
         match self {
-            OverlaySource::Url { url, .. } => url.clone(),
+            OverlaySource::Url(url) => url.clone(),
             OverlaySource::File(p) => format!("upload ({})", p.display()),
         }
     }
@@ -66,7 +75,7 @@ impl OverlaySource {
     /// Bytes `[start, end)`; `end == None` means to the end of the overlay.
     async fn range(&self, start: u64, end: Option<u64>) -> Result<ByteStream, FetchOverlayError> {
         match self {
-            OverlaySource::Url { client, url } => {
+            OverlaySource::Url(url) => {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err(FetchOverlayError::Scheme { url: url.clone() });
                 }
@@ -74,7 +83,7 @@ impl OverlaySource {
                     Some(e) => format!("bytes={start}-{}", e.saturating_sub(1)),
                     None => format!("bytes={start}-"),
                 };
-                let resp = client
+                let resp = overlay_client()
                     .get(url)
                     .header(reqwest::header::RANGE, range)
                     .send()
