@@ -23,7 +23,6 @@
 //! as zeros, and reading it through a mapping would allocate it on a tmpfs.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use xxhash_rust::xxh3::xxh3_128;
@@ -151,7 +150,7 @@ impl RamFile {
             pages: vec![zero_page(); npages],
             chunks: vec![0; npages.div_ceil(CHUNK_PAGES)],
         };
-        let extents = data_extents(&self.file, self.len)?;
+        let extents = cloudlet_sparse::data_extents(&self.file, 0..self.len)?;
         self.hash_extents(&extents, &mut d.pages, threads);
         let all = 0..d.chunks.len();
         d.rechunk(all);
@@ -162,7 +161,7 @@ impl RamFile {
     /// does it in bulk), so that a digest later reads them without a page
     /// fault each. Holes stay holes. Best effort.
     pub fn populate(&self) {
-        let Ok(extents) = data_extents(&self.file, self.len) else {
+        let Ok(extents) = cloudlet_sparse::data_extents(&self.file, 0..self.len) else {
             return;
         };
         let base = self.map.as_ptr() as usize;
@@ -215,7 +214,7 @@ impl RamFile {
                     *d = zero_page();
                 }
             }
-            ext.extend(data_extents_in(&self.file, a, b)?);
+            ext.extend(cloudlet_sparse::data_extents(&self.file, a..b)?);
             i = j;
         }
         self.hash_extents(&ext, pages, threads);
@@ -225,7 +224,7 @@ impl RamFile {
     /// The chunks that hold data.
     fn chunks_with_data(&self) -> std::io::Result<Vec<usize>> {
         let mut out: Vec<usize> = Vec::new();
-        for (s, e) in data_extents(&self.file, self.len)? {
+        for (s, e) in cloudlet_sparse::data_extents(&self.file, 0..self.len)? {
             for c in s as usize / CHUNK..(e as usize).div_ceil(CHUNK) {
                 if out.last() != Some(&c) {
                     out.push(c);
@@ -474,41 +473,6 @@ impl IncrementalDigest {
 /// A range of pages and their digests.
 type Hashed = ((usize, usize), Vec<u128>);
 
-/// The byte ranges of `f` that hold data (all of it if the filesystem
-/// cannot tell).
-fn data_extents(f: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    data_extents_in(f, 0, len)
-}
-
-/// The byte ranges of `f` within `[from, len)` that hold data.
-fn data_extents_in(f: &File, from: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = from as i64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an open fd.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after pos
-            }
-            return Ok(vec![(from, len)]);
-        }
-        if data as u64 >= len {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Ok(vec![(from, len)]);
-        }
-        out.push((data as u64, (hole as u64).min(len)));
-        pos = hole;
-    }
-    Ok(out)
-}
-
 /// The hashing threads to use: all cores.
 pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -521,46 +485,7 @@ pub struct DiffReport {
     pub chunks: Vec<(u64, Vec<u64>)>,
 }
 
-/// Marks the report inside an error message (the destination refuses the
-/// commit with it; the message crosses as text).
-const TOKEN_START: &str = "[memdiff:";
-
 impl DiffReport {
-    /// `[memdiff:CHUNK=HEX;CHUNK=HEX]`, HEX the page digests.
-    pub fn to_token(&self) -> String {
-        let mut s = String::from(TOKEN_START);
-        for (i, (c, pages)) in self.chunks.iter().enumerate() {
-            if i > 0 {
-                s.push(';');
-            }
-            s.push_str(&c.to_string());
-            s.push('=');
-            for p in pages {
-                s.push_str(&format!("{p:016x}"));
-            }
-        }
-        s.push(']');
-        s
-    }
-
-    /// The report inside `message`, if there is a well-formed one.
-    pub fn from_message(message: &str) -> Option<DiffReport> {
-        let start = message.find(TOKEN_START)? + TOKEN_START.len();
-        let body = &message[start..start + message[start..].find(']')?];
-        let mut chunks = Vec::new();
-        for part in body.split(';').filter(|p| !p.is_empty()) {
-            let (c, hex) = part.split_once('=')?;
-            if hex.len() % 16 != 0 || hex.len() / 16 > CHUNK_PAGES {
-                return None;
-            }
-            let pages = (0..hex.len() / 16)
-                .map(|i| u64::from_str_radix(hex.get(i * 16..i * 16 + 16)?, 16).ok())
-                .collect::<Option<Vec<u64>>>()?;
-            chunks.push((c.parse().ok()?, pages));
-        }
-        Some(DiffReport { chunks })
-    }
-
     /// The pages of the source's `ours` that the destination lacks: those
     /// whose digests differ from the report's (every page of a chunk whose
     /// page count differs).
@@ -620,10 +545,9 @@ mod tests {
         let d = RamFile::open(dst.path()).unwrap().digest(2).unwrap();
         let diff = d.differing_chunks(&s.chunks);
         assert_eq!(diff, vec![2]);
-        // The report crosses as text inside an error message.
-        let msg = format!("Refused: memory differs {}", d.report(&diff).to_token());
-        let report = DiffReport::from_message(&msg).unwrap();
-        assert_eq!(report, d.report(&diff));
+        // (The report crosses in the refusal's body: cloudletd's
+        // `handoff::peer` tests its wire form.)
+        let report = d.report(&diff);
         let pages = report.pages_to_send(&s);
         assert_eq!(pages, vec![2 * CHUNK_PAGES + 3]);
         // Repair: the source's page written over the destination's.
@@ -678,23 +602,6 @@ mod tests {
         let (d, stats) = inc.finish(p, 2).unwrap();
         assert!(stats.chunks >= 1);
         assert_eq!(d, rf.digest(2).unwrap());
-    }
-
-    #[test]
-    fn bad_reports_are_none() {
-        for m in [
-            "no token",
-            "[memdiff:1=xyz]",
-            "[memdiff:1=0123]",
-            "[memdiff:x=0000000000000000]",
-            "[memdiff:1=0000000000000000",
-        ] {
-            assert_eq!(DiffReport::from_message(m), None, "{m}");
-        }
-        assert_eq!(
-            DiffReport::from_message("[memdiff:]"),
-            Some(DiffReport::default())
-        );
     }
 
     #[test]

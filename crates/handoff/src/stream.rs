@@ -39,7 +39,7 @@
 // public API has always had them.
 use cloudlet_qemu_format::{command, RAM_FLAG_MASK as FLAG_MASK};
 pub use cloudlet_qemu_format::{
-    ram_flag, section, PAGE_SIZE, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
+    ram_flag, section, write_ram_header, PAGE_SIZE, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
 };
 
 /// Largest token the parser buffers (the MEM_SIZE block list is the biggest).
@@ -101,16 +101,6 @@ pub fn write_event(ev: &StreamEvent<'_>, out: &mut Vec<u8>) {
             out.push(*fill);
         }
         StreamEvent::Opaque(b) => out.extend_from_slice(b),
-    }
-}
-
-/// The header of a RAM page/zero record as QEMU writes it.
-pub fn write_ram_header(out: &mut Vec<u8>, block: &str, offset: u64, flag: u64, continued: bool) {
-    let cont = if continued { ram_flag::CONTINUE } else { 0 };
-    out.extend_from_slice(&(offset | flag | cont).to_be_bytes());
-    if !continued {
-        out.push(block.len() as u8);
-        out.extend_from_slice(block.as_bytes());
     }
 }
 

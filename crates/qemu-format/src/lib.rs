@@ -125,6 +125,19 @@ pub fn stream_header() -> [u8; 8] {
     h
 }
 
+/// Appends the header of a RAM record as QEMU writes it: `be64 offset |
+/// flag (| CONTINUE)`, then, unless `continued` (same block as the record
+/// before, in the same section), the length-prefixed block id. `flag` is
+/// one of [`ram_flag`]; the record's body (fill byte, page) follows.
+pub fn write_ram_header(out: &mut Vec<u8>, block: &str, offset: u64, flag: u64, continued: bool) {
+    let cont = if continued { ram_flag::CONTINUE } else { 0 };
+    out.extend_from_slice(&(offset | flag | cont).to_be_bytes());
+    if !continued {
+        out.push(block.len() as u8);
+        out.extend_from_slice(block.as_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +145,20 @@ mod tests {
     #[test]
     fn the_header_reads_qevm_3() {
         assert_eq!(&stream_header(), b"QEVM\0\0\0\x03");
+    }
+
+    #[test]
+    fn a_ram_header_names_its_block_unless_continued() {
+        let mut out = Vec::new();
+        write_ram_header(&mut out, "pc.ram", 0x2000, ram_flag::PAGE, false);
+        assert_eq!(&out[..8], &(0x2000 | ram_flag::PAGE).to_be_bytes());
+        assert_eq!(&out[8..], b"\x06pc.ram");
+        out.clear();
+        write_ram_header(&mut out, "pc.ram", 0x3000, ram_flag::ZERO, true);
+        assert_eq!(
+            out,
+            (0x3000 | ram_flag::ZERO | ram_flag::CONTINUE).to_be_bytes()
+        );
     }
 
     #[test]

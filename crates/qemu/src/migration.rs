@@ -9,7 +9,8 @@
 //! [`MigrationStatus::Unknown`] instead of failing the caller's poll loop.
 //!
 //! Every call is a method on [`QmpClient`]; the untyped
-//! [`QmpClient::execute`] stays for what has no type here yet.
+//! [`QmpClient::execute`] stays for what has no type here yet. This module
+//! sits above [`crate::qmp`], the transport, which names no migration type.
 
 use std::time::Duration;
 
@@ -167,13 +168,13 @@ pub struct MigrationInfo {
 
 impl MigrationInfo {
     /// `Some(Ok)` completed, `Some(Err)` failed or cancelled (with QEMU's
-    /// reason), `None` idle or still going; as
-    /// [`crate::qmp::migration_outcome`], typed.
+    /// reason), `None` idle or still going; as [`migration_outcome`],
+    /// typed.
     pub fn outcome(&self) -> Option<Result<(), QmpError>> {
         match self.status {
             MigrationStatus::Completed => Some(Ok(())),
             s if s.is_failure() => Some(Err(QmpError::MigrationFailed {
-                status: s,
+                status: s.as_str().into(),
                 desc: self
                     .error_desc
                     .clone()
@@ -352,6 +353,45 @@ impl QmpClient {
         self.execute("cont", None).await.map(drop)
     }
 
+    /// `migrate_cancel`: stop an outgoing migration, if one runs (a no-op
+    /// otherwise).
+    pub async fn cancel_migration(&self) -> Result<(), QmpError> {
+        self.execute("migrate_cancel", None).await.map(drop)
+    }
+
+    /// Set migration capabilities by name.
+    pub async fn set_migration_capabilities(&self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+        let list: Vec<Value> = caps
+            .iter()
+            .map(|(c, s)| json!({"capability": c, "state": s}))
+            .collect();
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": list })),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Poll `query-migrate` until the migration leaves the active states;
+    /// return the final reply. Fails on `failed`/`cancelled` or timeout.
+    pub async fn wait_migration(&self, timeout: Duration) -> Result<Value, QmpError> {
+        let start = tokio::time::Instant::now();
+        loop {
+            let v = self.execute("query-migrate", None).await?;
+            if let Some(done) = migration_outcome(&v) {
+                return done.map(|()| v);
+            }
+            if start.elapsed() > timeout {
+                return Err(QmpError::Timeout {
+                    command: "migrate".into(),
+                    timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Poll `query-migrate` every `poll` until the migration finishes;
     /// the final reply, or [`QmpError::MigrationFailed`] or a timeout.
     pub async fn wait_migration_info(
@@ -373,6 +413,25 @@ impl QmpClient {
             }
             tokio::time::sleep(poll).await;
         }
+    }
+}
+
+/// What an untyped `query-migrate` reply says: `Some(Ok)` completed,
+/// `Some(Err)` failed or cancelled (with QEMU's reason), `None` still
+/// going.
+pub fn migration_outcome(v: &Value) -> Option<Result<(), QmpError>> {
+    let status = v.get("status").and_then(Value::as_str).unwrap_or("none");
+    match status {
+        "completed" => Some(Ok(())),
+        "failed" | "cancelled" => Some(Err(QmpError::MigrationFailed {
+            status: status.into(),
+            desc: v
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .unwrap_or("no detail")
+                .into(),
+        })),
+        _ => None,
     }
 }
 
@@ -462,7 +521,7 @@ mod tests {
         let info: MigrationInfo = parse_reply("query-migrate", v).unwrap();
         let err = info.outcome().unwrap().unwrap_err();
         assert!(
-            matches!(&err, QmpError::MigrationFailed { status: MigrationStatus::Failed, desc } if desc.contains("Broken pipe")),
+            matches!(&err, QmpError::MigrationFailed { status, desc } if status == "failed" && desc.contains("Broken pipe")),
             "{err}"
         );
         let done: MigrationInfo = parse_reply(
@@ -472,6 +531,13 @@ mod tests {
         .unwrap();
         assert!(matches!(done.outcome(), Some(Ok(()))));
         assert_eq!(done.downtime, Some(12));
+        // The untyped twin gives the same error.
+        let raw = migration_outcome(&json!({"status": "cancelled"})).unwrap();
+        assert!(
+            matches!(&raw, Err(QmpError::MigrationFailed { status, desc }) if status == "cancelled" && desc == "no detail"),
+            "{raw:?}"
+        );
+        assert!(migration_outcome(&json!({"status": "active"})).is_none());
     }
 
     #[test]

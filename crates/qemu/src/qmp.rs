@@ -43,11 +43,10 @@ pub enum QmpError {
     Io(#[from] std::io::Error),
     #[error("Unexpected QMP reply to {command}: {detail}")]
     Reply { command: String, detail: String },
+    /// A migration ended without completing. `status` is QEMU's name of
+    /// the final state (`failed`, `cancelled`), `desc` its reason.
     #[error("Migration {status}: {desc}")]
-    MigrationFailed {
-        status: crate::migration::MigrationStatus,
-        desc: String,
-    },
+    MigrationFailed { status: String, desc: String },
 }
 
 /// An asynchronous event from QEMU.
@@ -237,63 +236,5 @@ impl QmpClient {
                 command: "query-status".into(),
                 detail: v.to_string(),
             })
-    }
-
-    /// `migrate_cancel`: stop an outgoing migration, if one runs (a no-op
-    /// otherwise).
-    pub async fn cancel_migration(&self) -> Result<(), QmpError> {
-        self.execute("migrate_cancel", None).await.map(drop)
-    }
-
-    /// Set migration capabilities by name.
-    pub async fn set_migration_capabilities(&self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
-        let list: Vec<Value> = caps
-            .iter()
-            .map(|(c, s)| json!({"capability": c, "state": s}))
-            .collect();
-        self.execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": list })),
-        )
-        .await
-        .map(|_| ())
-    }
-
-    /// Poll `query-migrate` until the migration leaves the active states;
-    /// return the final reply. Fails on `failed`/`cancelled` or timeout.
-    pub async fn wait_migration(&self, timeout: Duration) -> Result<Value, QmpError> {
-        let start = tokio::time::Instant::now();
-        loop {
-            let v = self.execute("query-migrate", None).await?;
-            if let Some(done) = migration_outcome(&v) {
-                return done.map(|()| v);
-            }
-            if start.elapsed() > timeout {
-                return Err(QmpError::Timeout {
-                    command: "migrate".into(),
-                    timeout,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-/// What a `query-migrate` reply says: `Some(Ok)` completed, `Some(Err)`
-/// failed or cancelled (with QEMU's reason), `None` still going.
-pub fn migration_outcome(v: &Value) -> Option<Result<(), QmpError>> {
-    let status = v.get("status").and_then(Value::as_str).unwrap_or("none");
-    match status {
-        "completed" => Some(Ok(())),
-        "failed" | "cancelled" => Some(Err(QmpError::Command {
-            command: "migrate".into(),
-            class: status.into(),
-            desc: v
-                .get("error-desc")
-                .and_then(Value::as_str)
-                .unwrap_or("no detail")
-                .into(),
-        })),
-        _ => None,
     }
 }

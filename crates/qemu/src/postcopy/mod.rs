@@ -45,7 +45,8 @@
 //! # Where things are
 //!
 //! - `saved`: parse the saved device state into the parts we send;
-//! - `stream`: write them (and page records) as a postcopy stream;
+//! - `stream`: write them (and page records) as a postcopy stream (above
+//!   `saved`: the record headers both write are `cloudlet-qemu-format`'s);
 //! - `serve`: the loop that serves pages, requested ones first;
 //! - `return_path`: read the destination's page requests.
 //!

@@ -2,9 +2,10 @@
 //! `x-ignore-shared`) into the parts a postcopy source sends.
 
 use cloudlet_qemu_format::ram_flag as flag;
-use cloudlet_qemu_format::{section, QEMU_VM_FILE_MAGIC as MAGIC, QEMU_VM_FILE_VERSION as VERSION};
+use cloudlet_qemu_format::{
+    section, write_ram_header, QEMU_VM_FILE_MAGIC as MAGIC, QEMU_VM_FILE_VERSION as VERSION,
+};
 
-use super::stream::put_record;
 use super::{ParseSavedStateError, RamBlock, PAGE};
 
 /// A saved device state (QEMU stream written with `x-ignore-shared`), cut
@@ -202,12 +203,12 @@ impl SavedState {
             match flags & !flag::CONTINUE {
                 flag::ZERO => {
                     let fill = r.u8()?;
-                    put_record(&mut self.other_pages, &id, offset, flag::ZERO, false);
+                    write_ram_header(&mut self.other_pages, &id, offset, flag::ZERO, false);
                     self.other_pages.push(fill);
                 }
                 flag::PAGE => {
                     let data = r.take(PAGE)?;
-                    put_record(&mut self.other_pages, &id, offset, flag::PAGE, false);
+                    write_ram_header(&mut self.other_pages, &id, offset, flag::PAGE, false);
                     self.other_pages.extend_from_slice(data);
                 }
                 f => return Err(r.unsupported(format!("RAM record flags {f:#x}"))),
@@ -290,9 +291,9 @@ pub(super) mod tests {
         // END ram with one rom page and one zero page
         o.push(section::END);
         o.extend_from_slice(&2u32.to_be_bytes());
-        put_record(&mut o, "pc.rom", 0, flag::PAGE, false);
+        write_ram_header(&mut o, "pc.rom", 0, flag::PAGE, false);
         o.extend_from_slice(&[7u8; PAGE]);
-        put_record(&mut o, "pc.rom", 4096, flag::ZERO, true);
+        write_ram_header(&mut o, "pc.rom", 4096, flag::ZERO, true);
         o.push(0);
         o.extend_from_slice(&flag::EOS.to_be_bytes());
         o.push(section::FOOTER);

@@ -5,7 +5,9 @@ use std::io::{self, Write};
 
 use cloudlet_qemu_format::command as cmd;
 use cloudlet_qemu_format::ram_flag as flag;
-use cloudlet_qemu_format::{section, QEMU_VM_FILE_MAGIC as MAGIC, QEMU_VM_FILE_VERSION as VERSION};
+use cloudlet_qemu_format::{
+    section, write_ram_header, QEMU_VM_FILE_MAGIC as MAGIC, QEMU_VM_FILE_VERSION as VERSION,
+};
 
 use super::{SavedState, PAGE};
 
@@ -103,15 +105,6 @@ fn command(out: &mut Vec<u8>, cmd: u16, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
-pub(super) fn put_record(out: &mut Vec<u8>, block: &str, offset: u64, kind: u64, continued: bool) {
-    let c = if continued { flag::CONTINUE } else { 0 };
-    out.extend_from_slice(&(offset | kind | c).to_be_bytes());
-    if !continued {
-        out.push(block.len() as u8);
-        out.extend_from_slice(block.as_bytes());
-    }
-}
-
 /// One open PART section of the output.
 #[derive(Default)]
 pub(super) struct Section {
@@ -142,7 +135,7 @@ impl Section {
         self.open(out, state)?;
         let cont = self.last.as_deref() == Some(block);
         let mut h = Vec::with_capacity(16 + block.len());
-        put_record(&mut h, block, offset, kind, cont);
+        write_ram_header(&mut h, block, offset, kind, cont);
         out.write_all(&h)?;
         self.last = Some(block.to_string());
         Ok(())

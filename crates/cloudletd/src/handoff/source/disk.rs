@@ -36,8 +36,8 @@ fn changed_disk_chunks(
     let mut extents = match only {
         Some(e) => e,
         None => {
-            let mut e = data_extents(&vm, len)?;
-            e.extend(data_extents(&base, len)?);
+            let mut e = cloudlet_sparse::data_extents(&vm, 0..len)?;
+            e.extend(cloudlet_sparse::data_extents(&base, 0..len)?);
             e
         }
     };
@@ -68,28 +68,6 @@ fn changed_disk_chunks(
             off += n as u64;
         }
         next = next.max(off);
-    }
-    Ok(out)
-}
-
-fn data_extents(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an open fd.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            break;
-        }
-        out.push((data as u64, hole as u64));
-        pos = hole;
     }
     Ok(out)
 }
