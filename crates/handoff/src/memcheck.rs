@@ -23,7 +23,6 @@
 //! as zeros, and reading it through a mapping would allocate it on a tmpfs.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use xxhash_rust::xxh3::xxh3_128;
@@ -151,7 +150,7 @@ impl RamFile {
             pages: vec![zero_page(); npages],
             chunks: vec![0; npages.div_ceil(CHUNK_PAGES)],
         };
-        let extents = data_extents(&self.file, self.len)?;
+        let extents = cloudlet_sparse::data_extents(&self.file, 0..self.len)?;
         self.hash_extents(&extents, &mut d.pages, threads);
         let all = 0..d.chunks.len();
         d.rechunk(all);
@@ -162,7 +161,7 @@ impl RamFile {
     /// does it in bulk), so that a digest later reads them without a page
     /// fault each. Holes stay holes. Best effort.
     pub fn populate(&self) {
-        let Ok(extents) = data_extents(&self.file, self.len) else {
+        let Ok(extents) = cloudlet_sparse::data_extents(&self.file, 0..self.len) else {
             return;
         };
         let base = self.map.as_ptr() as usize;
@@ -215,7 +214,7 @@ impl RamFile {
                     *d = zero_page();
                 }
             }
-            ext.extend(data_extents_in(&self.file, a, b)?);
+            ext.extend(cloudlet_sparse::data_extents(&self.file, a..b)?);
             i = j;
         }
         self.hash_extents(&ext, pages, threads);
@@ -225,7 +224,7 @@ impl RamFile {
     /// The chunks that hold data.
     fn chunks_with_data(&self) -> std::io::Result<Vec<usize>> {
         let mut out: Vec<usize> = Vec::new();
-        for (s, e) in data_extents(&self.file, self.len)? {
+        for (s, e) in cloudlet_sparse::data_extents(&self.file, 0..self.len)? {
             for c in s as usize / CHUNK..(e as usize).div_ceil(CHUNK) {
                 if out.last() != Some(&c) {
                     out.push(c);
@@ -473,41 +472,6 @@ impl IncrementalDigest {
 
 /// A range of pages and their digests.
 type Hashed = ((usize, usize), Vec<u128>);
-
-/// The byte ranges of `f` that hold data (all of it if the filesystem
-/// cannot tell).
-fn data_extents(f: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    data_extents_in(f, 0, len)
-}
-
-/// The byte ranges of `f` within `[from, len)` that hold data.
-fn data_extents_in(f: &File, from: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos = from as i64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an open fd.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after pos
-            }
-            return Ok(vec![(from, len)]);
-        }
-        if data as u64 >= len {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Ok(vec![(from, len)]);
-        }
-        out.push((data as u64, (hole as u64).min(len)));
-        pos = hole;
-    }
-    Ok(out)
-}
 
 /// The hashing threads to use: all cores.
 pub fn threads() -> usize {

@@ -690,7 +690,7 @@ fn prepare_outputs(
             Image::Mem => config.copy_base_memory,
         };
         if copy {
-            fsutil::sparse_copy(src, &o.file, size).map_err(err)?;
+            cloudlet_sparse::copy_sparse(src, &o.file, size).map_err(err)?;
         }
         o.file.set_len(m.image_size(image)).map_err(err)
     };
@@ -743,7 +743,7 @@ fn launch_image_hash(s: &Shared, image: Image) -> Result<Hash> {
                     }
                     let start = (first + (b * BLOCK) as u64) * cs as u64;
                     let len = ((size - start) as usize).min(BLOCK * cs);
-                    if start >= base_size || fsutil::is_hole(file, start, len as u64) {
+                    if start >= base_size || cloudlet_sparse::is_hole(file, start, len as u64) {
                         // Past the end of the base, or a hole: zeros, nothing
                         // to read (most of a sparse base disk).
                         buf[..len].fill(0);

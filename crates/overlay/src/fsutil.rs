@@ -1,4 +1,5 @@
-//! File helpers: sparse-aware copies, hole punching, temporary outputs.
+//! File helpers: hole punching, temporary outputs (sparse copies and
+//! holes: `cloudlet-sparse`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -99,102 +100,6 @@ impl Drop for TempOutput {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
-}
-
-/// Whether `[start, start + len)` of `file` is one hole (reads as zeros
-/// without touching the disk). False when unknown.
-pub(crate) fn is_hole(file: &File, start: u64, len: u64) -> bool {
-    // SAFETY: plain syscall on a file descriptor we own; the file position it
-    // moves is not used (every read is positional).
-    let data = unsafe { libc::lseek(file.as_raw_fd(), start as libc::off_t, libc::SEEK_DATA) };
-    if data < 0 {
-        return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-    }
-    data as u64 >= start.saturating_add(len)
-}
-
-/// Copies `len` bytes of `src` into `dst` at the same offsets, skipping holes
-/// and leaving them as holes; `dst` must be empty.
-pub(crate) fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
-    dst.set_len(len)?;
-    let fd = src.as_raw_fd();
-    let mut pos = 0u64;
-    while pos < len {
-        // SAFETY: plain syscall on a file descriptor we own.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(()), // no data after pos
-                _ => copy_range_plain(src, dst, pos, len),
-            };
-        }
-        let data = (data as u64).min(len);
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            len
-        } else {
-            (hole as u64).min(len)
-        };
-        if hole <= data {
-            break;
-        }
-        copy_range(src, dst, data, hole)?;
-        pos = hole;
-    }
-    Ok(())
-}
-
-/// Copies `[start, end)` with copy_file_range, falling back to read/write.
-fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
-    let mut off_in = start as libc::loff_t;
-    let mut off_out = start as libc::loff_t;
-    while (off_in as u64) < end {
-        let want = ((end - off_in as u64) as usize).min(1 << 30);
-        // SAFETY: valid descriptors and offset pointers.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                want,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP) => {
-                    copy_range_plain(src, dst, off_in as u64, end)
-                }
-                _ => Err(e),
-            };
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "source file shrank while being copied",
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Copies `[start, end)` by reading and writing, leaving zero blocks as holes.
-fn copy_range_plain(src: &File, dst: &File, start: u64, end: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = start;
-    while pos < end {
-        let n = ((end - pos) as usize).min(buf.len());
-        src.read_exact_at(&mut buf[..n], pos)?;
-        if !crate::codec::is_zero(&buf[..n]) {
-            dst.write_all_at(&buf[..n], pos)?;
-        }
-        pos += n as u64;
-    }
-    Ok(())
 }
 
 /// Makes `[offset, offset + len)` read as zeros, punching a hole if possible.

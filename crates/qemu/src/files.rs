@@ -3,81 +3,18 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// Copy `src` to `dst` (created or truncated), keeping holes: only the data
-/// ranges found with `SEEK_DATA`/`SEEK_HOLE` are copied, in-kernel.
+/// extents are copied, in-kernel ([`cloudlet_sparse::copy_sparse`]), and
+/// `dst` is synced. Returns the bytes of data copied.
 pub fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
     let input = File::open(src)?;
     let len = input.metadata()?.len();
     let output = File::create(dst)?;
-    output.set_len(len)?;
-    let (ifd, ofd) = (input.as_raw_fd(), output.as_raw_fd());
-    let mut pos: i64 = 0;
-    let mut copied = 0u64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an open fd.
-        let data = unsafe { libc::lseek(ifd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // only a hole remains
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(ifd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut off_in = data;
-        let mut off_out = data;
-        while off_in < hole {
-            let want = (hole - off_in) as usize;
-            // SAFETY: valid fds and offset pointers.
-            let n = unsafe { libc::copy_file_range(ifd, &mut off_in, ofd, &mut off_out, want, 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    // Across file systems, or not supported: copy by hand.
-                    Some(libc::EXDEV)
-                    | Some(libc::EINVAL)
-                    | Some(libc::ENOSYS)
-                    | Some(libc::EOPNOTSUPP) => {
-                        copied += copy_range(&input, &output, off_in as u64, hole as u64)?;
-                        off_in = hole;
-                        continue;
-                    }
-                    _ => return Err(e),
-                }
-            }
-            if n == 0 {
-                break;
-            }
-            copied += n as u64;
-        }
-        pos = hole;
-    }
+    let copied = cloudlet_sparse::copy_sparse(&input, &output, len)?;
     output.sync_data()?;
     Ok(copied)
-}
-
-/// Copy `[from, to)` of `input` to the same offsets of `output`.
-fn copy_range(input: &File, output: &File, from: u64, to: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = from;
-    while pos < to {
-        let want = ((to - pos) as usize).min(buf.len());
-        let n = input.read_at(&mut buf[..want], pos)?;
-        if n == 0 {
-            break;
-        }
-        output.write_all_at(&buf[..n], pos)?;
-        pos += n as u64;
-    }
-    Ok(pos - from)
 }
 
 /// Write `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
