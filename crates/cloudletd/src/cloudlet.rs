@@ -351,7 +351,7 @@ impl Cloudlet {
                 e.record.clone()
             };
             tracing::error!(vm_id = %id, "VM died: {:?}", rec.error);
-            me.metrics.vm_deaths.inc();
+            me.metrics.vm_died();
             if let Err(e) = me.store.put(&rec) {
                 tracing::error!(vm_id = %id, "cannot record VM death: {e}");
             }
@@ -663,7 +663,7 @@ impl CloudletOps for Arc<Cloudlet> {
             app: app.clone(),
         });
         let (progress, ports) = self.reserve(rec)?;
-        self.metrics.synth_started.inc();
+        self.metrics.synthesis_started();
         tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");
         let result = synthesize(
             SynthRequest {
@@ -713,8 +713,7 @@ impl CloudletOps for Arc<Cloudlet> {
                     .iter()
                     .find(|t| t.stage == "total")
                     .map_or(0, |t| t.ms);
-                self.metrics.synth_ok.inc();
-                self.metrics.synth_ms.observe(total);
+                self.metrics.record_synthesis(&timings);
                 let rec = self
                     .update(&id, |e| {
                         e.record.set_state_or_log(VmState::Running);
@@ -742,7 +741,7 @@ impl CloudletOps for Arc<Cloudlet> {
                 }))
             }
             Err(e) => {
-                self.metrics.synth_failed.inc();
+                self.metrics.synthesis_failed();
                 tracing::warn!(vm_id = %id, "synthesis failed: {e}");
                 paths.remove();
                 if let Some(rec) = self.update(&id, |en| {
@@ -801,7 +800,24 @@ impl CloudletOps for Arc<Cloudlet> {
         id: &str,
         req: cloudlet_api::HandoffRequest,
     ) -> Result<cloudlet_api::HandoffReport, crate::handoff::HandoffError> {
-        crate::handoff::handoff_vm(self, id, req).await
+        use crate::handoff::HandoffError as E;
+        use crate::metrics::{HandoffFailure, HandoffSide};
+        let result = crate::handoff::handoff_vm(self, id, req).await;
+        match &result {
+            Ok(report) => self.metrics.record_handoff(report),
+            Err(e) => self.metrics.handoff_failed(
+                HandoffSide::Source,
+                match e {
+                    E::NotFound(_)
+                    | E::NotRunning { .. }
+                    | E::StillStarting(_)
+                    | E::NoToken(_)
+                    | E::Refused { .. } => HandoffFailure::Refused,
+                    _ => HandoffFailure::Failed,
+                },
+            ),
+        }
+        result
     }
 
     async fn prepare_incoming(
