@@ -130,9 +130,10 @@ impl NsDaemon {
             ),
         )?;
         // Kept after the run (the last run of each side), for a look at
-        // what the daemons decided: CLOUDLET_LOG=info for more. The
-        // handoff's timestamps through the switchover ("downtime mark")
-        // are always logged: the downtime's breakdown is read from them.
+        // what the daemons decided: CLOUDLET_LOG=info for more. JSON lines
+        // (`jq` reads them): the handoff's timestamps through the
+        // switchover ("downtime mark") are always logged, and the
+        // downtime's breakdown is read from them.
         let log_path = std::env::temp_dir().join(format!("handoff-bench-{side:?}.log"));
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = Command::new(bin);
@@ -143,6 +144,7 @@ impl NsDaemon {
                 std::env::var("CLOUDLET_LOG")
                     .unwrap_or_else(|_| "warn,cloudletd::handoff=info".into()),
             )
+            .env("CLOUDLET_LOG_FORMAT", "json")
             .env_remove("CLOUDLET_HOME")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -293,44 +295,34 @@ fn needed_memory(ram: &Path, base: &Path) -> anyhow::Result<(u64, u64)> {
 }
 
 /// The handoff's timestamps through the switchover, from both daemons'
-/// logs ("downtime mark" lines: `at_us`, host clock), in ms after `stop_us`.
+/// JSON logs ("downtime mark" events: `at_us`, host clock), in ms after
+/// `stop_us`.
 fn downtime_marks(stop_us: i64) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for side in ["A", "B"] {
         let path = std::env::temp_dir().join(format!("handoff-bench-{side}.log"));
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        for line in text.lines().filter(|l| l.contains("downtime mark")) {
-            // Drop ANSI colours.
-            let mut plain = String::new();
-            let mut esc = false;
-            for c in line.chars() {
-                match (esc, c) {
-                    (false, '\x1b') => esc = true,
-                    (true, 'm') => esc = false,
-                    (true, _) => {}
-                    (false, c) => plain.push(c),
-                }
-            }
-            let field = |name: &str| {
-                plain
-                    .split(&format!("{name}="))
-                    .nth(1)
-                    .and_then(|v| v.split_whitespace().next())
-                    .map(|v| v.trim_matches('"').to_string())
-            };
-            if let (Some(at), Some(what)) = (
-                field("at_us").and_then(|v| v.parse::<i64>().ok()),
-                field("what"),
-            ) {
-                // Earlier handoffs of the same daemons are not this one.
-                if at >= stop_us - 1_000_000 {
-                    out.push((what, (at - stop_us) as f64 / 1e3));
-                }
+        for (what, at) in text.lines().filter_map(parse_mark) {
+            // Earlier handoffs of the same daemons are not this one.
+            if at >= stop_us - 1_000_000 {
+                out.push((what, (at - stop_us) as f64 / 1e3));
             }
         }
     }
     out.sort_by(|a, b| a.1.total_cmp(&b.1));
     out
+}
+
+/// A "downtime mark" event of a daemon's JSON log line (`cloudletd
+/// --log-format json`): its `what` and `at_us`; None for any other line.
+fn parse_mark(line: &str) -> Option<(String, i64)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = v.get("fields")?;
+    if fields.get("message")?.as_str()? != "downtime mark" {
+        return None;
+    }
+    let what = fields.get("what")?.as_str()?.to_string();
+    Some((what, fields.get("at_us")?.as_i64()?))
 }
 
 async fn run_ours(args: &Args, bin: &Path, rate: f64, churn: u32) -> anyhow::Result<OurRun> {
@@ -907,4 +899,55 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("bench finished in {:.0} s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What `tracing_subscriber::fmt().json()` writes, collected.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn reads_the_marks_of_a_json_log() {
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            // As cloudletd's handoff logs them.
+            let vm_id = "0a1b2c3d4e5f";
+            tracing::info!(vm_id = %vm_id, at_us = 1_700_000_000_123_456i64, what = "src_stop", "downtime mark");
+            tracing::info!(vm_id = %vm_id, at_us = 5i64, "something else");
+            tracing::warn!(what = "not a mark", at_us = 7i64, "downtime marks are info");
+            tracing::info!(vm_id = %vm_id, at_us = 1_700_000_000_200_000i64, what = "dst_resume_event", "downtime mark");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let marks: Vec<_> = text.lines().filter_map(parse_mark).collect();
+        assert_eq!(
+            marks,
+            vec![
+                ("src_stop".to_string(), 1_700_000_000_123_456),
+                ("dst_resume_event".to_string(), 1_700_000_000_200_000),
+            ],
+            "{text}"
+        );
+        // Text lines (an old daemon's log) and garbage are no marks.
+        assert_eq!(parse_mark("INFO downtime mark at_us=5 what=x"), None);
+        assert_eq!(parse_mark("{"), None);
+    }
 }

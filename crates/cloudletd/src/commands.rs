@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use cloudlet_api::{
@@ -21,6 +22,7 @@ use crate::core::store::{NewVmRecord, VmRecord};
 use crate::core::{kill_pid, qemu_alive};
 use crate::handoff::destination::{self, Arrivals};
 use crate::handoff::{HandoffError, ReceiveHandoffError};
+use crate::metrics::{HandoffFailure, HandoffSide};
 use crate::synth::fetch::OverlaySource;
 use crate::synth::{app_info, synthesize, SynthRequest, Synthesized};
 use tracing::Instrument;
@@ -75,6 +77,14 @@ pub trait CloudletOps: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ReceiveHandoffError>> + Send;
 }
 
+fn failure(refused: bool) -> HandoffFailure {
+    if refused {
+        HandoffFailure::Refused
+    } else {
+        HandoffFailure::Failed
+    }
+}
+
 /// The daemon's domain: the cloudlet and the handoffs arriving at it.
 #[derive(Clone)]
 pub struct Daemon {
@@ -87,6 +97,16 @@ impl Daemon {
         Self {
             cloudlet,
             arrivals: Arc::default(),
+        }
+    }
+
+    /// A destination call's phase time, or its failure (a refusal is a
+    /// definite no, see `ReceiveHandoffError::is_refusal`).
+    fn arrival_metrics<T>(&self, phase: &str, t: Instant, r: &Result<T, ReceiveHandoffError>) {
+        let m = &self.cloudlet.metrics;
+        match r {
+            Ok(_) => m.handoff_phase(HandoffSide::Destination, phase, t.elapsed()),
+            Err(e) => m.handoff_failed(HandoffSide::Destination, failure(e.is_refusal())),
         }
     }
 
@@ -218,7 +238,7 @@ impl CloudletOps for Daemon {
             app: app.clone(),
         });
         let (progress, ports) = self.cloudlet.reserve(rec)?;
-        self.cloudlet.metrics.synth_started.inc();
+        self.cloudlet.metrics.synthesis_started();
         tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");
         let result = synthesize(
             SynthRequest {
@@ -268,8 +288,7 @@ impl CloudletOps for Daemon {
                     .iter()
                     .find(|t| t.stage == "total")
                     .map_or(0, |t| t.ms);
-                self.cloudlet.metrics.synth_ok.inc();
-                self.cloudlet.metrics.synth_ms.observe(total);
+                self.cloudlet.metrics.record_synthesis(&timings);
                 let rec = self
                     .cloudlet
                     .update(&id, |e| {
@@ -298,7 +317,7 @@ impl CloudletOps for Daemon {
                 }))
             }
             Err(e) => {
-                self.cloudlet.metrics.synth_failed.inc();
+                self.cloudlet.metrics.synthesis_failed();
                 tracing::warn!(vm_id = %id, "synthesis failed: {e}");
                 paths.remove();
                 if let Some(rec) = self.cloudlet.update(&id, |en| {
@@ -352,7 +371,13 @@ impl CloudletOps for Daemon {
         id: &str,
         req: cloudlet_api::HandoffRequest,
     ) -> Result<cloudlet_api::HandoffReport, HandoffError> {
-        crate::handoff::source::handoff_vm(&self.cloudlet, id, req).await
+        let result = crate::handoff::source::handoff_vm(&self.cloudlet, id, req).await;
+        let m = &self.cloudlet.metrics;
+        match &result {
+            Ok(report) => m.record_handoff(report),
+            Err(e) => m.handoff_failed(HandoffSide::Source, failure(e.is_refusal())),
+        }
+        result
     }
 
     async fn prepare_incoming(
@@ -360,9 +385,12 @@ impl CloudletOps for Daemon {
         offer: cloudlet_api::HandoffOffer,
     ) -> Result<cloudlet_api::HandoffPrepared, ReceiveHandoffError> {
         let span = tracing::info_span!("handoff", side = "destination", vm_id = %offer.vm_id, handoff_id = %offer.handoff_id);
-        destination::prepare_incoming(&self.cloudlet, &self.arrivals, offer)
+        let t = Instant::now();
+        let r = destination::prepare_incoming(&self.cloudlet, &self.arrivals, offer)
             .instrument(span)
-            .await
+            .await;
+        self.arrival_metrics("prepare", t, &r);
+        r
     }
 
     async fn receive_stream(
@@ -370,18 +398,27 @@ impl CloudletOps for Daemon {
         hid: &str,
         body: ByteStream,
     ) -> Result<cloudlet_api::HandoffLoaded, ReceiveHandoffError> {
-        destination::receive_stream(&self.cloudlet, &self.arrivals, hid, body)
+        let t = Instant::now();
+        let r = destination::receive_stream(&self.cloudlet, &self.arrivals, hid, body)
             .instrument(self.destination_span(hid))
-            .await
+            .await;
+        self.arrival_metrics("receive", t, &r);
+        r
     }
 
     async fn commit_incoming(
         &self,
         hid: &str,
     ) -> Result<cloudlet_api::HandoffCommitted, ReceiveHandoffError> {
-        destination::commit_incoming(&self.cloudlet, &self.arrivals, hid)
+        let t = Instant::now();
+        let r = destination::commit_incoming(&self.cloudlet, &self.arrivals, hid)
             .instrument(self.destination_span(hid))
-            .await
+            .await;
+        self.arrival_metrics("commit", t, &r);
+        if r.is_ok() {
+            self.cloudlet.metrics.handoff_arrived();
+        }
+        r
     }
 
     async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {

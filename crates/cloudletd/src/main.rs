@@ -1,9 +1,15 @@
 //! `cloudletd`: the daemon of one cloudlet (thin: see the library).
+//!
+//! Logs go to stdout: `CLOUDLET_LOG` filters them (`tracing` directives,
+//! default `info`), `--log-format`/`CLOUDLET_LOG_FORMAT` picks their form:
+//! `text` for a person, `json` for a program (one JSON object a line, the
+//! event's fields under `fields`, its message as `fields.message`, e.g.
+//! the handoff's `downtime mark` lines that `handoff-bench` reads).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use cloudletd::{Cloudlet, CloudletConfig};
 
 #[derive(Parser)]
@@ -32,9 +38,19 @@ struct Args {
     /// Bearer token for changes (added to the config's).
     #[arg(long, env = "CLOUDLET_TOKEN")]
     token: Option<String>,
+    /// Form of the log lines (stdout): text, or JSON (one object a line,
+    /// for programs that read the log).
+    #[arg(long, env = "CLOUDLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     openapi: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[tokio::main]
@@ -44,12 +60,15 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", cloudletd::api::openapi_json());
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CLOUDLET_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLOUDLET_LOG")
+        .unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
     let mut config = match &args.config {
         Some(p) => CloudletConfig::load(p)?,
         None => CloudletConfig::default(),

@@ -210,7 +210,7 @@ impl Cloudlet {
                 e.record.clone()
             };
             tracing::error!(vm_id = %id, "VM died: {:?}", rec.error);
-            me.metrics.vm_deaths.inc();
+            me.metrics.vm_died();
             if let Err(e) = me.store.put(&rec) {
                 tracing::error!(vm_id = %id, "cannot record VM death: {e}");
             }

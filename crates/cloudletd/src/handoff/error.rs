@@ -83,6 +83,23 @@ pub enum HandoffError {
     Store(#[from] crate::core::store::StoreError),
 }
 
+impl HandoffError {
+    /// The handoff was refused (by this cloudlet or the destination)
+    /// rather than failed on the way.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            HandoffError::NotFound(_)
+                | HandoffError::NotRunning { .. }
+                | HandoffError::StillStarting(_)
+                | HandoffError::NoToken(_)
+                | HandoffError::Refused { .. }
+                | HandoffError::MemoryDiffers { .. }
+                | HandoffError::NotRepaired { .. }
+        )
+    }
+}
+
 /// Why a call of the destination's side (`/v1/handoff/...`) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveHandoffError {
@@ -157,4 +174,24 @@ pub enum ReceiveHandoffError {
     Io(#[from] std::io::Error),
     #[error("State store: {0}")]
     Store(#[from] crate::core::store::StoreError),
+}
+
+impl ReceiveHandoffError {
+    /// A definite no from this cloudlet (the offer or the commit refused),
+    /// rather than a failure on the way.
+    pub fn is_refusal(&self) -> bool {
+        use ReceiveHandoffError as R;
+        matches!(
+            self,
+            R::BaseNotHeld(_)
+                | R::Exists(_)
+                | R::Protocol { .. }
+                | R::StaleGeneration { .. }
+                | R::WrongStage { .. }
+                | R::NotCommitted(_)
+                | R::MemoryDiffers(_)
+                | R::TooDifferent(_)
+                | R::Unverified
+        )
+    }
 }
