@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::qmp::{QmpClient, QmpError};
+use crate::qmp::{QmpClient, QmpError, QmpEvent};
 
 /// `MigrationStatus`: where a migration is, as `query-migrate` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -399,6 +399,29 @@ impl QmpClient {
         timeout: Duration,
         poll: Duration,
     ) -> Result<MigrationInfo, QmpError> {
+        self.wait_migration_until(timeout, poll, None).await
+    }
+
+    /// As [`QmpClient::wait_migration_info`], but QEMU's MIGRATION events
+    /// (capability `events`) wake it at once; the status is still read
+    /// with `query-migrate` (an event lost or never sent costs at most a
+    /// 100 ms poll).
+    pub async fn wait_migration_woken(
+        &self,
+        events: &mut tokio::sync::broadcast::Receiver<QmpEvent>,
+        timeout: Duration,
+    ) -> Result<MigrationInfo, QmpError> {
+        self.wait_migration_until(timeout, Duration::from_millis(100), Some(events))
+            .await
+    }
+
+    async fn wait_migration_until(
+        &self,
+        timeout: Duration,
+        poll: Duration,
+        mut events: Option<&mut tokio::sync::broadcast::Receiver<QmpEvent>>,
+    ) -> Result<MigrationInfo, QmpError> {
+        use tokio::sync::broadcast::error::RecvError;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let info = self.query_migrate().await?;
@@ -411,7 +434,22 @@ impl QmpClient {
                     timeout,
                 });
             }
-            tokio::time::sleep(poll).await;
+            let wake = (tokio::time::Instant::now() + poll).min(deadline);
+            let Some(events) = events.as_deref_mut() else {
+                tokio::time::sleep_until(wake).await;
+                continue;
+            };
+            loop {
+                match tokio::time::timeout_at(wake, events.recv()).await {
+                    Err(_) => break,
+                    Ok(Err(RecvError::Closed)) => {
+                        tokio::time::sleep_until(wake).await;
+                        break;
+                    }
+                    Ok(Ok(ev)) if ev.event == "MIGRATION" => break,
+                    Ok(_) => {}
+                }
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cloudlet_qemu::{MigrationInfo, QmpClient, QmpError, QmpEvent};
+use cloudlet_qemu::QmpEvent;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
@@ -33,43 +33,6 @@ pub(super) async fn wait_tick(
                 }
             }
             Ok(Ok(_)) => {}
-        }
-    }
-}
-
-/// `QmpClient::wait_migration` without its 20 ms polling: QEMU's MIGRATION
-/// event (capability `events`, set by both sides) wakes us; the status is
-/// still read with `query-migrate` (an event lost or never sent costs at
-/// most `POLL`).
-pub(super) async fn wait_migration_done(
-    q: &QmpClient,
-    events: &mut broadcast::Receiver<QmpEvent>,
-    timeout: Duration,
-) -> Result<MigrationInfo, QmpError> {
-    const POLL: Duration = Duration::from_millis(100);
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let info = q.query_migrate().await?;
-        if let Some(done) = info.outcome() {
-            return done.map(|()| info);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(QmpError::Timeout {
-                command: "migrate".into(),
-                timeout,
-            });
-        }
-        let wake = (tokio::time::Instant::now() + POLL).min(deadline);
-        loop {
-            match tokio::time::timeout_at(wake, events.recv()).await {
-                Err(_) => break,
-                Ok(Err(broadcast::error::RecvError::Closed)) => {
-                    tokio::time::sleep_until(wake).await;
-                    break;
-                }
-                Ok(Ok(ev)) if ev.event == "MIGRATION" => break,
-                Ok(_) => {}
-            }
         }
     }
 }

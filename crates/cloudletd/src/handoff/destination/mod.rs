@@ -262,6 +262,23 @@ impl Arrivals {
     }
 }
 
+/// The next chunk of a session body; `None` at its end. A source behind a
+/// cut link sends nothing, and nothing tells us: after a quiet spell of
+/// [`STREAM_IDLE_TIMEOUT`] the session fails (and the arrival is
+/// discarded).
+async fn next_chunk<S, E>(body: &mut S) -> Result<Option<bytes::Bytes>, ReceiveHandoffError>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    use futures::StreamExt;
+    let next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, body.next())
+        .await
+        .map_err(|_| ReceiveHandoffError::Idle(STREAM_IDLE_TIMEOUT))?;
+    next.transpose()
+        .map_err(|e| ReceiveHandoffError::Body(e.to_string()))
+}
+
 /// An arrival that will not run here: its record goes, and the one the VM
 /// had before it came back (if any) returns.
 fn forget_arrival(c: &Cloudlet, vm_id: &str, previous: Option<VmRecord>) {

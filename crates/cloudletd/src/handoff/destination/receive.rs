@@ -15,12 +15,12 @@ use cloudlet_handoff::memcheck::{self, IncrementalDigest, MemoryDigest, RamFile}
 use cloudlet_handoff::session::{SessionFrame, SessionReader};
 use cloudlet_handoff::{Decoder, DecoderConfig};
 use cloudlet_qemu::{QmpEvent, Vm};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast;
 
 use super::verify::{load_and_digest, socket_unread, verdict, SourceDigest, StopDigestOnDrop};
-use super::{Arrivals, Stage, STREAM_IDLE_TIMEOUT};
+use super::{next_chunk, Arrivals, Stage};
 use crate::core::cloudlet::Cloudlet;
 use crate::handoff::{base_memory, drop_later, mark, AbortOnDrop, ReceiveHandoffError};
 
@@ -191,14 +191,7 @@ impl Receiver {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        loop {
-            // A source behind a cut link sends nothing, and nothing tells
-            // us: give up (and discard the arrival) after a quiet spell.
-            let next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, body.next())
-                .await
-                .map_err(|_| ReceiveHandoffError::Idle(STREAM_IDLE_TIMEOUT))?;
-            let Some(chunk) = next else { break };
-            let chunk = chunk.map_err(|e| ReceiveHandoffError::Body(e.to_string()))?;
+        while let Some(chunk) = next_chunk(&mut body).await? {
             self.received
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             for f in self.reader.feed(&chunk)? {

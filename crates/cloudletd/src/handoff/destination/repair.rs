@@ -11,9 +11,9 @@ use bytes::Bytes;
 use cloudlet_api::HandoffLoaded;
 use cloudlet_handoff::memcheck::{self, RamFile};
 use cloudlet_handoff::session::{SessionFrame, SessionReader};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 
-use super::{Arrivals, Stage, STREAM_IDLE_TIMEOUT};
+use super::{next_chunk, Arrivals, Stage};
 use crate::handoff::{digest_name, read_full, ReceiveHandoffError};
 
 /// What a repair wrote.
@@ -53,12 +53,7 @@ where
         .open(&path)?;
     let mut reader = SessionReader::new();
     let mut w = Written::default();
-    loop {
-        let next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, body.next())
-            .await
-            .map_err(|_| ReceiveHandoffError::Idle(STREAM_IDLE_TIMEOUT))?;
-        let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(|e| ReceiveHandoffError::Body(e.to_string()))?;
+    while let Some(chunk) = next_chunk(&mut body).await? {
         for f in reader.feed(&chunk)? {
             match f {
                 SessionFrame::MemoryPages { offset, data } => {

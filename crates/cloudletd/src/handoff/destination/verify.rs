@@ -15,7 +15,6 @@ use tokio::sync::broadcast;
 
 use super::Stage;
 use crate::core::cloudlet::Cloudlet;
-use crate::handoff::events::wait_migration_done;
 use crate::handoff::{digest_name, mark, read_full, ReceiveHandoffError};
 
 /// The source's digest of its memory at the switchover, as its frame said.
@@ -131,7 +130,9 @@ pub(super) async fn load_and_digest(
         tokio::task::JoinHandle<memcheck::DigestProgress>,
     )>,
 ) -> Result<Option<MemoryDigest>, ReceiveHandoffError> {
-    wait_migration_done(vm.qmp(), &mut events, Duration::from_secs(60)).await?;
+    vm.qmp()
+        .wait_migration_woken(&mut events, Duration::from_secs(60))
+        .await?;
     mark(&vm_id, "dst_qemu_loaded");
     let Some((inc, background)) = digest else {
         return Ok(None);

@@ -10,7 +10,7 @@ use cloudlet_qemu::{MigrationStatus, RamStats};
 use super::disk::{dirty_count, dirty_extents};
 use super::precopy::UNCAPPED;
 use super::{Moving, Source};
-use crate::handoff::events::{drain_stops, wait_migration_done};
+use crate::handoff::events::drain_stops;
 use crate::handoff::{mark, now_us, phase, HandoffError};
 use crate::throttle::DutyCycle;
 
@@ -96,7 +96,10 @@ impl Source {
         let raw_bytes = reader.await??;
         tracing::info!(vm_id = %self.id, after_switch_ms = self.since_switch_ms(), "stream read to the end");
         mark(&self.id, "src_reader_joined");
-        wait_migration_done(self.vm.qmp(), &mut self.events, Duration::from_secs(30)).await?;
+        self.vm
+            .qmp()
+            .wait_migration_woken(&mut self.events, Duration::from_secs(30))
+            .await?;
         mark(&self.id, "src_qemu_completed");
         if !switched {
             return Err(HandoffError::NeverPaused);
