@@ -29,17 +29,23 @@ pub struct Peer {
     hid: String,
 }
 
+/// A client for calls to destinations: no Nagle (small answers sit inside
+/// a VM's downtime); `idle`: how long an idle connection is kept.
+fn build_client(idle: Option<Duration>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
+    if let Some(idle) = idle {
+        b = b.pool_idle_timeout(idle);
+    }
+    b.build().unwrap_or_default()
+}
+
 /// One client for all calls to destinations: the calls reuse connections
 /// (a round trip less in the downtime).
 fn http_client() -> &'static reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_default()
-    })
+    CLIENT.get_or_init(|| build_client(None))
 }
 
 /// A client only for commits, whose connection is opened (and kept warm,
@@ -48,14 +54,7 @@ fn http_client() -> &'static reqwest::Client {
 /// tail.
 fn commit_client() -> &'static reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(600))
-            .build()
-            .unwrap_or_default()
-    })
+    CLIENT.get_or_init(|| build_client(Some(Duration::from_secs(600))))
 }
 
 impl Peer {
