@@ -4,6 +4,8 @@
 //! Compatibility rule: within `/v1`, fields are only added, never removed or
 //! renamed, and new fields have defaults, so old clients keep working.
 
+pub mod directory;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
