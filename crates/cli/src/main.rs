@@ -49,6 +49,9 @@ enum Command {
     /// The overlay registry of the cloud tier: serve, push, list.
     #[command(subcommand)]
     Registry(cmd::registry::RegistryCommand),
+    /// The directory of the cloud tier: cloudlets register, devices search.
+    #[command(subcommand)]
+    Directory(cmd::directory::DirectoryCommand),
     /// What this machine has for cloudlet and what it lacks, each with what
     /// to do about it; exits non-zero when the main job cannot run.
     Doctor(cmd::doctor::DoctorArgs),
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
                 cmd::remote::handoff(&cli.target.client(&home), a, cli.output).await
             }
             Command::Registry(c) => cmd::registry::run(c, cli.output).await,
+            Command::Directory(c) => cmd::directory::run(c, &home, cli.output).await,
             Command::Doctor(a) => {
                 let code = cmd::doctor::run(a, &home, cli.output).await?;
                 std::process::exit(code)

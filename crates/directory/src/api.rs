@@ -69,9 +69,11 @@ impl From<HeartbeatError> for Failure {
             HeartbeatError::Invalid(_) => {
                 failure(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
             }
-            HeartbeatError::Store(_) => {
-                failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
-            }
+            HeartbeatError::Store(_) => failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            ),
         }
     }
 }
@@ -83,9 +85,11 @@ impl From<DeregisterError> for Failure {
             DeregisterError::NotFound(_) => {
                 failure(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
-            DeregisterError::Store(_) => {
-                failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
-            }
+            DeregisterError::Store(_) => failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            ),
         }
     }
 }
@@ -124,12 +128,7 @@ pub fn router(dir: Arc<Directory>) -> Router {
         .route("/v1/health", get(health))
         .route(
             "/openapi.json",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "application/json")],
-                    openapi_json(),
-                )
-            }),
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
         .with_state(dir)
 }
@@ -252,7 +251,9 @@ fn watch_stream(
         .map(|e| Ok(event(&e)))
         .collect();
     let live = BroadcastStream::new(rx)
-        .take_while(|r| futures::future::ready(!matches!(r, Err(BroadcastStreamRecvError::Lagged(_)))))
+        .take_while(|r| {
+            futures::future::ready(!matches!(r, Err(BroadcastStreamRecvError::Lagged(_))))
+        })
         .filter_map(move |r| {
             futures::future::ready(match r {
                 Ok(ev) if ev.revision > revision => Some(Ok(event(&ev))),

@@ -103,7 +103,8 @@ impl DirectoryConfig {
         }
         if !self.etcd.is_empty() && self.lease_ms < 2_000 {
             return Err(ConfigError::Invalid(
-                "with etcd, lease_ms must be at least 2000 (etcd leases count whole seconds)".into(),
+                "with etcd, lease_ms must be at least 2000 (etcd leases count whole seconds)"
+                    .into(),
             ));
         }
         for c in &self.cloudlets {

@@ -86,9 +86,12 @@ impl Serving {
     }
 
     /// Serve until `shutdown` resolves, then write what is still in memory.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let app = api::router(self.directory.clone())
-            .into_make_service_with_connect_info::<SocketAddr>();
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let app =
+            api::router(self.directory.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(addr = %self.addr, store = self.directory.store.kind(), "directory serving");
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)

@@ -117,7 +117,10 @@ pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
 }
 
 fn band(km: f64) -> usize {
-    BANDS_KM.iter().position(|b| km < *b).unwrap_or(BANDS_KM.len())
+    BANDS_KM
+        .iter()
+        .position(|b| km < *b)
+        .unwrap_or(BANDS_KM.len())
 }
 
 fn band_label(b: usize) -> String {
@@ -147,11 +150,7 @@ impl Scored<'_> {
             .then(o.cached.cmp(&self.cached))
             .then(o.fits.cmp(&self.fits))
             .then(self.e.reg.load.total_cmp(&o.e.reg.load))
-            .then(
-                self.km
-                    .unwrap_or(0.0)
-                    .total_cmp(&o.km.unwrap_or(0.0)),
-            )
+            .then(self.km.unwrap_or(0.0).total_cmp(&o.km.unwrap_or(0.0)))
             .then(self.e.reg.name.cmp(&o.e.reg.name))
     }
 
@@ -176,8 +175,14 @@ fn fit(e: &Entry, s: &Search) -> Result<u32, String> {
     }
     let fits_flavor = |f: &Flavor| {
         let by_cpu = r.free.vcpus.checked_div(f.vcpus.max(1)).unwrap_or(0);
-        let by_mem = r.free.memory_mib.checked_div(f.memory_mib.max(1)).unwrap_or(0);
-        by_cpu.min(by_mem.min(u32::MAX as u64) as u32).min(r.free.vms)
+        let by_mem = r
+            .free
+            .memory_mib
+            .checked_div(f.memory_mib.max(1))
+            .unwrap_or(0);
+        by_cpu
+            .min(by_mem.min(u32::MAX as u64) as u32)
+            .min(r.free.vms)
     };
     let fits = match &s.flavor {
         Some(name) => {
@@ -186,7 +191,12 @@ fn fit(e: &Entry, s: &Search) -> Result<u32, String> {
             };
             fits_flavor(f)
         }
-        None => r.flavors.iter().map(fits_flavor).max().unwrap_or(r.free.vms),
+        None => r
+            .flavors
+            .iter()
+            .map(fits_flavor)
+            .max()
+            .unwrap_or(r.free.vms),
     };
     if fits == 0 {
         return Err(match &s.flavor {
@@ -223,9 +233,9 @@ pub fn search(st: &IndexState, s: &Search, now: Instant) -> SearchAnswer {
     let mut fitting: Vec<Scored> = Vec::new();
     let mut left_out: Vec<(Scored, String)> = Vec::new();
     for e in st.entries.values().filter(|e| e.live(now)) {
-        let km = s.near.map(|p| {
-            distance_km(p, (e.reg.location.latitude, e.reg.location.longitude))
-        });
+        let km = s
+            .near
+            .map(|p| distance_km(p, (e.reg.location.latitude, e.reg.location.longitude)));
         let scored = |fits| Scored {
             e,
             net: network_of(e, s.client),
@@ -336,5 +346,48 @@ fn candidate(rank: usize, c: &Scored, s: &Search) -> Candidate {
         release: r.release.clone(),
         handoff_protocol: r.handoff_protocol,
         reasons,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distances_and_bands() {
+        // Pittsburgh to New York: about 506 km.
+        let d = distance_km((40.4406, -79.9959), (40.7128, -74.0060));
+        assert!((d - 506.0).abs() < 5.0, "{d}");
+        assert_eq!(distance_km((1.0, 2.0), (1.0, 2.0)), 0.0);
+        assert_eq!(band(3.0), 0);
+        assert_eq!(band(10.0), 1);
+        assert_eq!(band(20_000.0), 5);
+        assert_eq!(band_label(5), ">= 5000 km");
+    }
+
+    #[test]
+    fn a_query_is_checked() {
+        let q = |lat, lon, n| SearchQuery {
+            lat,
+            lon,
+            n,
+            ..SearchQuery::default()
+        };
+        assert_eq!(
+            Search::from_query(&q(Some(1.0), None, None), None).unwrap_err(),
+            SearchError::HalfLocation
+        );
+        assert_eq!(
+            Search::from_query(&q(Some(91.0), Some(0.0), None), None).unwrap_err(),
+            SearchError::LocationRange
+        );
+        assert_eq!(
+            Search::from_query(&q(None, None, Some(101)), None).unwrap_err(),
+            SearchError::BadCount
+        );
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let s = Search::from_query(&q(None, None, None), Some(mapped)).unwrap();
+        assert_eq!(s.client, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(s.n, DEFAULT_N);
     }
 }

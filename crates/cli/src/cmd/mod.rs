@@ -1,4 +1,5 @@
 pub mod base;
+pub mod directory;
 pub mod doctor;
 pub mod overlay;
 pub mod registry;

@@ -50,6 +50,22 @@ pub struct Embedded {
     index: Index,
     /// Names whose entry changed (or left) since the last commit.
     dirty: Arc<Mutex<HashSet<String>>>,
+    /// The sweeper and the writer: stopped with the store, so that the
+    /// file is closed when the store is dropped (and can be opened again).
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -104,6 +120,7 @@ impl Embedded {
             path: path.to_path_buf(),
             index,
             dirty: Arc::default(),
+            tasks: Mutex::default(),
         };
         store.start();
         Ok(store)
@@ -123,7 +140,7 @@ impl Embedded {
     fn start(&self) {
         let index = self.index.clone();
         let dirty = self.dirty.clone();
-        tokio::spawn(async move {
+        let sweeper = tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP);
             loop {
                 tick.tick().await;
@@ -134,17 +151,19 @@ impl Embedded {
                 }
             }
         });
+        // The writer holds the file only while it writes.
         let (db, index, dirty, path) = (
-            self.db.clone(),
+            Arc::downgrade(&self.db),
             self.index.clone(),
             self.dirty.clone(),
             self.path.clone(),
         );
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let mut tick = tokio::time::interval(FLUSH);
             loop {
                 tick.tick().await;
-                let (db, index, dirty) = (db.clone(), index.clone(), dirty.clone());
+                let Some(db) = db.upgrade() else { return };
+                let (index, dirty) = (index.clone(), dirty.clone());
                 let done =
                     tokio::task::spawn_blocking(move || write_dirty(&db, &index, &dirty)).await;
                 if let Ok(Err(e)) = done {
@@ -152,6 +171,10 @@ impl Embedded {
                 }
             }
         });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([sweeper, writer]);
     }
 
     pub async fn bind_credential(&self, name: &str, hash: &str) -> Result<Bind, StoreError> {
@@ -237,11 +260,7 @@ impl Embedded {
 }
 
 /// Commit the dirty entries (those gone are removed) in one transaction.
-fn write_dirty(
-    db: &Database,
-    index: &Index,
-    dirty: &Mutex<HashSet<String>>,
-) -> Result<(), String> {
+fn write_dirty(db: &Database, index: &Index, dirty: &Mutex<HashSet<String>>) -> Result<(), String> {
     let names: Vec<String> = std::mem::take(&mut *dirty.lock().unwrap_or_else(|p| p.into_inner()))
         .into_iter()
         .collect();
@@ -265,24 +284,23 @@ fn write_dirty(
             })
             .collect()
     };
-    let result = (|| -> Result<(), redb::Error> {
-        let tx = db.begin_write()?;
+    let result = (|| -> Result<(), Box<redb::Error>> {
+        let b = |e: redb::Error| Box::new(e);
+        let tx = db.begin_write().map_err(|e| b(e.into()))?;
         {
-            let mut t = tx.open_table(REGISTRATIONS)?;
+            let mut t = tx.open_table(REGISTRATIONS).map_err(|e| b(e.into()))?;
             for (n, v) in &rows {
                 match v {
-                    Some(v) => {
-                        t.insert(n.as_str(), v.as_slice())?;
-                    }
-                    None => {
-                        t.remove(n.as_str())?;
-                    }
+                    Some(v) => t.insert(n.as_str(), v.as_slice()).map(drop),
+                    None => t.remove(n.as_str()).map(drop),
                 }
+                .map_err(|e| b(e.into()))?;
             }
-            let mut m = tx.open_table(META)?;
-            m.insert("revision", index.revision())?;
+            let mut m = tx.open_table(META).map_err(|e| b(e.into()))?;
+            m.insert("revision", index.revision())
+                .map_err(|e| b(e.into()))?;
         }
-        tx.commit()?;
+        tx.commit().map_err(|e| b(e.into()))?;
         Ok(())
     })();
     if let Err(e) = result {

@@ -35,7 +35,11 @@ impl Etcd {
         Err(self.unbuilt())
     }
 
-    pub async fn heartbeat(&self, _reg: Registration, _lease: Duration) -> Result<Upsert, StoreError> {
+    pub async fn heartbeat(
+        &self,
+        _reg: Registration,
+        _lease: Duration,
+    ) -> Result<Upsert, StoreError> {
         Err(self.unbuilt())
     }
 

@@ -1,0 +1,309 @@
+//! The directory with its embedded store, over real HTTP: registration and
+//! credentials, the ranking and its reasons, lease expiry, restart, watch.
+
+use std::time::{Duration, Instant};
+
+use cloudlet_api::directory::{HeldBase, Lease, Registration, SearchAnswer};
+use cloudlet_api::{Flavor, Location, Resources};
+use cloudlet_directory::{DirectoryConfig, Serving};
+use futures::StreamExt;
+
+struct Running {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+async fn start(store: &std::path::Path, heartbeat_ms: u64, lease_ms: u64) -> Running {
+    let config = DirectoryConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        store: store.to_path_buf(),
+        heartbeat_ms,
+        lease_ms,
+        ..DirectoryConfig::default()
+    };
+    let serving = Serving::bind(config).await.unwrap();
+    let url = format!("http://{}", serving.addr);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        serving
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running {
+        url,
+        stop: Some(tx),
+        done,
+    }
+}
+
+impl Running {
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.await.unwrap();
+    }
+}
+
+fn reg(name: &str, lat: f64, lon: f64, bases: &[&str], free_vms: u32) -> Registration {
+    Registration {
+        format: 1,
+        name: name.into(),
+        api_url: format!("http://{name}.example:7450"),
+        public_host: format!("{name}.example"),
+        location: Location {
+            label: name.into(),
+            latitude: lat,
+            longitude: lon,
+        },
+        networks: vec![],
+        base_vms: bases
+            .iter()
+            .map(|b| HeldBase {
+                name: b.to_string(),
+                id: format!("id-{b}"),
+            })
+            .collect(),
+        obtainable_bases: vec![],
+        overlays_cached: vec![],
+        flavors: vec![Flavor {
+            name: "small".into(),
+            vcpus: 1,
+            memory_mib: 512,
+        }],
+        capacity: Resources {
+            vcpus: 8,
+            memory_mib: 8192,
+            vms: 8,
+        },
+        free: Resources {
+            vcpus: free_vms,
+            memory_mib: 512 * free_vms as u64,
+            vms: free_vms,
+        },
+        load: 0.1,
+        accel: "tcg".into(),
+        release: "test".into(),
+        handoff_protocol: 1,
+        peer_token: Some(format!("peer-{name}")),
+    }
+}
+
+async fn put(url: &str, token: &str, r: &Registration) -> reqwest::Response {
+    reqwest::Client::new()
+        .put(format!("{url}/v1/cloudlets/{}", r.name))
+        .bearer_auth(token)
+        .json(r)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn search(url: &str, q: &str) -> SearchAnswer {
+    let resp = reqwest::get(format!("{url}/v1/cloudlets?{q}"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    resp.json().await.unwrap()
+}
+
+fn names(a: &SearchAnswer) -> Vec<&str> {
+    a.candidates.iter().map(|c| c.name.as_str()).collect()
+}
+
+#[tokio::test]
+async fn ranking_filters_and_explains() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir.path().join("d.redb"), 5000, 12000).await;
+    // Pittsburgh: near (no base), near (full), 40 km, 300 km; one far in network.
+    let near_nobase = reg("near-nobase", 40.44, -79.99, &[], 4);
+    let near_full = reg("near-full", 40.45, -79.98, &["ubuntu"], 0);
+    let mid = reg("mid", 40.80, -79.99, &["ubuntu"], 4);
+    let far = reg("far", 42.0, -82.0, &["ubuntu"], 4);
+    let mut in_net = reg("in-net", 45.0, -75.0, &["ubuntu"], 1);
+    in_net.networks = vec!["10.9.0.0/16".into()];
+    for r in [&near_nobase, &near_full, &mid, &far, &in_net] {
+        let resp = put(&d.url, &format!("credential-of-{}", r.name), r).await;
+        assert_eq!(resp.status(), 200);
+        let lease: Lease = resp.json().await.unwrap();
+        assert!(lease.created);
+        assert_eq!(lease.lease_ms, 12000);
+    }
+
+    let a = search(&d.url, "lat=40.44&lon=-79.99&base=ubuntu&flavor=small").await;
+    assert_eq!(names(&a), ["mid", "far", "in-net"]);
+    assert_eq!(a.registered, 5);
+    let why: Vec<(&str, &str)> = a
+        .excluded
+        .iter()
+        .map(|e| (e.name.as_str(), e.why.as_str()))
+        .collect();
+    assert_eq!(why[0].0, "near-nobase");
+    assert!(why[0].1.contains("does not hold base ubuntu"), "{why:?}");
+    assert_eq!(why[1].0, "near-full");
+    assert!(why[1].1.contains("full"), "{why:?}");
+    assert!(a.candidates[0]
+        .reasons
+        .iter()
+        .any(|r| r.contains("band < 50 km")));
+
+    // A device inside in-net's network gets it first, whatever the distance.
+    let a = search(&d.url, "lat=40.44&lon=-79.99&base=id-ubuntu&addr=10.9.3.4").await;
+    assert_eq!(names(&a)[0], "in-net");
+    assert_eq!(a.candidates[0].network.as_deref(), Some("10.9.0.0/16"));
+    // Peer tokens never reach devices.
+    let text = reqwest::get(format!("{}/v1/cloudlets/mid", d.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("peer-mid"), "{text}");
+
+    // Within a band, a cached overlay wins over more room.
+    let mut mid2 = reg("mid2", 40.81, -79.99, &["ubuntu"], 1);
+    mid2.overlays_cached = vec!["http://r/v1/overlays/app".into()];
+    assert_eq!(put(&d.url, "credential-of-mid2", &mid2).await.status(), 200);
+    let a = search(
+        &d.url,
+        "lat=40.44&lon=-79.99&base=ubuntu&overlay=http://r/v1/overlays/app&n=2",
+    )
+    .await;
+    assert_eq!(names(&a), ["mid2", "mid"]);
+    assert!(a.candidates[0].overlay_cached);
+
+    // Bad queries are refused with the reason.
+    let resp = reqwest::get(format!("{}/v1/cloudlets?lat=1", d.url))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = reqwest::get(format!("{}/v1/cloudlets?n=0", d.url))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_name_is_bound_to_its_credential_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.redb");
+    let d = start(&path, 5000, 12000).await;
+    let r = reg("edge-a", 1.0, 1.0, &["b"], 2);
+    assert_eq!(put(&d.url, "the-credential-of-a", &r).await.status(), 200);
+    assert_eq!(put(&d.url, "someone-else-entirely", &r).await.status(), 403);
+    let resp = reqwest::Client::new()
+        .put(format!("{}/v1/cloudlets/edge-a", d.url))
+        .json(&r)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // A body that names another cloudlet than the path: refused.
+    let mut other = r.clone();
+    other.name = "edge-b".into();
+    let resp = reqwest::Client::new()
+        .put(format!("{}/v1/cloudlets/edge-a", d.url))
+        .bearer_auth("the-credential-of-a")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    d.stop().await;
+
+    // Restarted on the same file: the entry and the binding are there.
+    let d = start(&path, 5000, 12000).await;
+    assert_eq!(names(&search(&d.url, "").await), ["edge-a"]);
+    assert_eq!(put(&d.url, "someone-else-entirely", &r).await.status(), 403);
+    let lease: Lease = put(&d.url, "the-credential-of-a", &r)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(!lease.created);
+    // Peers: only for a registered cloudlet, with the tokens.
+    let b = reg("edge-b", 1.0, 1.1, &["b"], 2);
+    assert_eq!(put(&d.url, "the-credential-of-b", &b).await.status(), 200);
+    let peers: cloudlet_api::directory::PeerList = reqwest::Client::new()
+        .get(format!("{}/v1/cloudlets/edge-a/peers", d.url))
+        .bearer_auth("the-credential-of-a")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(peers.peers.len(), 1);
+    assert_eq!(peers.peers[0].peer_token.as_deref(), Some("peer-edge-b"));
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/cloudlets/edge-a/peers", d.url))
+        .bearer_auth("the-credential-of-b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    // Deregistered: gone from answers and from the store.
+    let resp = reqwest::Client::new()
+        .delete(format!("{}/v1/cloudlets/edge-a", d.url))
+        .bearer_auth("the-credential-of-a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(names(&search(&d.url, "").await), ["edge-b"]);
+    d.stop().await;
+    let d = start(&path, 5000, 12000).await;
+    assert_eq!(names(&search(&d.url, "").await), ["edge-b"]);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_cloudlet_leaves_within_its_lease_and_watchers_see_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&dir.path().join("d.redb"), 200, 500).await;
+    let watch = reqwest::get(format!("{}/v1/watch", d.url)).await.unwrap();
+    assert_eq!(watch.status(), 200);
+    let mut events = watch.bytes_stream();
+    let alive = reg("alive", 1.0, 1.0, &[], 2);
+    let silent = reg("silent", 1.0, 1.0, &[], 2);
+    put(&d.url, "credential-alive-1", &alive).await;
+    put(&d.url, "credential-silent-1", &silent).await;
+    let last = Instant::now();
+    // `alive` heartbeats every 200 ms; `silent` stops.
+    let mut gone_after = None;
+    while last.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        put(&d.url, "credential-alive-1", &alive).await;
+        let a = search(&d.url, "").await;
+        if gone_after.is_none() && !names(&a).contains(&"silent") {
+            gone_after = Some(last.elapsed());
+        }
+        assert!(names(&a).contains(&"alive"));
+    }
+    let gone = gone_after.expect("the silent cloudlet stayed");
+    assert!(
+        gone >= Duration::from_millis(400) && gone < Duration::from_millis(900),
+        "left after {gone:?} with a 500 ms lease"
+    );
+    // The watch told: snapshot, two registrations, the expiry.
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !text.contains("\"expired\"") && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), events.next()).await {
+            Ok(Some(Ok(b))) => text.push_str(&String::from_utf8_lossy(&b)),
+            _ => break,
+        }
+    }
+    assert!(text.contains("\"snapshot\""), "{text}");
+    assert!(text.contains("\"registered\""), "{text}");
+    assert!(
+        text.contains("\"expired\"") && text.contains("silent"),
+        "{text}"
+    );
+    // The server's graceful stop waits for open streams.
+    drop(events);
+    d.stop().await;
+}
