@@ -298,3 +298,18 @@ pub struct AppInfo {
     #[serde(default)]
     pub command: Option<String>,
 }
+
+/// The OpenAPI security scheme of every cloudlet service (`bearer`: an
+/// `Authorization: Bearer <token>` header), for `#[openapi(modifiers(..))]`.
+pub struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = openapi.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

@@ -25,7 +25,7 @@ use cloudlet_api::directory::{
     Candidate, DirectoryHealth, Excluded, HeldBase, Lease, PeerList, Registration, SearchAnswer,
     SearchQuery, WatchEvent, WatchKind, WatchQuery,
 };
-use cloudlet_api::ApiError;
+use cloudlet_api::{ApiError, BearerAuth};
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
@@ -282,18 +282,6 @@ pub async fn health(State(dir): Shared) -> Json<DirectoryHealth> {
     modifiers(&BearerAuth)
 )]
 pub struct DirectoryApiDoc;
-
-struct BearerAuth;
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let c = openapi.components.get_or_insert_with(Default::default);
-        c.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
 
 pub fn openapi_json() -> String {
     DirectoryApiDoc::openapi()

@@ -1,6 +1,6 @@
 //! The OpenAPI 3 document of the API.
 
-use cloudlet_api::{ApiError, BaseVmInfo, CloudletInfo, CreateVmRequest, VmInfo};
+use cloudlet_api::{ApiError, BaseVmInfo, BearerAuth, CloudletInfo, CreateVmRequest, VmInfo};
 
 use super::{bases, cloudlet, handoff, vms};
 use utoipa::OpenApi;
@@ -21,18 +21,6 @@ use utoipa::OpenApi;
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
-
-pub(super) struct BearerAuth;
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let c = openapi.components.get_or_insert_with(Default::default);
-        c.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
 
 /// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
 pub fn openapi_json() -> String {
