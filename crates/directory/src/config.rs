@@ -47,9 +47,7 @@ pub const DEFAULT_PORT: u16 = 7470;
 
 impl Default for DirectoryConfig {
     fn default() -> Self {
-        let home = std::env::var_os("CLOUDLET_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/cloudlet"));
+        let home = cloudlet_base::default_home();
         DirectoryConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             store: home.join("directory.redb"),

@@ -174,9 +174,9 @@ impl Index {
     /// Remove `name` (deregistered or expired). True if it was there.
     pub fn remove(&self, name: &str, kind: WatchKind, revision: Option<u64>) -> bool {
         let mut st = self.write();
-        let Some(old) = st.entries.remove(name) else {
+        if st.entries.remove(name).is_none() {
             return false;
-        };
+        }
         let rev = match revision {
             Some(r) => {
                 st.revision = st.revision.max(r);
@@ -187,7 +187,6 @@ impl Index {
                 st.revision
             }
         };
-        let _ = old;
         self.publish(
             &mut st,
             WatchEvent {
