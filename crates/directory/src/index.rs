@@ -65,6 +65,9 @@ pub fn parse_networks(cidrs: &[String]) -> Result<Vec<IpNet>, String> {
 pub struct IndexState {
     pub entries: HashMap<String, Entry>,
     pub revision: u64,
+    /// The store revision at which a name last left (etcd): an older put
+    /// replayed by the watch after that must not bring it back.
+    gone: HashMap<String, u64>,
     log: VecDeque<WatchEvent>,
 }
 
@@ -138,6 +141,11 @@ impl Index {
     pub fn upsert(&self, mut entry: Entry, revision: Option<u64>) -> Upsert {
         let mut st = self.write();
         let now = Instant::now();
+        if let (Some(r), Some(left)) = (revision, st.gone.get(&entry.reg.name)) {
+            if r <= *left {
+                return Upsert::Stale;
+            }
+        }
         let (outcome, kind) = match st.entries.get(&entry.reg.name) {
             Some(old) if revision.is_some_and(|r| r <= old.mod_revision) => {
                 return Upsert::Stale;
@@ -172,10 +180,18 @@ impl Index {
     }
 
     /// Remove `name` (deregistered or expired). True if it was there.
+    /// With a store revision older than the entry's, nothing happens (a
+    /// replayed removal of an entry written again since).
     pub fn remove(&self, name: &str, kind: WatchKind, revision: Option<u64>) -> bool {
         let mut st = self.write();
-        if st.entries.remove(name).is_none() {
-            return false;
+        match (st.entries.get(name), revision) {
+            (None, _) => return false,
+            (Some(e), Some(r)) if r < e.mod_revision => return false,
+            _ => {}
+        }
+        st.entries.remove(name);
+        if let Some(r) = revision {
+            st.gone.insert(name.to_string(), r);
         }
         let rev = match revision {
             Some(r) => {

@@ -3,115 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use cloudlet_api::directory::{HeldBase, Lease, Registration, SearchAnswer};
-use cloudlet_api::{Flavor, Location, Resources};
-use cloudlet_directory::{DirectoryConfig, Serving};
+use cloudlet_api::directory::Lease;
 use futures::StreamExt;
 
-struct Running {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-async fn start(store: &std::path::Path, heartbeat_ms: u64, lease_ms: u64) -> Running {
-    let config = DirectoryConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        store: store.to_path_buf(),
-        heartbeat_ms,
-        lease_ms,
-        ..DirectoryConfig::default()
-    };
-    let serving = Serving::bind(config).await.unwrap();
-    let url = format!("http://{}", serving.addr);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        serving
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running {
-        url,
-        stop: Some(tx),
-        done,
-    }
-}
-
-impl Running {
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.done.await.unwrap();
-    }
-}
-
-fn reg(name: &str, lat: f64, lon: f64, bases: &[&str], free_vms: u32) -> Registration {
-    Registration {
-        format: 1,
-        name: name.into(),
-        api_url: format!("http://{name}.example:7450"),
-        public_host: format!("{name}.example"),
-        location: Location {
-            label: name.into(),
-            latitude: lat,
-            longitude: lon,
-        },
-        networks: vec![],
-        base_vms: bases
-            .iter()
-            .map(|b| HeldBase {
-                name: b.to_string(),
-                id: format!("id-{b}"),
-            })
-            .collect(),
-        obtainable_bases: vec![],
-        overlays_cached: vec![],
-        flavors: vec![Flavor {
-            name: "small".into(),
-            vcpus: 1,
-            memory_mib: 512,
-        }],
-        capacity: Resources {
-            vcpus: 8,
-            memory_mib: 8192,
-            vms: 8,
-        },
-        free: Resources {
-            vcpus: free_vms,
-            memory_mib: 512 * free_vms as u64,
-            vms: free_vms,
-        },
-        load: 0.1,
-        accel: "tcg".into(),
-        release: "test".into(),
-        handoff_protocol: 1,
-        peer_token: Some(format!("peer-{name}")),
-    }
-}
-
-async fn put(url: &str, token: &str, r: &Registration) -> reqwest::Response {
-    reqwest::Client::new()
-        .put(format!("{url}/v1/cloudlets/{}", r.name))
-        .bearer_auth(token)
-        .json(r)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn search(url: &str, q: &str) -> SearchAnswer {
-    let resp = reqwest::get(format!("{url}/v1/cloudlets?{q}"))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
-    resp.json().await.unwrap()
-}
-
-fn names(a: &SearchAnswer) -> Vec<&str> {
-    a.candidates.iter().map(|c| c.name.as_str()).collect()
-}
+mod common;
+use common::{names, put, reg, search, start};
 
 #[tokio::test]
 async fn ranking_filters_and_explains() {

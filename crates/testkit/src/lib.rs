@@ -8,6 +8,7 @@
 //! small blocking client of this crate's own ([`client`]).
 
 pub mod client;
+pub mod etcd;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
