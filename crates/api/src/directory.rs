@@ -81,8 +81,29 @@ pub struct Registration {
     pub peer_token: Option<String>,
 }
 
+fn connected_default() -> bool {
+    true
+}
+
 fn registration_format() -> u32 {
     REGISTRATION_FORMAT
+}
+
+/// A cloudlet's view of its membership (in its `GET /v1/cloudlet`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Membership {
+    /// The directory instances it heartbeats to.
+    pub urls: Vec<String>,
+    /// Its last heartbeat landed and its lease has not run out since.
+    pub registered: bool,
+    /// How long ago the last heartbeat landed, ms.
+    pub last_heartbeat_ms_ago: Option<u64>,
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    /// Why the last heartbeat failed, while it is failing.
+    pub last_error: Option<String>,
+    /// The peers it learned from the directory (names), for handoffs.
+    pub peers: Vec<String>,
 }
 
 /// The directory's answer to a registration or heartbeat.
@@ -232,6 +253,11 @@ pub struct WatchQuery {
 pub struct DirectoryHealth {
     /// `embedded` or `etcd`.
     pub store: String,
+    /// The store answers and, with etcd, the watch that keeps this
+    /// instance's view current is running (false while etcd is out of
+    /// reach: answers may then be stale).
+    #[serde(default = "connected_default")]
+    pub store_connected: bool,
     pub registered: usize,
     pub revision: u64,
     pub heartbeat_ms: u64,

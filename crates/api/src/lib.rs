@@ -43,6 +43,10 @@ pub struct CloudletInfo {
     /// The handoff protocol this cloudlet speaks ([`HANDOFF_PROTOCOL`]).
     #[serde(default)]
     pub handoff_protocol: u32,
+    /// Its membership of the cloud tier's directory (none: no directory
+    /// configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<directory::Membership>,
 }
 
 /// A base VM this cloudlet holds (`GET /v1/base-vms`).
@@ -160,10 +164,11 @@ pub struct VmInfo {
 /// `POST /v1/vms/{id}/handoff`: move a running VM to another cloudlet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HandoffRequest {
-    /// API address of the destination cloudlet.
+    /// API address of the destination cloudlet, or its name in the
+    /// directory this cloudlet joined.
     pub destination: String,
     /// Bearer token the destination accepts (default: the one configured
-    /// for that peer).
+    /// for that peer, else the one the directory gave).
     #[serde(default)]
     pub token: Option<String>,
 }

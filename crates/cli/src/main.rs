@@ -49,6 +49,9 @@ enum Command {
     /// The overlay registry of the cloud tier: serve, push, list.
     #[command(subcommand)]
     Registry(cmd::registry::RegistryCommand),
+    /// Find the best cloudlet for an app through the directory: its
+    /// ranking, then the RTT measured from here.
+    Discover(cmd::discover::DiscoverArgs),
     /// The directory of the cloud tier: cloudlets register, devices search.
     #[command(subcommand)]
     Directory(cmd::directory::DirectoryCommand),
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
                 cmd::remote::handoff(&cli.target.client(&home), a, cli.output).await
             }
             Command::Registry(c) => cmd::registry::run(c, cli.output).await,
+            Command::Discover(a) => cmd::discover::discover(a, cli.output).await,
             Command::Directory(c) => cmd::directory::run(c, &home, cli.output).await,
             Command::Doctor(a) => {
                 let code = cmd::doctor::run(a, &home, cli.output).await?;

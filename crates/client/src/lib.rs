@@ -13,24 +13,29 @@
 //! ```
 
 use std::path::Path;
-use std::time::Duration;
 
-use cloudlet_api::{ApiError, BaseVmInfo, CloudletInfo, CreateVmRequest, VmInfo};
-use reqwest::{Method, StatusCode};
+use cloudlet_api::{BaseVmInfo, CloudletInfo, CreateVmRequest, VmInfo};
+use reqwest::Method;
 use serde::de::DeserializeOwned;
+
+pub mod directory;
+mod http;
+
+pub use directory::{Choice, DirectoryClient, Discovery, Probe, ProbeOptions};
+use http::{chain, Http};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("Cannot reach the cloudlet at {url}: {detail}")]
+    #[error("Cannot reach {url}: {detail}")]
     Connect { url: String, detail: String },
-    /// The cloudlet refused: its status and reason.
+    /// The cloudlet (or directory) refused: its status and reason.
     #[error("{message} ({status}, {kind})")]
     Api {
         status: u16,
         kind: String,
         message: String,
     },
-    #[error("Unexpected answer from the cloudlet: {0}")]
+    #[error("Unexpected answer: {0}")]
     Decode(String),
     #[error("Cannot read {path}: {detail}")]
     File { path: String, detail: String },
@@ -49,86 +54,40 @@ impl ClientError {
 /// A client of one cloudlet.
 #[derive(Debug, Clone)]
 pub struct Client {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    http: Http,
 }
 
 impl Client {
     pub fn new(base_url: &str, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_default();
         Client {
-            base: base_url.trim_end_matches('/').to_string(),
-            token,
-            http,
+            http: Http::new(base_url, token, Http::default_client()),
         }
     }
 
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.http.base
+    }
+
+    /// The same credentials, another cloudlet (one the directory chose).
+    pub fn at(&self, base_url: &str) -> Client {
+        Client {
+            http: self.http.rebased(base_url),
+        }
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self.http.request(method, format!("{}{}", self.base, path));
-        if let Some(t) = &self.token {
-            r = r.bearer_auth(t);
-        }
-        r
+        self.http.request(method, path)
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let resp = r.send().await.map_err(|e| ClientError::Connect {
-            url: self.base.clone(),
-            detail: chain(&e),
-        })?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<ApiError>(&text) {
-            Ok(e) => ClientError::Api {
-                status,
-                kind: e.kind,
-                message: e.error,
-            },
-            Err(_) => ClientError::Api {
-                status,
-                kind: "http".into(),
-                message: if text.is_empty() {
-                    StatusCode::from_u16(status)
-                        .map(|s| s.to_string())
-                        .unwrap_or_default()
-                } else {
-                    text
-                },
-            },
-        })
+        self.http.send(r).await
     }
 
     async fn json<T: DeserializeOwned>(
         &self,
         r: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        self.send(r)
-            .await?
-            .json()
-            .await
-            .map_err(|e| ClientError::Decode(chain(&e)))
+        self.http.json(r).await
     }
 
     pub async fn info(&self) -> Result<CloudletInfo, ClientError> {

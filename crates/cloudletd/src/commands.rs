@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use cloudlet_api::{
-    AppInfo, BaseVmInfo, CloudletInfo, CreateVmRequest, Resources, VmInfo, VmState,
-};
+use cloudlet_api::{AppInfo, BaseVmInfo, CloudletInfo, CreateVmRequest, VmInfo, VmState};
 
 use crate::core::cloudlet::{
     base_info, holds_resources, key_of, valid_name, BaseOpError, Cloudlet, CreateVmError, Entry,
@@ -120,22 +118,20 @@ impl Daemon {
 
 impl CloudletOps for Daemon {
     fn info(&self) -> CloudletInfo {
-        let used = self.cloudlet.used();
-        let cap = self.cloudlet.config.capacity;
         CloudletInfo {
             name: self.cloudlet.config.name.clone(),
             location: self.cloudlet.config.location.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
-            capacity: cap,
-            free: Resources {
-                vcpus: cap.vcpus.saturating_sub(used.vcpus),
-                memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
-                vms: cap.vms.saturating_sub(used.vms),
-            },
+            capacity: self.cloudlet.config.capacity,
+            free: self.cloudlet.free(),
             base_vms: self.list_bases().unwrap_or_default(),
             flavors: self.cloudlet.config.flavors.clone(),
             accel: self.cloudlet.accel.clone(),
             handoff_protocol: self.cloudlet.handoff_protocol(),
+            directory: self
+                .cloudlet
+                .directory
+                .status(&self.cloudlet.config.directory),
         }
     }
 

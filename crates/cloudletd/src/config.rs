@@ -31,8 +31,24 @@ pub struct CloudletConfig {
     pub host_ports: [u16; 2],
     /// Other cloudlets VMs may be handed off to, with the token each accepts.
     pub peers: Vec<Peer>,
-    /// This cloudlet's own API address as peers reach it (for records).
+    /// This cloudlet's own API address as devices and peers reach it (in
+    /// records and in the directory; default: `http://public_host:port`
+    /// of `listen`).
     pub advertise_url: Option<String>,
+    /// The cloud tier's directory: its instances' URLs (none: this
+    /// cloudlet does not join one). The cloudlet registers, heartbeats
+    /// what it holds and has free, learns its handoff peers there and
+    /// deregisters on shutdown (`crate::directory`).
+    pub directory: Vec<String>,
+    /// This cloudlet's credential at the directory (default: a random one
+    /// made once and kept in `home/directory-credential`).
+    pub directory_token: Option<String>,
+    /// Networks this cloudlet serves (CIDRs): devices in them are ranked
+    /// to it first.
+    pub networks: Vec<String>,
+    /// Base VMs (names or ids) it does not hold but can get: the
+    /// directory ranks it as holding them.
+    pub obtainable_bases: Vec<String>,
     /// Before a handoff commits, compare digests of the whole moved memory
     /// (per page and per MiB, `cloudlet_handoff::memcheck`): the destination
     /// resumes only an identical copy (the VM otherwise stays where it
@@ -114,6 +130,10 @@ impl Default for CloudletConfig {
             host_ports: [20000, 29999],
             peers: vec![],
             advertise_url: None,
+            directory: vec![],
+            directory_token: None,
+            networks: vec![],
+            obtainable_bases: vec![],
             verify_memory: true,
             handoff_repair_memory: true,
             handoff_test_corrupt_pages: 0,
@@ -143,6 +163,21 @@ impl CloudletConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("Invalid config {}: {e}", path.display()))
+    }
+
+    /// This cloudlet's API URL as others reach it: `advertise_url`, else
+    /// `http://` + `public_host` (when the API listens on a wildcard
+    /// address) or the address it listens on (`bound`: `listen` as bound,
+    /// its port known).
+    pub fn api_url(&self, bound: SocketAddr) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.trim_end_matches('/').to_string();
+        }
+        if bound.ip().is_unspecified() {
+            format!("http://{}:{}", self.public_host, bound.port())
+        } else {
+            format!("http://{bound}")
+        }
     }
 
     pub fn flavor(&self, name: &str) -> Option<&Flavor> {

@@ -13,12 +13,15 @@
 //!   early start: the VM resumes while its memory still arrives);
 //! - [`api`]: the REST API and its OpenAPI document;
 //! - [`handoff`] and [`throttle`]: live handoff to another cloudlet;
+//! - [`directory`]: joining the cloud tier's directory (register,
+//!   heartbeat, peers, deregister);
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod api;
 pub mod commands;
 pub mod config;
 pub mod core;
+pub mod directory;
 pub mod handoff;
 pub mod metrics;
 pub mod retry;
@@ -52,6 +55,10 @@ pub async fn serve(
     cloudlet: Arc<Cloudlet>,
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
+    if !cloudlet.config.directory.is_empty() {
+        let url = cloudlet.config.api_url(listener.local_addr()?);
+        tokio::spawn(directory::run(cloudlet.clone(), url));
+    }
     let state = Arc::new(api::AppState {
         tokens: cloudlet.config.tokens.clone(),
         spool: cloudlet.config.home.join("spool"),

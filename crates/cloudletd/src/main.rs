@@ -38,6 +38,10 @@ struct Args {
     /// Bearer token for changes (added to the config's).
     #[arg(long, env = "CLOUDLET_TOKEN")]
     token: Option<String>,
+    /// Join this directory: its instances' URLs, comma-separated (added to
+    /// the config's `directory`).
+    #[arg(long, env = "CLOUDLET_DIRECTORY", value_delimiter = ',')]
+    directory: Vec<String>,
     /// Form of the log lines (stdout): text, or JSON (one object a line,
     /// for programs that read the log).
     #[arg(long, env = "CLOUDLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(n) = args.name {
         config.name = n;
     }
+    config.directory.extend(args.directory);
     if let Some(t) = args.token {
         config.tokens.push(t);
     }
@@ -113,5 +118,29 @@ async fn main() -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         "cloudletd ready"
     );
-    cloudletd::serve(cloudlet, listener).await
+    tokio::select! {
+        r = cloudletd::serve(cloudlet.clone(), listener) => r,
+        sig = shutdown_signal() => {
+            // VMs keep running (their QEMUs are their own processes): the
+            // next cloudletd takes them over.
+            tracing::info!("{sig}: shutting down, VMs keep running");
+            cloudletd::directory::leave(&cloudlet, std::time::Duration::from_secs(2)).await;
+            Ok(())
+        }
+    }
+}
+
+/// SIGTERM or SIGINT, by name.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
 }

@@ -245,6 +245,7 @@ impl Directory {
         let index = self.store.index();
         DirectoryHealth {
             store: self.store.kind().into(),
+            store_connected: self.store.connected(),
             registered: index.len(),
             revision: index.revision(),
             heartbeat_ms: self.config.heartbeat_ms,

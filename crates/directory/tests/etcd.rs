@@ -122,6 +122,40 @@ async fn two_instances_on_one_etcd_serve_one_view() {
         assert!(text.contains(&format!("\"{kind}\"")), "no {kind}: {text}");
     }
     drop(events);
+
+    // etcd gone: the health says so, and searches are still answered
+    // (from the last view) instead of failing.
+    let health = |url: String| async move {
+        reqwest::get(format!("{url}/v1/health"))
+            .await
+            .unwrap()
+            .json::<cloudlet_api::directory::DirectoryHealth>()
+            .await
+            .unwrap()
+    };
+    assert!(health(b.url.clone()).await.store_connected);
+    let mut etcd = etcd;
+    etcd.members[0].kill();
+    let start = Instant::now();
+    while health(b.url.clone()).await.store_connected {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "health still says connected {:?} after etcd was killed",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "etcd killed: health says disconnected after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/v1/cloudlets", b.url))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     a.stop().await;
     b.stop().await;
 }

@@ -21,6 +21,14 @@ pub enum DirectoryCommand {
         /// The embedded store's file (default $CLOUDLET_HOME/directory.redb).
         #[arg(long)]
         store: Option<PathBuf>,
+        /// Keep the directory in etcd (its members' URLs, comma-separated)
+        /// instead of the embedded store: any number of directory
+        /// instances on one etcd serve one view.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// The prefix of this directory's etcd keys (default /cloudlet/directory).
+        #[arg(long)]
+        etcd_prefix: Option<String>,
         /// How often cloudlets heartbeat, ms (default 5000).
         #[arg(long)]
         heartbeat_ms: Option<u64>,
@@ -40,6 +48,8 @@ pub async fn run(
             config,
             listen,
             store,
+            etcd,
+            etcd_prefix,
             heartbeat_ms,
             lease_ms,
         } => {
@@ -55,6 +65,12 @@ pub async fn run(
             }
             if let Some(s) = store {
                 c.store = s;
+            }
+            if !etcd.is_empty() {
+                c.etcd = etcd;
+            }
+            if let Some(p) = etcd_prefix {
+                c.etcd_prefix = p;
             }
             if let Some(h) = heartbeat_ms {
                 c.heartbeat_ms = h;

@@ -1,5 +1,6 @@
 pub mod base;
 pub mod directory;
+pub mod discover;
 pub mod doctor;
 pub mod overlay;
 pub mod registry;

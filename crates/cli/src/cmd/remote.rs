@@ -47,6 +47,10 @@ pub struct SynthesizeArgs {
     pub name: Option<String>,
     #[arg(long)]
     pub flavor: Option<String>,
+    /// Find the cloudlet through the directory (instead of `--cloudlet`):
+    /// the nearest one that holds the overlay's base and has room.
+    #[command(flatten)]
+    pub find: super::discover::FindArgs,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +74,28 @@ pub async fn synthesize(
         .unwrap_or_else(|| format!("vm-{}", hex::encode(rand::random::<[u8; 3]>())));
     let start = Instant::now();
     let is_url = args.overlay.starts_with("http://") || args.overlay.starts_with("https://");
+    let chosen;
+    let client = if args.find.directory.is_empty() {
+        client
+    } else {
+        let base = super::discover::overlay_base_id(&args.overlay).await?;
+        let d = super::discover::find(
+            &args.find,
+            Some(base),
+            is_url.then(|| args.overlay.clone()),
+            args.flavor.clone(),
+            5,
+        )
+        .await?;
+        if output == Output::Text {
+            print!("{}", d.explain());
+        }
+        let Some(c) = d.chosen else {
+            anyhow::bail!("the directory knows no cloudlet that fits this overlay");
+        };
+        chosen = client.at(&c.candidate.api_url);
+        &chosen
+    };
     let create = {
         let client = client.clone();
         let name = name.clone();

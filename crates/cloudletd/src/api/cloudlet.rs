@@ -1,4 +1,4 @@
-//! `GET /v1/cloudlet` and `GET /metrics`.
+//! `GET /v1/cloudlet`, `GET /v1/ping` and `GET /metrics`.
 
 use std::sync::Arc;
 
@@ -26,4 +26,11 @@ pub(super) async fn metrics<C: CloudletOps>(
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.ops.metrics(),
     )
+}
+
+/// A device's round-trip probe (`cloudlet discover`): answered at once,
+/// anonymous, a few bytes.
+#[utoipa::path(get, path = "/v1/ping", responses((status = 200, description = "`pong`", body = String)))]
+pub(super) async fn ping() -> &'static str {
+    "pong"
 }

@@ -79,6 +79,7 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
         ));
     Router::new()
         .route("/v1/cloudlet", get(cloudlet::cloudlet_info::<C>))
+        .route("/v1/ping", get(cloudlet::ping))
         .route("/v1/base-vms", get(bases::list_bases::<C>))
         .route("/v1/vms", get(vms::list_vms::<C>))
         .route("/v1/vms/{id}", get(vms::get_vm::<C>))

@@ -88,6 +88,8 @@ pub struct Cloudlet {
     pub(crate) accel: String,
     /// Ready copies of the base disks, for early-start synthesis.
     pub(crate) spares: Arc<crate::synth::spares::Spares>,
+    /// Its membership of the directory, and the peers learned there.
+    pub(crate) directory: crate::directory::Membership,
 }
 
 pub(crate) fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
@@ -127,6 +129,7 @@ impl Cloudlet {
             metrics: Metrics::default(),
             accel,
             spares: Arc::new(crate::synth::spares::Spares::new(&home)),
+            directory: crate::directory::Membership::default(),
         });
         c.recover().await?;
         // Keep the bases in the page cache: synthesis copies its base in
@@ -226,6 +229,17 @@ impl Cloudlet {
             r.vms += 1;
         }
         r
+    }
+
+    /// What is not handed out yet.
+    pub(crate) fn free(&self) -> Resources {
+        let used = self.used();
+        let cap = self.config.capacity;
+        Resources {
+            vcpus: cap.vcpus.saturating_sub(used.vcpus),
+            memory_mib: cap.memory_mib.saturating_sub(used.memory_mib),
+            vms: cap.vms.saturating_sub(used.vms),
+        }
     }
 
     /// Host ports for `guest` ports, none used by another VM. Called with

@@ -146,7 +146,7 @@ impl Shared {
                 Err(e) if transient(&e) && start.elapsed() < RETRY_FOR => {
                     failures += 1;
                     tracing::debug!("etcd {what}: {e} (try {failures})");
-                    if failures % 3 == 0 {
+                    if failures.is_multiple_of(3) {
                         self.reconnect().await;
                     }
                     tokio::time::sleep(wait).await;

@@ -55,6 +55,15 @@ impl Store {
         }
     }
 
+    /// The store is in reach (always, for the embedded one; with etcd,
+    /// while its watch runs).
+    pub fn connected(&self) -> bool {
+        match self {
+            Store::Embedded(_) => true,
+            Store::Etcd(s) => s.connected(),
+        }
+    }
+
     pub fn index(&self) -> &Index {
         match self {
             Store::Embedded(s) => s.index(),

@@ -100,14 +100,10 @@ pub async fn handoff_vm(
     wait_until_streamed(c, id, start + STREAMING_WAIT).await?;
     let (id, vm, rec, progress) = claim(c, id)?;
     c.store.put(&rec)?;
-    let dest = req.destination.trim_end_matches('/').to_string();
-    let token = req.token.clone().or_else(|| {
-        c.config
-            .peers
-            .iter()
-            .find(|p| p.url.trim_end_matches('/') == dest)
-            .map(|p| p.token.clone())
-    });
+    // A URL or a name the directory knows; its token from the request,
+    // the static peers or the directory.
+    let (dest, known) = c.peer_for(&req.destination);
+    let token = req.token.clone().or(known);
     let Some(token) = token else {
         if let Some(rec) = c.update(&id, |e| e.record.set_state_or_log(VmState::Running)) {
             let _ = c.store.put(&rec);
