@@ -78,6 +78,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn start(extra_config: &str) -> Daemon {
+        Daemon::start_named("test-cloudlet", extra_config).await
+    }
+
+    /// A daemon named `name` (a directory tells cloudlets apart by name).
+    pub async fn start_named(name: &str, extra_config: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         // RAM files on a tmpfs, as the daemon's default: synthesis then
@@ -100,7 +105,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "name = \"test-cloudlet\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\n{verify}host_ports = [{first}, {}]\n{extra_config}",
+                "name = \"{name}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\n{verify}host_ports = [{first}, {}]\n{extra_config}",
                 home.display(),
                 vm_dir.display(),
                 first + 99
@@ -154,6 +159,32 @@ impl Daemon {
             let _ = c.kill();
             c.wait().unwrap();
         }
+        self.spawn().await;
+    }
+
+    /// SIGKILL the daemon (its VMs keep running); [`Daemon::restart`]
+    /// starts it again.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM the daemon (an orderly shutdown) and wait for it to exit;
+    /// its exit code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let pid = self.child.as_ref()?.id() as i32;
+        // SAFETY: a signal to our own child, still running (not reaped).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let code = self.wait_exit(Duration::from_secs(10)).await;
+        self.child = None;
+        code
+    }
+
+    /// Start the daemon again after [`Daemon::kill`] or [`Daemon::terminate`].
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "the daemon still runs");
         self.spawn().await;
     }
 

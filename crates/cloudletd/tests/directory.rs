@@ -1,0 +1,278 @@
+//! Cloudlets join the directory: real `cloudletd` processes, a real
+//! directory over HTTP (in-process, embedded store), a real kvstore VM on
+//! QEMU. What a cloudlet tells follows its VMs; a handoff finds its
+//! destination by name and its token through the directory; a cloudlet
+//! killed with SIGKILL leaves the answers within two heartbeats and is
+//! back within one after a restart, its VM accounted; SIGTERM
+//! deregisters; a directory that goes away does not stop the cloudlet.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cloudlet_api::directory::{Registration, SearchAnswer, SearchQuery};
+use cloudlet_api::CreateVmRequest;
+use cloudlet_client::DirectoryClient;
+use cloudlet_directory::{DirectoryConfig, Serving};
+use common::{kvstore_overlay, qemu_running, start_registry, Daemon, TOKEN};
+
+const HEARTBEAT: Duration = Duration::from_millis(1000);
+const LEASE: Duration = Duration::from_millis(2000);
+
+struct Dir {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+async fn directory(listen: &str, store: &std::path::Path) -> Dir {
+    let serving = Serving::bind(DirectoryConfig {
+        listen: listen.parse().unwrap(),
+        store: store.to_path_buf(),
+        heartbeat_ms: HEARTBEAT.as_millis() as u64,
+        lease_ms: LEASE.as_millis() as u64,
+        ..DirectoryConfig::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}", serving.addr);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        serving
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    Dir { url, stop, done }
+}
+
+impl Dir {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.done.await.unwrap();
+    }
+
+    fn client(&self) -> DirectoryClient {
+        DirectoryClient::new(std::slice::from_ref(&self.url), None)
+    }
+
+    async fn search(&self, q: SearchQuery) -> SearchAnswer {
+        self.client().search(&q).await.unwrap()
+    }
+
+    /// The live entry of `name`.
+    async fn entry(&self, name: &str) -> Option<Registration> {
+        let reg = reqwest::get(format!("{}/v1/cloudlets/{name}", self.url))
+            .await
+            .unwrap();
+        if reg.status() == 404 {
+            return None;
+        }
+        Some(reg.json().await.unwrap())
+    }
+
+    /// Wait until `ok` holds of `name`'s entry; how long it took.
+    async fn until(
+        &self,
+        name: &str,
+        within: Duration,
+        what: &str,
+        ok: impl Fn(Option<&Registration>) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let e = self.entry(name).await;
+            if ok(e.as_ref()) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < within,
+                "{name}: not {what} within {within:?}: {e:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+fn joined(url: &str, lat: f64) -> String {
+    format!(
+        "directory = [\"{url}\"]\nnetworks = [\"10.99.0.0/16\"]\n[location]\nlabel = \"x\"\nlatitude = {lat}\nlongitude = -79.9\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cloudlets_join_move_through_and_leave_the_directory() {
+    let overlay = kvstore_overlay().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = start_registry(tmp.path()).await;
+    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
+        .await
+        .unwrap();
+    let overlay_url = format!("{registry}/v1/overlays/kvstore");
+    let store = tmp.path().join("directory.redb");
+    let dir = directory("127.0.0.1:0", &store).await;
+
+    let mut a = Daemon::start_named("edge-a", &joined(&dir.url, 40.44)).await;
+    let mut b = Daemon::start_named("edge-b", &joined(&dir.url, 40.45)).await;
+    for (d, name) in [(&a, "edge-a"), (&b, "edge-b")] {
+        let t = dir
+            .until(name, Duration::from_secs(5), "registered", |e| e.is_some())
+            .await;
+        println!("{name} registered {t:?} after its API answered");
+        let e = dir.entry(name).await.unwrap();
+        assert_eq!(e.api_url, d.url());
+        assert_eq!(e.base_vms.len(), 1, "{e:?}");
+        assert_eq!(e.networks, ["10.99.0.0/16"]);
+        assert_eq!(e.peer_token, None, "a peer token is not for everyone");
+    }
+    let cap = dir.entry("edge-a").await.unwrap().capacity;
+    let base = dir.entry("edge-a").await.unwrap().base_vms[0].id.clone();
+
+    // Each learns the other as a handoff peer (with its token).
+    let start = Instant::now();
+    loop {
+        let info = a.client().info().await.unwrap();
+        let m = info.directory.expect("membership shown");
+        if m.registered && m.peers == ["edge-b"] {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A VM on A: its free resources and cached overlay follow at once,
+    // and a search for that overlay ranks A first.
+    let vm = a
+        .client()
+        .create_vm(&CreateVmRequest {
+            overlay: overlay_url.clone(),
+            name: Some("follower".into()),
+            flavor: None,
+        })
+        .await
+        .unwrap();
+    let t = dir
+        .until("edge-a", Duration::from_secs(2), "updated", |e| {
+            e.is_some_and(|e| {
+                e.free.vms == cap.vms - 1 && e.overlays_cached == [overlay_url.clone()]
+            })
+        })
+        .await;
+    println!("edge-a's VM seen by the directory {t:?} after it ran");
+    let ans = dir
+        .search(SearchQuery {
+            base: Some(base.clone()),
+            overlay: Some(overlay_url.clone()),
+            lat: Some(40.45),
+            lon: Some(-79.9),
+            ..SearchQuery::default()
+        })
+        .await;
+    assert_eq!(ans.candidates[0].name, "edge-a", "{ans:?}");
+    assert!(ans.candidates[0].overlay_cached);
+    assert!(
+        ans.candidates[0]
+            .reasons
+            .iter()
+            .any(|r| r.contains("cached")),
+        "{:?}",
+        ans.candidates[0].reasons
+    );
+
+    // A handoff to "edge-b" by name: no static peer, no token given.
+    let report = a
+        .client()
+        .handoff("follower", "edge-b", None)
+        .await
+        .expect("handoff through the directory");
+    assert_eq!(report.vm.generation, 2);
+    assert!(qemu_running(&b, &vm.id));
+    dir.until("edge-b", Duration::from_secs(2), "holding the VM", |e| {
+        e.is_some_and(|e| e.free.vms == cap.vms - 1)
+    })
+    .await;
+    dir.until("edge-a", Duration::from_secs(2), "free again", |e| {
+        e.is_some_and(|e| e.free.vms == cap.vms && e.overlays_cached.is_empty())
+    })
+    .await;
+
+    // SIGKILL: B leaves every answer within two heartbeats (the lease).
+    b.kill();
+    let gone = dir
+        .until(
+            "edge-b",
+            2 * HEARTBEAT + Duration::from_millis(500),
+            "gone",
+            |e| e.is_none(),
+        )
+        .await;
+    println!("edge-b killed: gone from the directory after {gone:?} (heartbeat {HEARTBEAT:?})");
+    assert!(
+        gone <= 2 * HEARTBEAT + Duration::from_millis(100),
+        "{gone:?}"
+    );
+    let ans = dir.search(SearchQuery::default()).await;
+    assert!(ans.candidates.iter().all(|c| c.name != "edge-b"));
+    // Restarted: back within one heartbeat of its API answering, with the
+    // VM it kept (QEMU outlived the daemon) accounted.
+    assert!(qemu_running(&b, &vm.id), "the VM outlives its daemon");
+    b.restart().await;
+    let back = dir
+        .until("edge-b", HEARTBEAT, "back", |e| {
+            e.is_some_and(|e| e.free.vms == cap.vms - 1)
+        })
+        .await;
+    println!("edge-b restarted: back in the directory {back:?} after its API answered");
+
+    // SIGTERM: A deregisters at once (not a lease later).
+    assert_eq!(a.terminate().await, Some(0), "{}", a.log());
+    let t = dir
+        .until("edge-a", Duration::from_millis(300), "deregistered", |e| {
+            e.is_none()
+        })
+        .await;
+    println!("edge-a terminated: gone {t:?} after it exited");
+    assert!(
+        a.log().contains("deregistered from the directory"),
+        "{}",
+        a.log()
+    );
+
+    // The directory goes away: B serves on; it comes back: B is back.
+    let listen = dir.url.trim_start_matches("http://").to_string();
+    dir.stop().await;
+    tokio::time::sleep(2 * HEARTBEAT).await;
+    let info = b
+        .client()
+        .info()
+        .await
+        .expect("serving without a directory");
+    let m = info.directory.unwrap();
+    assert!(m.last_error.is_some(), "{m:?}");
+    let vm_now = b.client().get_vm(&vm.id).await.unwrap();
+    assert_eq!(vm_now.state, cloudlet_api::VmState::Running);
+    assert_eq!(
+        b.log().matches("directory: heartbeat failed").count(),
+        1,
+        "one line per outage: {}",
+        b.log()
+    );
+    let dir = directory(&listen, &store).await;
+    let start = Instant::now();
+    loop {
+        let m = b.client().info().await.unwrap().directory.unwrap();
+        if m.last_error.is_none() && m.last_heartbeat_ms_ago.is_some_and(|t| t < 1000) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(3), "{m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "directory restarted: edge-b heartbeats again after {:?}",
+        start.elapsed()
+    );
+    assert!(dir.entry("edge-b").await.is_some());
+    dir.stop().await;
+}
