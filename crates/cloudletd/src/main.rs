@@ -38,6 +38,10 @@ struct Args {
     /// Bearer token for changes (added to the config's).
     #[arg(long, env = "CLOUDLET_TOKEN")]
     token: Option<String>,
+    /// Where this cloudlet stands, `LAT,LON[,LABEL]` (overrides the
+    /// config; the directory ranks by it).
+    #[arg(long, value_parser = parse_location, allow_hyphen_values = true)]
+    location: Option<cloudlet_api::Location>,
     /// Join this directory: its instances' URLs, comma-separated (added to
     /// the config's `directory`).
     #[arg(long, env = "CLOUDLET_DIRECTORY", value_delimiter = ',')]
@@ -90,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
         config.name = n;
     }
     config.directory.extend(args.directory);
+    if let Some(l) = args.location {
+        config.location = l;
+    }
     if let Some(t) = args.token {
         config.tokens.push(t);
     }
@@ -128,6 +135,24 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_location(s: &str) -> Result<cloudlet_api::Location, String> {
+    let mut parts = s.splitn(3, ',');
+    let num = |p: Option<&str>, what: &str| {
+        p.and_then(|v| v.trim().parse::<f64>().ok())
+            .ok_or_else(|| format!("{s:?}: expected LAT,LON[,LABEL] ({what})"))
+    };
+    let latitude = num(parts.next(), "latitude")?;
+    let longitude = num(parts.next(), "longitude")?;
+    if !(-90.0..=90.0).contains(&latitude) || !(-180.0..=180.0).contains(&longitude) {
+        return Err(format!("{s:?}: latitude -90..90, longitude -180..180"));
+    }
+    Ok(cloudlet_api::Location {
+        label: parts.next().unwrap_or_default().trim().to_string(),
+        latitude,
+        longitude,
+    })
 }
 
 /// SIGTERM or SIGINT, by name.

@@ -142,7 +142,8 @@ pub async fn synthesize(
 pub struct HandoffArgs {
     /// The VM (id or name).
     pub vm: String,
-    /// API address of the destination cloudlet.
+    /// The destination: its API address, or its name in the directory the
+    /// source cloudlet joined (which then gives the token too).
     #[arg(long = "to")]
     pub to: String,
     /// Token the destination accepts (default: the source's configured peer token).
