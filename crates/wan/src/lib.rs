@@ -11,9 +11,9 @@
 //!  └──────────────────┘  write   └──────────────────────────┘ egress └──────────────────┘
 //! ```
 //!
-//! * Two fresh network namespaces, each with loopback up and one TUN device `wan0`
-//!   (point-to-point, [`A_ADDR`] peer [`B_ADDR`] and back). Nothing else is reachable
-//!   from inside them, and the host's own interfaces never see a packet.
+//! * [`Wan::create`]: two fresh network namespaces, each with loopback up and one TUN
+//!   device `wan0` (point-to-point, [`A_ADDR`] peer [`B_ADDR`] and back). Nothing else
+//!   is reachable from inside them, and the host's own interfaces never see a packet.
 //! * **Rate**: `tbf` on each `wan0`'s egress, with a 150 ms bottleneck buffer
 //!   (tbf drops beyond it) and a ~4 ms burst. Packets are shaped before the delay line
 //!   reads them, so the program stays simple and cheap: the kernel does the per-packet
@@ -29,6 +29,39 @@
 //!   owning process died.
 //!
 //! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `/dev/net/tun`, `ip` and `tc`.
+//!
+//! # A hub with several links
+//!
+//! [`Wan::attach`] adds a link from the namespace A of an existing link (the hub,
+//! e.g. a mobile device) to a fresh namespace B of its own (a leaf, e.g. a cloudlet).
+//! Every link is complete in itself: its own delay line thread, its own device at
+//! both ends with tbf on it, its own addresses, knobs and counters. Link `k` of a hub
+//! (0 for the one [`Wan::create`] made, then 1, 2, ... in order of attachment) is
+//! device `wan{k}` at both ends, `10.251.k.1` in the hub and `10.251.k.2` in its leaf:
+//!
+//! ```text
+//!   namespace A (hub)                                     leaf namespaces (each a B)
+//!  ┌───────────────────────┐                          ┌───────────────────────┐
+//!  │ 10.251.0.1 wan0 ─ tbf ├◄── delay line 0, 2 ms ──►┤ wan0 ─ tbf 10.251.0.2 │ hub
+//!  │                       │                          └───────────────────────┘
+//!  │                       │                          ┌───────────────────────┐
+//!  │ 10.251.1.1 wan1 ─ tbf ├◄── delay line 1, 10 ms ─►┤ wan1 ─ tbf 10.251.1.2 │ link 1
+//!  │                       │                          └───────────────────────┘
+//!  │                       │                          ┌───────────────────────┐
+//!  │ 10.251.2.1 wan2 ─ tbf ├◄── delay line 2, 40 ms ─►┤ wan2 ─ tbf 10.251.2.2 │ link 2
+//!  └───────────────────────┘                          └───────────────────────┘
+//!
+//!   let hub = Wan::create(WanConfig::new("dev", 50.0, ms(2)))?;      // link 0
+//!   let link1 = Wan::attach(&hub, WanConfig::new("dev", 50.0, ms(10)))?;
+//!   let link2 = Wan::attach(&hub, WanConfig::new("dev", 50.0, ms(40)))?;
+//! ```
+//!
+//! Code in the hub reaches leaf `k` at its [`Wan::b_addr`], through the [`Wan::run_in`]
+//! `(Side::A, ..)` of any of the links (they share A); the kernel picks the source
+//! address of the right link. Leaves cannot reach each other. Tearing down an attached
+//! link removes its leaf and its device in the hub and leaves the other links alone;
+//! tearing down the hub's own link deletes A's name (and leaf 0), and attached links
+//! still alive keep working through their open handle on A.
 //!
 //! # Running code on either side
 //!

@@ -76,15 +76,36 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
 
 /// Runs a command to completion; an error carries its stderr.
 pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), WanError> {
-    let command = format!("{program} {}", args.join(" "));
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    run_command(cmd, format!("{program} {}", args.join(" ")))
+}
+
+/// Runs a command to completion inside `ns` (entered with `setns` between fork and
+/// exec, so it works through the open handle even after the namespace's name has been
+/// deleted); an error carries its stderr.
+pub(crate) fn run_inside(ns: &NsHandle, program: &str, args: &[&str]) -> Result<(), WanError> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let fd = ns.raw_fd();
+    // SAFETY: the closure only calls setns, which is async-signal-safe; `ns` is
+    // borrowed, so the descriptor stays open until the child has run.
+    unsafe {
+        cmd.pre_exec(move || setns_fd(fd));
+    }
+    run_command(
+        cmd,
+        format!("{program} {} (in {})", args.join(" "), ns.name),
+    )
+}
+
+fn run_command(mut cmd: Command, command: String) -> Result<(), WanError> {
     tracing::debug!(%command, "wan: run");
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|source| WanError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    let out = cmd.output().map_err(|source| WanError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
     if out.status.success() {
         Ok(())
     } else {

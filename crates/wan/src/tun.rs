@@ -10,8 +10,15 @@ use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use crate::netns::NsHandle;
 use crate::WanError;
 
-/// Name of the link device in each namespace (each namespace has its own).
+/// Name of the device of link 0 (the link [`Wan::create`](crate::Wan::create) makes)
+/// at both of its ends. Link `k` of a hub ([`Wan::attach`](crate::Wan::attach)) uses
+/// `wan{k}` at both of its ends ([`Wan::device`](crate::Wan::device)).
 pub const TUN_NAME: &str = "wan0";
+
+/// Name of the device of link `k` of a hub, at both of its ends: `wan{k}`.
+pub(crate) fn device_name(k: u8) -> String {
+    format!("wan{k}")
+}
 
 #[repr(C)]
 struct IfReq {
@@ -20,12 +27,14 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Creates the TUN device [`TUN_NAME`] (layer 3, no packet-info header) inside `ns`
-/// and returns its non-blocking descriptor. Also turns IPv6 off in the namespace so
-/// that router solicitations do not show up in the link's counters.
-pub(crate) fn open_in(ns: &NsHandle) -> Result<OwnedFd, WanError> {
+/// Creates the TUN device `dev` (layer 3, no packet-info header) inside `ns` and
+/// returns its non-blocking descriptor; the device goes away when the descriptor is
+/// closed. Also turns IPv6 off in the namespace so that router solicitations do not
+/// show up in the link's counters.
+pub(crate) fn open_in(ns: &NsHandle, dev: &str) -> Result<OwnedFd, WanError> {
     let ns = ns.try_clone()?;
     let name = ns.name.clone();
+    let dev = dev.to_string();
     std::thread::Builder::new()
         .name(format!("wan-tun-{name}"))
         .spawn(move || {
@@ -34,7 +43,7 @@ pub(crate) fn open_in(ns: &NsHandle) -> Result<OwnedFd, WanError> {
                 // Best effort: the host may have no IPv6 at all.
                 let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"), "1");
             }
-            open_tun().map_err(|source| WanError::Tun {
+            open_tun(&dev).map_err(|source| WanError::Tun {
                 ns: ns.name.clone(),
                 source,
             })
@@ -46,7 +55,13 @@ pub(crate) fn open_in(ns: &NsHandle) -> Result<OwnedFd, WanError> {
         })?
 }
 
-fn open_tun() -> std::io::Result<OwnedFd> {
+fn open_tun(dev: &str) -> std::io::Result<OwnedFd> {
+    if dev.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("device name {dev:?} too long"),
+        ));
+    }
     use std::os::unix::fs::OpenOptionsExt;
     let file = OpenOptions::new()
         .read(true)
@@ -58,7 +73,7 @@ fn open_tun() -> std::io::Result<OwnedFd> {
         flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
         _pad: [0; 22],
     };
-    for (dst, src) in req.name.iter_mut().zip(TUN_NAME.bytes()) {
+    for (dst, src) in req.name.iter_mut().zip(dev.bytes()) {
         *dst = src as libc::c_char;
     }
     let fd = file.into_raw_fd();

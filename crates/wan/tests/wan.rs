@@ -1,4 +1,5 @@
-//! End-to-end tests of the emulated link: RTT, throughput, cut/restore, teardown.
+//! End-to-end tests of the emulated link: RTT, throughput, cut/restore, teardown, and
+//! a hub with several links.
 //!
 //! They need root (namespaces, TUN, tc) and are skipped with a message otherwise. They
 //! run one at a time (a process-wide lock) because the throughput checks would
@@ -9,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cloudlet_wan::{cleanup_stale, Side, Wan, WanConfig};
+use cloudlet_wan::{cleanup_stale, list_ours, NsName, Side, Wan, WanConfig, A_ADDR, B_ADDR};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -53,25 +54,35 @@ fn echo_server(wan: &Wan, port: u16) {
     rx.recv().unwrap();
 }
 
+/// Times `warmup + n` small request/response round trips on `sock` and returns the
+/// last `n`.
+async fn round_trips(sock: &mut TcpStream, warmup: usize, n: usize) -> Vec<Duration> {
+    let mut buf = [0u8; 64];
+    let mut samples = Vec::new();
+    for i in 0..warmup + n {
+        let t = Instant::now();
+        sock.write_all(&[i as u8; 64]).await.unwrap();
+        sock.read_exact(&mut buf).await.unwrap();
+        if i >= warmup {
+            samples.push(t.elapsed());
+        }
+    }
+    samples
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
 /// Median of `n` small request/response round trips over one TCP connection.
 fn tcp_rtt(wan: &Wan, port: u16, n: usize) -> Duration {
     let addr = SocketAddr::from((wan.b_addr(), port));
     wan.run_in(Side::A, async move {
         let mut sock = TcpStream::connect(addr).await.unwrap();
         sock.set_nodelay(true).unwrap();
-        let mut buf = [0u8; 64];
-        let mut samples = Vec::new();
-        for i in 0..n + 2 {
-            let t = Instant::now();
-            sock.write_all(&[i as u8; 64]).await.unwrap();
-            sock.read_exact(&mut buf).await.unwrap();
-            // The first two warm up the connection.
-            if i >= 2 {
-                samples.push(t.elapsed());
-            }
-        }
-        samples.sort();
-        samples[samples.len() / 2]
+        // The first two warm up the connection.
+        median(round_trips(&mut sock, 2, n).await)
     })
     .unwrap()
     .join()
@@ -359,6 +370,229 @@ fn teardown_drop_and_cleanup_leave_no_namespace() {
     let removed = cleanup_stale().unwrap();
     assert!(removed.contains(&stale), "{removed:?}");
     assert!(!netns_list().contains(&stale));
+}
+
+/// From inside the hub (namespace A of `from`), the median of `n` round trips to each
+/// of `leaves`, in order, over one kept-alive connection per leaf: all connect and
+/// warm up first, then each of `n` rounds visits every leaf in turn (so that a load
+/// spike on the machine hits all alike).
+fn hub_rtts(from: &Wan, leaves: &[SocketAddr], n: usize) -> Vec<Duration> {
+    let leaves = leaves.to_vec();
+    from.run_in(Side::A, async move {
+        let mut socks = Vec::new();
+        for addr in &leaves {
+            let mut sock = TcpStream::connect(addr).await.unwrap();
+            sock.set_nodelay(true).unwrap();
+            round_trips(&mut sock, 2, 0).await;
+            socks.push(sock);
+        }
+        let mut samples = vec![Vec::new(); socks.len()];
+        for _ in 0..n {
+            for (sock, s) in socks.iter_mut().zip(&mut samples) {
+                s.extend(round_trips(sock, 0, 1).await);
+            }
+        }
+        samples.into_iter().map(median).collect()
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+}
+
+/// Each RTT is within [2d, 2d + 15 ms] of its link's one-way delay `d`, and longer
+/// links have longer RTTs.
+fn assert_rtts_follow_delays(what: &str, rtts: &[Duration], delays_ms: &[u64]) {
+    eprintln!("{what}: one-way delays {delays_ms:?} ms, RTTs {rtts:?}");
+    for (rtt, d) in rtts.iter().zip(delays_ms) {
+        let low = Duration::from_millis(2 * d);
+        let high = low + Duration::from_millis(15);
+        assert!(
+            (low..=high).contains(rtt),
+            "{what}: RTT {rtt:?} over a {d} ms link, expected {low:?}..={high:?}"
+        );
+    }
+    for (i, j) in [(0, 1), (1, 2), (0, 2)] {
+        if i < rtts.len().min(delays_ms.len()) && j < rtts.len().min(delays_ms.len()) {
+            assert_eq!(
+                rtts[i] < rtts[j],
+                delays_ms[i] < delays_ms[j],
+                "{what}: RTTs {rtts:?} not ordered like delays {delays_ms:?}"
+            );
+        }
+    }
+}
+
+/// Output of `program args` run in `side` of `wan`.
+fn output_in(wan: &Wan, side: Side, program: &str, args: &[&str]) -> String {
+    let out = wan.command_in(side, program).args(args).output().unwrap();
+    assert!(out.status.success(), "{program} {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The IPv4 addresses in `side` of `wan`, as `ip -o -4 addr show` lists them.
+fn addrs_in(wan: &Wan, side: Side) -> Vec<String> {
+    output_in(wan, side, "ip", &["-o", "-4", "addr", "show"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect()
+}
+
+/// Names of this process's namespaces that still exist.
+fn our_namespaces() -> Vec<String> {
+    list_ours()
+        .into_iter()
+        .filter(|n| n.pid == std::process::id())
+        .map(|n| n.render())
+        .collect()
+}
+
+const HUB_PORT: u16 = 7200;
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+#[test]
+fn hub_links_have_their_own_addresses_delays_and_knobs() {
+    let Some(_serial) = setup() else { return };
+    let delays = [2, 10, 40];
+    let hub = Wan::create(WanConfig::new("thub", 50.0, ms(delays[0]))).unwrap();
+    let link1 = Wan::attach(&hub, WanConfig::new("thub", 50.0, ms(delays[1]))).unwrap();
+    // Any link of the hub can be attached to: they share A and the link counter.
+    let link2 = Wan::attach(&link1, WanConfig::new("thub", 50.0, ms(delays[2]))).unwrap();
+    let links = [&hub, &link1, &link2];
+    for (k, link) in links.iter().enumerate() {
+        let dev = format!("wan{k}");
+        assert_eq!(link.link_index(), k as u8);
+        assert_eq!(link.a_addr(), Ipv4Addr::new(10, 251, k as u8, 1));
+        assert_eq!(link.b_addr(), Ipv4Addr::new(10, 251, k as u8, 2));
+        assert_eq!(link.addr(Side::B), link.b_addr());
+        assert_eq!((link.device(Side::A), link.device(Side::B)), (&*dev, &*dev));
+        assert_eq!(link.ns_name(Side::A), hub.ns_name(Side::A));
+        // Each leaf has its own namespace, named like any other, with its own seq.
+        let b = NsName::parse(link.ns_name(Side::B)).unwrap();
+        assert_eq!(
+            (b.prefix.as_str(), b.pid, b.side),
+            ("thub", std::process::id(), 'b')
+        );
+        assert_eq!(
+            addrs_in(link, Side::B),
+            ["127.0.0.1/8", &*link.b_addr().to_string()]
+        );
+        let routes = output_in(link, Side::B, "ip", &["-4", "route", "show"]);
+        assert_eq!(
+            routes.trim(),
+            format!(
+                "{} dev {dev} proto kernel scope link src {}",
+                link.a_addr(),
+                link.b_addr()
+            )
+        );
+    }
+    assert_eq!((hub.a_addr(), hub.b_addr()), (A_ADDR, B_ADDR));
+    let seqs: Vec<u32> = links
+        .iter()
+        .map(|l| NsName::parse(l.ns_name(Side::B)).unwrap().seq)
+        .collect();
+    assert!(seqs[0] < seqs[1] && seqs[1] < seqs[2], "{seqs:?}");
+    assert_eq!(
+        addrs_in(&hub, Side::A),
+        ["127.0.0.1/8", "10.251.0.1", "10.251.1.1", "10.251.2.1"]
+    );
+
+    for link in links {
+        echo_server(link, HUB_PORT);
+    }
+    let leaves: Vec<SocketAddr> = links
+        .iter()
+        .map(|l| (l.b_addr(), HUB_PORT).into())
+        .collect();
+    let rtts = hub_rtts(&link2, &leaves, 5);
+    assert_rtts_follow_delays("hub, three links", &rtts, &delays);
+
+    // Knobs act on their own link only.
+    link1.set_delay(ms(20)).unwrap();
+    let rtts = hub_rtts(&hub, &leaves, 5);
+    assert_rtts_follow_delays("link 1 at 20 ms", &rtts, &[2, 20, 40]);
+    link2.set_rate(5.0).unwrap();
+    let qdisc = |dev: &str| output_in(&hub, Side::A, "tc", &["qdisc", "show", "dev", dev]);
+    assert!(qdisc("wan2").contains("rate 5Mbit"), "{}", qdisc("wan2"));
+    assert!(qdisc("wan0").contains("rate 50Mbit"), "{}", qdisc("wan0"));
+    let leaf_qdisc = output_in(&link2, Side::B, "tc", &["qdisc", "show", "dev", "wan2"]);
+    assert!(leaf_qdisc.contains("rate 5Mbit"), "{leaf_qdisc}");
+
+    link1.cut();
+    let others = [leaves[0], leaves[2]];
+    let rtts = hub_rtts(&hub, &others, 5);
+    assert_rtts_follow_delays("link 1 cut", &rtts, &[2, 40]);
+    let to_cut = leaves[1];
+    let connected = hub
+        .run_in(Side::A, async move {
+            let connect = TcpStream::connect(to_cut);
+            matches!(tokio::time::timeout(ms(500), connect).await, Ok(Ok(_)))
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(!connected, "connected over a cut link");
+    assert!(link1.is_cut() && !hub.is_cut() && !link2.is_cut());
+    link1.restore();
+    let rtts = hub_rtts(&hub, &leaves, 5);
+    assert_rtts_follow_delays("link 1 restored", &rtts, &[2, 20, 40]);
+    let stats = links.map(|l| l.stats());
+    eprintln!("{stats:?}");
+    assert!(stats[1].a_to_b.dropped_cut > 0, "{stats:?}");
+    assert_eq!(stats[0].a_to_b.dropped_cut + stats[2].a_to_b.dropped_cut, 0);
+    assert!(stats.iter().all(|s| s.b_to_a.packets > 0), "{stats:?}");
+
+    link1.teardown().unwrap();
+    link2.teardown().unwrap();
+    hub.teardown().unwrap();
+    assert_eq!(our_namespaces(), Vec::<String>::new());
+}
+
+#[test]
+fn hub_links_tear_down_independently() {
+    let Some(_serial) = setup() else { return };
+    let hub = Wan::create(WanConfig::new("thubdown", 50.0, ms(2))).unwrap();
+    let link1 = Wan::attach(&hub, WanConfig::new("thubdown", 50.0, ms(10))).unwrap();
+    let link2 = Wan::attach(&hub, WanConfig::new("thubdown", 50.0, ms(40))).unwrap();
+    for link in [&hub, &link1, &link2] {
+        echo_server(link, HUB_PORT);
+    }
+    let leaf = |l: &Wan| SocketAddr::from((l.b_addr(), HUB_PORT));
+
+    // Tearing down an attached link removes its leaf and its device in the hub only.
+    let (hub_a, leaf1) = (
+        hub.ns_name(Side::A).to_string(),
+        link1.ns_name(Side::B).to_string(),
+    );
+    link1.teardown().unwrap();
+    let list = netns_list();
+    assert!(list.contains(&hub_a) && !list.contains(&leaf1), "{list}");
+    assert_eq!(
+        addrs_in(&hub, Side::A),
+        ["127.0.0.1/8", "10.251.0.1", "10.251.2.1"]
+    );
+    let rtts = hub_rtts(&hub, &[leaf(&hub), leaf(&link2)], 5);
+    assert_rtts_follow_delays("link 1 torn down", &rtts, &[2, 40]);
+
+    // Link numbers are not reused.
+    let link3 = Wan::attach(&link2, WanConfig::new("thubdown", 50.0, ms(5))).unwrap();
+    assert_eq!((link3.link_index(), link3.device(Side::A)), (3, "wan3"));
+    echo_server(&link3, HUB_PORT);
+    let rtts = hub_rtts(&link3, &[leaf(&hub), leaf(&link3), leaf(&link2)], 5);
+    assert_rtts_follow_delays("link 3 added", &rtts, &[2, 5, 40]);
+
+    // The hub's own link goes first: A loses its name, the attached links keep working.
+    drop(hub);
+    assert!(!netns_list().contains(&hub_a));
+    let rtts = hub_rtts(&link2, &[leaf(&link3), leaf(&link2)], 5);
+    assert_rtts_follow_delays("hub's own link dropped", &rtts, &[5, 40]);
+    link2.set_rate(20.0).unwrap();
+    link3.teardown().unwrap();
+    link2.teardown().unwrap();
+    assert_eq!(our_namespaces(), Vec::<String>::new());
 }
 
 #[test]
