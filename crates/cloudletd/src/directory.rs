@@ -6,77 +6,22 @@
 //! come and go, base VMs, the overlays of its VMs. After each heartbeat
 //! that lands it reads its peers (`GET /v1/cloudlets/{name}/peers`, with
 //! their peer tokens), which a handoff uses after the static `peers`
-//! ([`Cloudlet::peer_for`]). While the directory cannot be reached it logs
+//! (`Cloudlet::peer_for`, with the state in `core::membership`). While the directory cannot be reached it logs
 //! once, keeps serving its VMs and retries every [`POLL`]; [`leave`]
 //! deregisters on shutdown.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cloudlet_api::directory::{HeldBase, Membership as MembershipInfo, Registration};
+use cloudlet_api::directory::{HeldBase, Registration};
 use cloudlet_client::DirectoryClient;
 
 use crate::core::cloudlet::{holds_resources, Cloudlet};
+use crate::core::membership::LearnedPeer;
 use crate::core::store::VmRecord;
 
 /// How often what the cloudlet would tell is compared with what it told.
 pub const POLL: Duration = Duration::from_millis(500);
-
-/// A peer learned from the directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LearnedPeer {
-    pub name: String,
-    pub api_url: String,
-    pub token: Option<String>,
-}
-
-/// The membership's state, shared with the API (`GET /v1/cloudlet`) and
-/// the handoff (peers).
-#[derive(Default)]
-pub struct Membership {
-    peers: RwLock<Vec<LearnedPeer>>,
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    last_ok: Option<Instant>,
-    lease: Duration,
-    heartbeat: Duration,
-    error: Option<String>,
-}
-
-impl Membership {
-    /// What `GET /v1/cloudlet` shows (none without a directory).
-    pub fn status(&self, urls: &[String]) -> Option<MembershipInfo> {
-        if urls.is_empty() {
-            return None;
-        }
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let age = s.last_ok.map(|t| t.elapsed());
-        Some(MembershipInfo {
-            urls: urls.to_vec(),
-            registered: age.is_some_and(|a| a < s.lease),
-            last_heartbeat_ms_ago: age.map(|a| a.as_millis() as u64),
-            heartbeat_ms: s.heartbeat.as_millis() as u64,
-            lease_ms: s.lease.as_millis() as u64,
-            last_error: s.error.clone(),
-            peers: self.peers().into_iter().map(|p| p.name).collect(),
-        })
-    }
-
-    pub fn peers(&self) -> Vec<LearnedPeer> {
-        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn set_peers(&self, peers: Vec<LearnedPeer>) {
-        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// The credential this cloudlet registers with: the configured one, else
 /// one made at the first start and kept in `home/directory-credential`
@@ -204,13 +149,8 @@ pub async fn run(c: Arc<Cloudlet>, api_url: String) {
                 Ok(lease) => {
                     let heartbeat = Duration::from_millis(lease.heartbeat_ms.max(100));
                     next = Instant::now() + heartbeat;
-                    {
-                        let mut s = c.directory.state();
-                        s.last_ok = Some(Instant::now());
-                        s.lease = Duration::from_millis(lease.lease_ms);
-                        s.heartbeat = heartbeat;
-                        s.error = None;
-                    }
+                    c.directory
+                        .landed(Duration::from_millis(lease.lease_ms), heartbeat);
                     if failing || lease.created {
                         tracing::info!(
                             directory = ?client.urls(),
@@ -231,7 +171,7 @@ pub async fn run(c: Arc<Cloudlet>, api_url: String) {
                         );
                     }
                     failing = true;
-                    c.directory.state().error = Some(msg);
+                    c.directory.failed(msg);
                     // Refused (e.g. a name taken): not every 0.5 s.
                     if e.status().is_some_and(|s| s < 500) {
                         next = Instant::now() + Duration::from_secs(5);
@@ -271,36 +211,5 @@ pub async fn leave(c: &Cloudlet, within: Duration) {
         Ok(Ok(())) => tracing::info!("deregistered from the directory"),
         Ok(Err(e)) => tracing::warn!("directory: deregistering failed: {e}"),
         Err(_) => tracing::warn!("directory: deregistering took over {within:?}: gave up"),
-    }
-}
-
-impl Cloudlet {
-    /// A handoff's destination (a URL, or a cloudlet's name as the
-    /// directory knows it) and the token it accepts: from the static
-    /// `peers` first, then from the directory.
-    pub fn peer_for(&self, destination: &str) -> (String, Option<String>) {
-        let dest = destination.trim_end_matches('/');
-        let learned = self.directory.peers();
-        let url = if dest.contains("://") {
-            dest.to_string()
-        } else {
-            match learned.iter().find(|p| p.name == dest) {
-                Some(p) => p.api_url.clone(),
-                None => dest.to_string(),
-            }
-        };
-        let token = self
-            .config
-            .peers
-            .iter()
-            .find(|p| p.url.trim_end_matches('/') == url)
-            .map(|p| p.token.clone())
-            .or_else(|| {
-                learned
-                    .iter()
-                    .find(|p| p.api_url == url)
-                    .and_then(|p| p.token.clone())
-            });
-        (url, token)
     }
 }

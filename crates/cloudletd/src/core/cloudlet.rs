@@ -89,7 +89,7 @@ pub struct Cloudlet {
     /// Ready copies of the base disks, for early-start synthesis.
     pub(crate) spares: Arc<crate::synth::spares::Spares>,
     /// Its membership of the directory, and the peers learned there.
-    pub(crate) directory: crate::directory::Membership,
+    pub(crate) directory: crate::core::membership::Membership,
 }
 
 pub(crate) fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
@@ -129,7 +129,7 @@ impl Cloudlet {
             metrics: Metrics::default(),
             accel,
             spares: Arc::new(crate::synth::spares::Spares::new(&home)),
-            directory: crate::directory::Membership::default(),
+            directory: crate::core::membership::Membership::default(),
         });
         c.recover().await?;
         // Keep the bases in the page cache: synthesis copies its base in
@@ -229,6 +229,35 @@ impl Cloudlet {
             r.vms += 1;
         }
         r
+    }
+
+    /// A handoff's destination (a URL, or a cloudlet's name as the
+    /// directory knows it) and the token it accepts: from the static
+    /// `peers` first, then from the directory.
+    pub fn peer_for(&self, destination: &str) -> (String, Option<String>) {
+        let dest = destination.trim_end_matches('/');
+        let learned = self.directory.peers();
+        let url = if dest.contains("://") {
+            dest.to_string()
+        } else {
+            match learned.iter().find(|p| p.name == dest) {
+                Some(p) => p.api_url.clone(),
+                None => dest.to_string(),
+            }
+        };
+        let token = self
+            .config
+            .peers
+            .iter()
+            .find(|p| p.url.trim_end_matches('/') == url)
+            .map(|p| p.token.clone())
+            .or_else(|| {
+                learned
+                    .iter()
+                    .find(|p| p.api_url == url)
+                    .and_then(|p| p.token.clone())
+            });
+        (url, token)
     }
 
     /// What is not handed out yet.

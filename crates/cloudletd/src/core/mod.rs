@@ -1,10 +1,12 @@
 //! The cloudlet's core: the VM registry and capacity ([`cloudlet`]), which
 //! VM state may follow which ([`lifecycle`]), the persisted records
-//! ([`store`]) and what a restarted daemon does with them (`recovery`).
+//! ([`store`]) and what a restarted daemon does with them (`recovery`);
+//! the membership of the directory ([`membership`]: its state only).
 //! It knows QEMU (through `cloudlet_qemu`) but neither HTTP nor handoffs.
 
 pub mod cloudlet;
 pub mod lifecycle;
+pub mod membership;
 mod recovery;
 pub mod store;
 
