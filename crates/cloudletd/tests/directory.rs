@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use cloudlet_api::directory::{Registration, SearchAnswer, SearchQuery};
 use cloudlet_api::CreateVmRequest;
 use cloudlet_client::DirectoryClient;
-use cloudlet_directory::{DirectoryConfig, Serving};
+use cloudlet_directory::{Background, DirectoryConfig, Serving};
 use common::{kvstore_overlay, qemu_running, start_registry, Daemon, TOKEN};
 
 const HEARTBEAT: Duration = Duration::from_millis(1000);
@@ -21,12 +21,11 @@ const LEASE: Duration = Duration::from_millis(2000);
 
 struct Dir {
     url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
+    bg: Background,
 }
 
 async fn directory(listen: &str, store: &std::path::Path) -> Dir {
-    let serving = Serving::bind(DirectoryConfig {
+    let bg = Serving::bind(DirectoryConfig {
         listen: listen.parse().unwrap(),
         store: store.to_path_buf(),
         heartbeat_ms: HEARTBEAT.as_millis() as u64,
@@ -34,24 +33,14 @@ async fn directory(listen: &str, store: &std::path::Path) -> Dir {
         ..DirectoryConfig::default()
     })
     .await
-    .unwrap();
-    let url = format!("http://{}", serving.addr);
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        serving
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    Dir { url, stop, done }
+    .unwrap()
+    .spawn();
+    Dir { url: bg.url(), bg }
 }
 
 impl Dir {
     async fn stop(self) {
-        let _ = self.stop.send(());
-        self.done.await.unwrap();
+        self.bg.stop().await.unwrap();
     }
 
     fn client(&self) -> DirectoryClient {

@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use cloudlet_client::{Client, DirectoryClient};
 use cloudlet_testkit::tiny_base;
 use cloudlet_wan::{Side, Wan, WanConfig};
-use common::{kvstore_overlay, TOKEN};
+use common::{in_ns, kvstore_overlay, TOKEN};
 
 const API_PORT: u16 = 7450;
 const DIR_PORT: u16 = 7470;
@@ -39,17 +38,6 @@ fn cloudlet_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-async fn in_ns<T, F>(wan: &Wan, side: Side, fut: F) -> T
-where
-    T: Send + 'static,
-    F: Future<Output = T> + Send + 'static,
-{
-    wan.run_in(side, fut)
-        .expect("enter the namespace")
-        .await
-        .expect("task in the namespace")
 }
 
 /// Processes killed when the test ends (cloudletd's QEMUs included).

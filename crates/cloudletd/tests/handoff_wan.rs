@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,22 +15,10 @@ use cloudlet_api::{AppInfo, HandoffOffer, HandoffReport, VmInfo, VmState};
 use cloudlet_client::{Client, ClientError};
 use cloudlet_testkit::{http, tiny_base};
 use cloudlet_wan::{Side, Wan, WanConfig};
-use common::{kvstore_overlay, TOKEN};
+use common::{in_ns, kvstore_overlay, TOKEN};
 
 /// Port every daemon listens on, inside its own namespace.
 const API_PORT: u16 = 7450;
-
-/// Run `fut` inside the namespace of `side` and wait for it.
-async fn in_ns<T, F>(wan: &Wan, side: Side, fut: F) -> T
-where
-    T: Send + 'static,
-    F: Future<Output = T> + Send + 'static,
-{
-    wan.run_in(side, fut)
-        .expect("enter the namespace")
-        .await
-        .expect("task in the namespace")
-}
 
 /// A `cloudletd` process inside one namespace of the WAN.
 struct NsDaemon {

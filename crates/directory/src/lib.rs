@@ -101,3 +101,53 @@ impl Serving {
         served
     }
 }
+
+/// A directory serving in the background ([`Serving::spawn`]): for tests,
+/// benchmarks and programs that embed one.
+pub struct Background {
+    pub addr: SocketAddr,
+    pub directory: Arc<Directory>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Serving {
+    /// Serve on a task of the current runtime until [`Background::stop`].
+    pub fn spawn(self) -> Background {
+        let (addr, directory) = (self.addr, self.directory.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(self.run(async {
+            let _ = rx.await;
+        }));
+        Background {
+            addr,
+            directory,
+            stop: Some(tx),
+            done,
+        }
+    }
+}
+
+impl Background {
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop serving and write what is still in memory (as on SIGTERM).
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.done)
+            .await
+            .map_err(|e| ServeError::Serve(e.to_string()))?
+    }
+
+    /// Gone at once, as in a crash: the task is aborted (its connections
+    /// drop), nothing is flushed.
+    pub async fn crash(self) {
+        self.done.abort();
+        let _ = self.done.await;
+    }
+}

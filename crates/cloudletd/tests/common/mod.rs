@@ -336,3 +336,16 @@ where
     });
     format!("http://{addr}")
 }
+
+/// Run `fut` inside the namespace of `side` of an emulated WAN and wait
+/// for it.
+pub async fn in_ns<T, F>(wan: &cloudlet_wan::Wan, side: cloudlet_wan::Side, fut: F) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    wan.run_in(side, fut)
+        .expect("enter the namespace")
+        .await
+        .expect("task in the namespace")
+}

@@ -4,13 +4,12 @@
 
 use cloudlet_api::directory::{HeldBase, Registration, SearchAnswer};
 use cloudlet_api::{Flavor, Location, Resources};
-use cloudlet_directory::{DirectoryConfig, Serving};
+use cloudlet_directory::{Background, DirectoryConfig, Serving};
 
 pub struct Running {
     pub url: String,
     pub directory: std::sync::Arc<cloudlet_directory::Directory>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<()>,
+    bg: Background,
 }
 
 pub async fn start(store: &std::path::Path, heartbeat_ms: u64, lease_ms: u64) -> Running {
@@ -25,37 +24,22 @@ pub async fn start(store: &std::path::Path, heartbeat_ms: u64, lease_ms: u64) ->
 }
 
 pub async fn serve(config: DirectoryConfig) -> Running {
-    let serving = Serving::bind(config).await.unwrap();
-    let url = format!("http://{}", serving.addr);
-    let directory = serving.directory.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        serving
-            .run(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let bg = Serving::bind(config).await.unwrap().spawn();
     Running {
-        url,
-        directory,
-        stop: Some(tx),
-        done,
+        url: bg.url(),
+        directory: bg.directory.clone(),
+        bg,
     }
 }
 
 impl Running {
-    /// Gone at once, as in a crash: the server task is aborted (its
-    /// connections drop), nothing is flushed.
+    /// Gone at once, as in a crash: nothing is flushed.
     pub async fn crash(self) {
-        self.done.abort();
-        let _ = self.done.await;
+        self.bg.crash().await
     }
 
-    pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.done.await.unwrap();
+    pub async fn stop(self) {
+        self.bg.stop().await.unwrap()
     }
 }
 
