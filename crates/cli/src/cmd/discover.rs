@@ -133,3 +133,16 @@ pub async fn overlay_base_id(overlay: &str) -> anyhow::Result<String> {
     let (_, manifest) = parse_prefix(&prefix)?;
     Ok(manifest.base_id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_near;
+
+    #[test]
+    fn near_takes_latitude_then_longitude() {
+        assert_eq!(parse_near("40.44,-79.94"), Ok((40.44, -79.94)));
+        assert!(parse_near("40.44").is_err());
+        assert!(parse_near("91,0").unwrap_err().contains("latitude -90..90"));
+        assert!(parse_near("a,b").is_err());
+    }
+}
