@@ -23,12 +23,13 @@
 
 use std::cmp::Ordering;
 use std::net::IpAddr;
-use std::time::Instant;
 
 use cloudlet_api::directory::{Candidate, Excluded, SearchAnswer, SearchQuery};
 use cloudlet_api::Flavor;
 
-use crate::index::{Entry, IndexState};
+use ipnet::IpNet;
+
+use crate::index::Entry;
 
 pub const DEFAULT_N: usize = 5;
 pub const MAX_N: usize = 100;
@@ -133,8 +134,8 @@ fn band_label(b: usize) -> String {
 /// What one entry scores for one search.
 struct Scored<'a> {
     e: &'a Entry,
-    /// Prefix length of the device's network at this cloudlet.
-    net: Option<(u8, String)>,
+    /// The device's network at this cloudlet (the longest prefix).
+    net: Option<&'a IpNet>,
     km: Option<f64>,
     band: usize,
     cached: bool,
@@ -143,7 +144,7 @@ struct Scored<'a> {
 
 impl Scored<'_> {
     fn order(&self, o: &Self) -> Ordering {
-        let net = |s: &Self| s.net.as_ref().map(|(p, _)| *p as i32).unwrap_or(-1);
+        let net = |s: &Self| s.net.map_or(-1, |n| n.prefix_len() as i32);
         net(o)
             .cmp(&net(self))
             .then(self.band.cmp(&o.band))
@@ -156,7 +157,7 @@ impl Scored<'_> {
 
     /// Nearest first, for the excluded list.
     fn nearness(&self, o: &Self) -> Ordering {
-        let net = |s: &Self| s.net.as_ref().map(|(p, _)| *p as i32).unwrap_or(-1);
+        let net = |s: &Self| s.net.map_or(-1, |n| n.prefix_len() as i32);
         net(o)
             .cmp(&net(self))
             .then(self.km.unwrap_or(0.0).total_cmp(&o.km.unwrap_or(0.0)))
@@ -164,13 +165,48 @@ impl Scored<'_> {
     }
 }
 
+/// Why an entry cannot take the app (rendered for the excluded that are
+/// shown only: a search of 10,000 formats at most `n` of these).
+#[derive(Debug, Clone, Copy)]
+enum Unfit {
+    NoBase,
+    NoFlavor,
+    Full,
+}
+
+impl Unfit {
+    fn why(self, e: &Entry, s: &Search) -> String {
+        let r = &e.reg;
+        let none = String::new();
+        match self {
+            Unfit::NoBase => format!("does not hold base {}", s.base.as_ref().unwrap_or(&none)),
+            Unfit::NoFlavor => {
+                format!(
+                    "does not offer flavor {}",
+                    s.flavor.as_ref().unwrap_or(&none)
+                )
+            }
+            Unfit::Full => match &s.flavor {
+                Some(f) => format!(
+                    "full: no room for flavor {f} (free {} vCPU, {} MiB, {} VM slots)",
+                    r.free.vcpus, r.free.memory_mib, r.free.vms
+                ),
+                None => format!(
+                    "full (free {} vCPU, {} MiB, {} VM slots)",
+                    r.free.vcpus, r.free.memory_mib, r.free.vms
+                ),
+            },
+        }
+    }
+}
+
 /// Why `e` cannot take the app, if it cannot; else how many VMs fit.
-fn fit(e: &Entry, s: &Search) -> Result<u32, String> {
+fn fit(e: &Entry, s: &Search) -> Result<u32, Unfit> {
     let r = &e.reg;
     if let Some(base) = &s.base {
         let held = r.base_vms.iter().any(|b| &b.name == base || &b.id == base);
         if !held && !r.obtainable_bases.iter().any(|b| b == base) {
-            return Err(format!("does not hold base {base}"));
+            return Err(Unfit::NoBase);
         }
     }
     let fits_flavor = |f: &Flavor| {
@@ -187,7 +223,7 @@ fn fit(e: &Entry, s: &Search) -> Result<u32, String> {
     let fits = match &s.flavor {
         Some(name) => {
             let Some(f) = r.flavors.iter().find(|f| &f.name == name) else {
-                return Err(format!("does not offer flavor {name}"));
+                return Err(Unfit::NoFlavor);
             };
             fits_flavor(f)
         }
@@ -199,27 +235,17 @@ fn fit(e: &Entry, s: &Search) -> Result<u32, String> {
             .unwrap_or(r.free.vms),
     };
     if fits == 0 {
-        return Err(match &s.flavor {
-            Some(f) => format!(
-                "full: no room for flavor {f} (free {} vCPU, {} MiB, {} VM slots)",
-                r.free.vcpus, r.free.memory_mib, r.free.vms
-            ),
-            None => format!(
-                "full (free {} vCPU, {} MiB, {} VM slots)",
-                r.free.vcpus, r.free.memory_mib, r.free.vms
-            ),
-        });
+        return Err(Unfit::Full);
     }
     Ok(fits)
 }
 
-fn network_of(e: &Entry, client: Option<IpAddr>) -> Option<(u8, String)> {
+fn network_of(e: &Entry, client: Option<IpAddr>) -> Option<&IpNet> {
     let c = client?;
     e.networks
         .iter()
         .filter(|n| n.contains(&c))
         .max_by_key(|n| n.prefix_len())
-        .map(|n| (n.prefix_len(), n.to_string()))
 }
 
 fn cached(e: &Entry, overlay: &Option<String>) -> bool {
@@ -228,11 +254,11 @@ fn cached(e: &Entry, overlay: &Option<String>) -> bool {
         .is_some_and(|o| e.reg.overlays_cached.iter().any(|c| c == o))
 }
 
-/// Rank the live entries of `st` for `s`.
-pub fn search(st: &IndexState, s: &Search, now: Instant) -> SearchAnswer {
+/// Rank `entries` (the live ones) for `s`.
+pub fn search<'a>(entries: impl Iterator<Item = &'a Entry>, s: &Search) -> SearchAnswer {
     let mut fitting: Vec<Scored> = Vec::new();
-    let mut left_out: Vec<(Scored, String)> = Vec::new();
-    for e in st.entries.values().filter(|e| e.live(now)) {
+    let mut left_out: Vec<(Scored, Unfit)> = Vec::new();
+    for e in entries {
         let km = s
             .near
             .map(|p| distance_km(p, (e.reg.location.latitude, e.reg.location.longitude)));
@@ -251,7 +277,7 @@ pub fn search(st: &IndexState, s: &Search, now: Instant) -> SearchAnswer {
     }
     let registered = fitting.len() + left_out.len();
     top(&mut fitting, s.n, Scored::order);
-    let mut left_refs: Vec<&(Scored, String)> = left_out.iter().collect();
+    let mut left_refs: Vec<&(Scored, Unfit)> = left_out.iter().collect();
     top(&mut left_refs, s.n, |a, b| a.0.nearness(&b.0));
     SearchAnswer {
         client_addr: s.client.map(|a| a.to_string()),
@@ -266,8 +292,8 @@ pub fn search(st: &IndexState, s: &Search, now: Instant) -> SearchAnswer {
                 name: c.e.reg.name.clone(),
                 api_url: c.e.reg.api_url.clone(),
                 distance_km: c.km.map(round1),
-                network: c.net.as_ref().map(|(_, n)| n.clone()),
-                why: why.clone(),
+                network: c.net.map(|n| n.to_string()),
+                why: why.why(c.e, s),
             })
             .collect(),
         registered,
@@ -293,7 +319,7 @@ fn candidate(rank: usize, c: &Scored, s: &Search) -> Candidate {
     let r = &c.e.reg;
     let mut reasons = Vec::new();
     match (&c.net, s.client) {
-        (Some((_, n)), Some(a)) => reasons.push(format!("in network: {a} is in {n}")),
+        (Some(n), Some(a)) => reasons.push(format!("in network: {a} is in {n}")),
         (None, Some(a)) => reasons.push(format!("not in network: {a} is in none of its networks")),
         _ => reasons.push("network: the device's address is not known".into()),
     }
@@ -335,7 +361,7 @@ fn candidate(rank: usize, c: &Scored, s: &Search) -> Candidate {
         api_url: r.api_url.clone(),
         public_host: r.public_host.clone(),
         location: r.location.clone(),
-        network: c.net.as_ref().map(|(_, n)| n.clone()),
+        network: c.net.map(|n| n.to_string()),
         distance_km: c.km.map(round1),
         distance_band: c.km.map(|_| band_label(c.band)),
         overlay_cached: c.cached,

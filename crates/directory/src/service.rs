@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cloudlet_api::directory::{
     DirectoryHealth, Lease, PeerList, Registration, SearchAnswer, SearchQuery, REGISTRATION_FORMAT,
@@ -211,8 +211,9 @@ impl Directory {
     ) -> Result<SearchAnswer, QueryError> {
         self.authorize_device(token)?;
         let s = Search::from_query(q, peer)?;
-        let st = self.store.index().read();
-        Ok(rank::search(&st, &s, Instant::now()))
+        // Ranked on a snapshot: heartbeats do not wait for a search.
+        let live = self.store.index().live();
+        Ok(rank::search(live.iter().map(|e| &**e), &s))
     }
 
     /// One entry, as devices see it.
@@ -229,12 +230,12 @@ impl Directory {
     /// `name` (authenticated as itself).
     pub async fn peers(&self, name: &str, token: Option<&str>) -> Result<PeerList, QueryError> {
         self.authorize_cloudlet(name, token).await?;
-        let now = Instant::now();
-        let st = self.store.index().read();
-        let mut peers: Vec<Registration> = st
-            .entries
-            .values()
-            .filter(|e| e.live(now) && e.reg.name != name)
+        let mut peers: Vec<Registration> = self
+            .store
+            .index()
+            .live()
+            .iter()
+            .filter(|e| e.reg.name != name)
             .map(|e| e.reg.clone())
             .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name));

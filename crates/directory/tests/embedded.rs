@@ -203,3 +203,86 @@ async fn a_silent_cloudlet_leaves_within_its_lease_and_watchers_see_it() {
     drop(events);
     d.stop().await;
 }
+
+/// Many registrations at once go through the group commit: each is on
+/// disk before its answer (a crash right after keeps it), and of several
+/// claims of one name at once exactly one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_are_committed_and_a_name_has_one_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.redb");
+    let d = start(&path, 5000, 12000).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let url = d.url.clone();
+        calls.spawn(async move {
+            let r = reg(&format!("edge-{i}"), 1.0, 1.0, &["b"], 2);
+            put(&url, &format!("credential-of-edge-{i}"), &r)
+                .await
+                .status()
+                .as_u16()
+        });
+    }
+    for i in 0..10 {
+        let url = d.url.clone();
+        calls.spawn(async move {
+            let r = reg("contested", 1.0, 1.0, &["b"], 2);
+            1000 + put(&url, &format!("claimant-number-{i}"), &r)
+                .await
+                .status()
+                .as_u16()
+        });
+    }
+    let mut codes = Vec::new();
+    while let Some(c) = calls.join_next().await {
+        codes.push(c.unwrap());
+    }
+    assert_eq!(
+        codes.iter().filter(|c| **c == 200).count(),
+        200,
+        "{codes:?}"
+    );
+    assert_eq!(codes.iter().filter(|c| **c == 1200).count(), 1, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 1403).count(), 9, "{codes:?}");
+    // Crashed (nothing flushed): every answered registration is on disk.
+    // (The file is free once the crashed server's last connection task
+    // ended: a process that died would have released it at once.)
+    d.crash().await;
+    let mut tries = 0;
+    let d = loop {
+        let config = cloudlet_directory::DirectoryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: path.clone(),
+            ..cloudlet_directory::DirectoryConfig::default()
+        };
+        match cloudlet_directory::Serving::bind(config).await {
+            Ok(s) => break common::Running::from(s.spawn()),
+            Err(e) => {
+                tries += 1;
+                assert!(tries < 100, "the store stays locked: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let all = search(&d.url, "n=100").await;
+    assert_eq!(all.registered, 201);
+    let winners = {
+        let mut w = 0;
+        for i in 0..10 {
+            let r = reg("contested", 1.0, 1.0, &["b"], 2);
+            if put(&d.url, &format!("claimant-number-{i}"), &r)
+                .await
+                .status()
+                == 200
+            {
+                w += 1;
+            }
+        }
+        w
+    };
+    assert_eq!(
+        winners, 1,
+        "the name is bound to one claimant after a restart"
+    );
+    d.stop().await;
+}

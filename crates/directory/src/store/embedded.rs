@@ -26,12 +26,14 @@ use cloudlet_api::directory::{Registration, WatchKind};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::journal::{Journal, Op};
 use super::{Bind, StoreError};
 use crate::index::{Entry, Index, Upsert};
 
-const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
-const CREDENTIALS: TableDefinition<&str, &str> = TableDefinition::new("credentials");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(super) const REGISTRATIONS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("registrations");
+pub(super) const CREDENTIALS: TableDefinition<&str, &str> = TableDefinition::new("credentials");
+pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// How often leases are checked.
 pub const SWEEP: Duration = Duration::from_millis(100);
@@ -48,6 +50,8 @@ pub struct Embedded {
     db: Arc<Database>,
     path: PathBuf,
     index: Index,
+    /// What is committed before a call is answered (group commit).
+    journal: Journal,
     /// Names whose entry changed (or left) since the last commit.
     dirty: Arc<Mutex<HashSet<String>>>,
     /// The sweeper and the writer: stopped with the store, so that the
@@ -115,8 +119,10 @@ impl Embedded {
             .map_or(0, |v| v.value());
         drop((regs, meta, rtx));
         index.replace_all(loaded, revision);
+        let db = Arc::new(db);
         let store = Embedded {
-            db: Arc::new(db),
+            journal: Journal::new(db.clone(), index.clone()),
+            db,
             path: path.to_path_buf(),
             index,
             dirty: Arc::default(),
@@ -178,24 +184,28 @@ impl Embedded {
     }
 
     pub async fn bind_credential(&self, name: &str, hash: &str) -> Result<Bind, StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        let bind = {
-            let mut t = tx.open_table(CREDENTIALS).map_err(|e| self.err(e))?;
-            let existing = t
-                .get(name)
-                .map_err(|e| self.err(e))?
-                .map(|v| v.value().to_string());
-            match existing {
-                Some(h) if h == hash => Bind::Bound,
-                Some(_) => Bind::Taken,
-                None => {
-                    t.insert(name, hash).map_err(|e| self.err(e))?;
-                    Bind::Bound
-                }
-            }
+        // Bound already (every heartbeat after a restart): a read, no commit.
+        let bound = (|| -> Result<Option<String>, String> {
+            let s = |e: &dyn std::fmt::Display| e.to_string();
+            let rtx = self.db.begin_read().map_err(|e| s(&e))?;
+            let t = rtx.open_table(CREDENTIALS).map_err(|e| s(&e))?;
+            let v = t.get(name).map_err(|e| s(&e))?;
+            Ok(v.map(|v| v.value().to_string()))
+        })()
+        .map_err(|e| self.err(e))?;
+        match bound {
+            Some(h) if h == hash => return Ok(Bind::Bound),
+            Some(_) => return Ok(Bind::Taken),
+            None => {}
+        }
+        let op = Op::Bind {
+            name: name.to_string(),
+            hash: hash.to_string(),
         };
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(bind)
+        match self.journal.commit(op).await.map_err(|e| self.err(e))? {
+            Some(b) => Ok(b),
+            None => Err(self.err("a binding came back without its answer")),
+        }
     }
 
     pub async fn heartbeat(
@@ -209,21 +219,15 @@ impl Embedded {
         match outcome {
             Upsert::Created => {
                 // Stored before the answer: a restart right after keeps it.
-                let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-                {
-                    let mut t = tx.open_table(REGISTRATIONS).map_err(|e| self.err(e))?;
-                    let v = serde_json::to_vec(&Stored {
-                        seen_ms: now_ms(),
-                        reg,
-                    })
+                let value = serde_json::to_vec(&Stored {
+                    seen_ms: now_ms(),
+                    reg,
+                })
+                .map_err(|e| self.err(e))?;
+                self.journal
+                    .commit(Op::Put { name, value })
+                    .await
                     .map_err(|e| self.err(e))?;
-                    t.insert(name.as_str(), v.as_slice())
-                        .map_err(|e| self.err(e))?;
-                    let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
-                    m.insert("revision", self.index.revision())
-                        .map_err(|e| self.err(e))?;
-                }
-                tx.commit().map_err(|e| self.err(e))?;
             }
             Upsert::Changed => {
                 self.dirty
@@ -238,15 +242,12 @@ impl Embedded {
 
     pub async fn deregister(&self, name: &str) -> Result<bool, StoreError> {
         let was = self.index.remove(name, WatchKind::Deregistered, None);
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = tx.open_table(REGISTRATIONS).map_err(|e| self.err(e))?;
-            t.remove(name).map_err(|e| self.err(e))?;
-            let mut m = tx.open_table(META).map_err(|e| self.err(e))?;
-            m.insert("revision", self.index.revision())
-                .map_err(|e| self.err(e))?;
-        }
-        tx.commit().map_err(|e| self.err(e))?;
+        self.journal
+            .commit(Op::Remove {
+                name: name.to_string(),
+            })
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(was)
     }
 
@@ -268,22 +269,25 @@ fn write_dirty(db: &Database, index: &Index, dirty: &Mutex<HashSet<String>>) -> 
         return Ok(());
     }
     let seen = now_ms();
-    let rows: Vec<(String, Option<Vec<u8>>)> = {
+    // The entries under the lock (cheap: shared pointers), the JSON after.
+    let current: Vec<Option<Arc<Entry>>> = {
         let st = index.read();
-        names
-            .iter()
-            .map(|n| {
-                let v = st.entries.get(n).map(|e| {
-                    serde_json::to_vec(&Stored {
-                        seen_ms: seen,
-                        reg: e.reg.clone(),
-                    })
-                    .unwrap_or_default()
-                });
-                (n.clone(), v)
-            })
-            .collect()
+        names.iter().map(|n| st.entries.get(n).cloned()).collect()
     };
+    let rows: Vec<(String, Option<Vec<u8>>)> = names
+        .iter()
+        .zip(current)
+        .map(|(n, e)| {
+            let v = e.map(|e| {
+                serde_json::to_vec(&Stored {
+                    seen_ms: seen,
+                    reg: e.reg.clone(),
+                })
+                .unwrap_or_default()
+            });
+            (n.clone(), v)
+        })
+        .collect();
     let result = (|| -> Result<(), Box<redb::Error>> {
         let b = |e: redb::Error| Box::new(e);
         let tx = db.begin_write().map_err(|e| b(e.into()))?;

@@ -14,6 +14,7 @@
 
 pub mod embedded;
 pub mod etcd;
+mod journal;
 
 use std::time::Duration;
 

@@ -24,11 +24,16 @@ pub async fn start(store: &std::path::Path, heartbeat_ms: u64, lease_ms: u64) ->
 }
 
 pub async fn serve(config: DirectoryConfig) -> Running {
-    let bg = Serving::bind(config).await.unwrap().spawn();
-    Running {
-        url: bg.url(),
-        directory: bg.directory.clone(),
-        bg,
+    Serving::bind(config).await.unwrap().spawn().into()
+}
+
+impl From<Background> for Running {
+    fn from(bg: Background) -> Self {
+        Running {
+            url: bg.url(),
+            directory: bg.directory.clone(),
+            bg,
+        }
     }
 }
 
