@@ -159,12 +159,7 @@ async fn synthesis_lands_on_the_nearest_cloudlet_that_fits() {
     // Each leaf reaches the hub's every address (the cloud tier listens on
     // link 0's) through its own link.
     for l in [&hub, &mid_link, &far_link] {
-        let st = l
-            .command_in(Side::B, "ip")
-            .args(["route", "add", "10.251.0.0/16", "dev", l.device(Side::B)])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        l.route_via_hub().expect("route the leaf through the hub");
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut procs = Procs {

@@ -235,6 +235,27 @@ impl Wan {
         &self.devs[side.index()]
     }
 
+    /// Route this link's leaf (side B) to every address of the hub's links,
+    /// `10.251.0.0/16`, through its own link, and let the hub forward
+    /// between its links: the leaf then reaches every address of the hub
+    /// and the leaves of the hub's other routed links (across both links,
+    /// each with its own delay and rate), e.g. a cloud tier that listens in
+    /// the hub, and cloudlets that hand VMs to each other.
+    pub fn route_via_hub(&self) -> Result<(), WanError> {
+        netns::run_inside(
+            &self.ns[Side::A.index()],
+            "sh",
+            // The namespace's own /proc/sys/net (no sysctl binary needed).
+            &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
+        )?;
+        let dev = self.devs[Side::B.index()].clone();
+        netns::run_inside(
+            &self.ns[Side::B.index()],
+            "ip",
+            &["route", "replace", "10.251.0.0/16", "dev", &dev],
+        )
+    }
+
     /// Current rate in Mbit/s.
     pub fn rate_mbit(&self) -> f64 {
         f64::from_bits(self.rate_bits.load(Ordering::Relaxed))

@@ -595,6 +595,77 @@ fn hub_links_tear_down_independently() {
     assert_eq!(our_namespaces(), Vec::<String>::new());
 }
 
+/// Routed through the hub, a leaf reaches the hub's every address and the
+/// other routed leaves, across both links (a cloud tier in the hub,
+/// cloudlets handing VMs to each other); an unrouted leaf reaches only its
+/// own peer.
+#[test]
+fn leaves_routed_via_the_hub_reach_each_other_across_both_links() {
+    let Some(_serial) = setup() else { return };
+    let hub = Wan::create(WanConfig::new("throute", 50.0, ms(2))).unwrap();
+    let link1 = Wan::attach(&hub, WanConfig::new("throute", 50.0, ms(10))).unwrap();
+    let link2 = Wan::attach(&hub, WanConfig::new("throute", 50.0, ms(20))).unwrap();
+    echo_server(&link2, 7101);
+    let leaf2 = SocketAddr::from((link2.b_addr(), 7101));
+    // Not routed yet: link 1's leaf cannot reach link 2's.
+    let unrouted = link1
+        .run_in(Side::B, async move {
+            tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(leaf2)).await
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(!matches!(unrouted, Ok(Ok(_))), "reached without a route");
+    for l in [&hub, &link1, &link2] {
+        l.route_via_hub().unwrap();
+    }
+    let rtt = link1
+        .run_in(Side::B, async move {
+            let mut sock = TcpStream::connect(leaf2).await.unwrap();
+            sock.set_nodelay(true).unwrap();
+            median(round_trips(&mut sock, 2, 5).await)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    eprintln!("leaf 1 -> leaf 2 through the hub: {rtt:?} (2 x (10 + 20) ms)");
+    assert_rtts_follow_delays("leaf to leaf", &[rtt], &[30]);
+    // A leaf reaches the hub's address on another link (link 0's).
+    echo_server_in_hub(&hub, 7102);
+    let hub0 = SocketAddr::from((hub.a_addr(), 7102));
+    let rtt = link2
+        .run_in(Side::B, async move {
+            let mut sock = TcpStream::connect(hub0).await.unwrap();
+            median(round_trips(&mut sock, 2, 5).await)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_rtts_follow_delays("leaf 2 to the hub's link-0 address", &[rtt], &[20]);
+    link1.teardown().unwrap();
+    link2.teardown().unwrap();
+    hub.teardown().unwrap();
+    assert_eq!(our_namespaces(), Vec::<String>::new());
+}
+
+/// An echo server in the hub, on all its addresses.
+fn echo_server_in_hub(hub: &Wan, port: u16) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _server = hub
+        .run_in(Side::A, async move {
+            let listener = TcpListener::bind(("0.0.0.0", port)).await.unwrap();
+            tx.send(()).unwrap();
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = sock.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        })
+        .unwrap();
+    rx.recv().unwrap();
+}
+
 #[test]
 fn invalid_config_is_rejected_without_leftovers() {
     let mut config = WanConfig::new("tbad", 0.0, Duration::from_millis(5));
