@@ -75,10 +75,18 @@ pub struct Registration {
     /// The handoff protocol it speaks ([`crate::HANDOFF_PROTOCOL`]).
     #[serde(default)]
     pub handoff_protocol: u32,
+    /// False while it drains (maintenance): it takes no new VMs and no
+    /// moves in; searches leave it out.
+    #[serde(default = "accepting_default")]
+    pub accepting: bool,
     /// The bearer token it accepts from peers for handoffs. Shown only to
     /// other registered cloudlets (`GET /v1/peers`), never in searches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_token: Option<String>,
+}
+
+fn accepting_default() -> bool {
+    true
 }
 
 fn connected_default() -> bool {

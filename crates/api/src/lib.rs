@@ -18,6 +18,25 @@ pub struct Location {
     pub longitude: f64,
 }
 
+impl Location {
+    /// Great-circle distance to `other`, km (haversine, mean Earth radius).
+    pub fn distance_km(&self, other: &Location) -> f64 {
+        distance_km(
+            (self.latitude, self.longitude),
+            (other.latitude, other.longitude),
+        )
+    }
+}
+
+/// Great-circle distance between two `(latitude, longitude)` points, km.
+pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
+    let (lat1, lon1) = (a.0.to_radians(), a.1.to_radians());
+    let (lat2, lon2) = (b.0.to_radians(), b.1.to_radians());
+    let h = ((lat2 - lat1) / 2.0).sin().powi(2)
+        + lat1.cos() * lat2.cos() * ((lon2 - lon1) / 2.0).sin().powi(2);
+    2.0 * 6371.0088 * h.sqrt().min(1.0).asin()
+}
+
 /// An amount of compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 pub struct Resources {
@@ -171,6 +190,30 @@ pub struct HandoffRequest {
     /// for that peer, else the one the directory gave).
     #[serde(default)]
     pub token: Option<String>,
+}
+
+/// `POST /v1/drain`: the cloudlet takes no new VMs and no moves in, and
+/// hands every VM it runs to its best neighbour (from the directory, then
+/// the static peers). `DELETE /v1/drain` ends the maintenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainReport {
+    /// One line per VM that was running here.
+    pub vms: Vec<DrainedVm>,
+    /// True when every VM moved (none is left running here).
+    pub drained: bool,
+}
+
+/// What a drain did with one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainedVm {
+    pub id: String,
+    pub name: String,
+    /// The cloudlet (name or URL) it moved to.
+    pub moved_to: Option<String>,
+    pub downtime_ms: Option<u64>,
+    /// Each neighbour tried before, and why it did not take the VM; or
+    /// why none was tried.
+    pub refusals: Vec<String>,
 }
 
 /// What a handoff did, answered when the VM runs at the destination.

@@ -46,6 +46,9 @@ enum Command {
     Info,
     /// Move a running VM to another cloudlet, live.
     Handoff(cmd::remote::HandoffArgs),
+    /// Maintenance: the cloudlet takes no new work and hands every VM to
+    /// its best neighbour (`--cancel` ends the maintenance).
+    Drain(cmd::remote::DrainArgs),
     /// The overlay registry of the cloud tier: serve, push, list.
     #[command(subcommand)]
     Registry(cmd::registry::RegistryCommand),
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             Command::Handoff(a) => {
                 cmd::remote::handoff(&cli.target.client(&home), a, cli.output).await
             }
+            Command::Drain(a) => cmd::remote::drain(&cli.target.client(&home), a, cli.output).await,
             Command::Registry(c) => cmd::registry::run(c, cli.output).await,
             Command::Discover(a) => cmd::discover::discover(a, cli.output).await,
             Command::Directory(c) => cmd::directory::run(c, &home, cli.output).await,

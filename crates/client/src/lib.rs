@@ -178,6 +178,19 @@ impl Client {
         .await
     }
 
+    /// Maintenance: no new work here, every VM handed to a neighbour;
+    /// answers when done.
+    pub async fn drain(&self) -> Result<cloudlet_api::DrainReport, ClientError> {
+        self.json(self.request(Method::POST, "/v1/drain")).await
+    }
+
+    /// End the maintenance.
+    pub async fn resume(&self) -> Result<(), ClientError> {
+        self.send(self.request(Method::DELETE, "/v1/drain"))
+            .await
+            .map(|_| ())
+    }
+
     pub async fn metrics(&self) -> Result<String, ClientError> {
         self.send(self.request(Method::GET, "/metrics"))
             .await?

@@ -18,6 +18,7 @@ use crate::core::cloudlet::{
 use crate::core::lifecycle::VmLifecycle;
 use crate::core::store::{NewVmRecord, VmRecord};
 use crate::core::{kill_pid, qemu_alive};
+use crate::drain::DrainError;
 use crate::handoff::destination::{self, Arrivals};
 use crate::handoff::{HandoffError, ReceiveHandoffError};
 use crate::metrics::{HandoffFailure, HandoffSide};
@@ -73,14 +74,10 @@ pub trait CloudletOps: Send + Sync + 'static {
         &self,
         hid: &str,
     ) -> impl Future<Output = Result<(), ReceiveHandoffError>> + Send;
-}
-
-fn failure(refused: bool) -> HandoffFailure {
-    if refused {
-        HandoffFailure::Refused
-    } else {
-        HandoffFailure::Failed
-    }
+    /// Maintenance: no new work, every VM handed to a neighbour.
+    fn drain(&self) -> impl Future<Output = Result<cloudlet_api::DrainReport, DrainError>> + Send;
+    /// End the maintenance.
+    fn resume(&self) -> Result<(), DrainError>;
 }
 
 /// The daemon's domain: the cloudlet and the handoffs arriving at it.
@@ -104,7 +101,9 @@ impl Daemon {
         let m = &self.cloudlet.metrics;
         match r {
             Ok(_) => m.handoff_phase(HandoffSide::Destination, phase, t.elapsed()),
-            Err(e) => m.handoff_failed(HandoffSide::Destination, failure(e.is_refusal())),
+            Err(e) => {
+                m.handoff_failed(HandoffSide::Destination, HandoffFailure::of(e.is_refusal()))
+            }
         }
     }
 
@@ -367,13 +366,7 @@ impl CloudletOps for Daemon {
         id: &str,
         req: cloudlet_api::HandoffRequest,
     ) -> Result<cloudlet_api::HandoffReport, HandoffError> {
-        let result = crate::handoff::source::handoff_vm(&self.cloudlet, id, req).await;
-        let m = &self.cloudlet.metrics;
-        match &result {
-            Ok(report) => m.record_handoff(report),
-            Err(e) => m.handoff_failed(HandoffSide::Source, failure(e.is_refusal())),
-        }
-        result
+        crate::handoff::source::handoff_vm_recorded(&self.cloudlet, id, req).await
     }
 
     async fn prepare_incoming(
@@ -419,6 +412,14 @@ impl CloudletOps for Daemon {
 
     async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {
         self.arrivals.abort(&self.cloudlet, hid).await
+    }
+
+    async fn drain(&self) -> Result<cloudlet_api::DrainReport, DrainError> {
+        crate::drain::drain(&self.cloudlet).await
+    }
+
+    fn resume(&self) -> Result<(), DrainError> {
+        crate::drain::resume(&self.cloudlet)
     }
 
     fn incoming_arrival(

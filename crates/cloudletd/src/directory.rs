@@ -85,6 +85,7 @@ pub fn registration(c: &Cloudlet, api_url: &str) -> Registration {
         accel: c.accel.clone(),
         release: env!("CARGO_PKG_VERSION").into(),
         handoff_protocol: c.handoff_protocol(),
+        accepting: !c.draining(),
         peer_token: cfg.tokens.first().cloned(),
     }
 }

@@ -14,7 +14,8 @@
 //! - [`api`]: the REST API and its OpenAPI document;
 //! - [`handoff`] and [`throttle`]: live handoff to another cloudlet;
 //! - [`directory`]: joining the cloud tier's directory (register,
-//!   heartbeat, peers, deregister);
+//!   heartbeat, peers, deregister); [`drain`]: maintenance, every VM
+//!   handed to a neighbour;
 //! - [`metrics`]: Prometheus metrics.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod commands;
 pub mod config;
 pub mod core;
 pub mod directory;
+pub mod drain;
 pub mod handoff;
 pub mod metrics;
 pub mod retry;

@@ -72,6 +72,17 @@ pub enum HandoffFailure {
     Refused,
 }
 
+impl HandoffFailure {
+    /// A refusal (a definite no), else a failure.
+    pub fn of(refused: bool) -> Self {
+        if refused {
+            HandoffFailure::Refused
+        } else {
+            HandoffFailure::Failed
+        }
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,

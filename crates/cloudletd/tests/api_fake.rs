@@ -148,6 +148,17 @@ impl CloudletOps for Fake {
     async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {
         Err(ReceiveHandoffError::UnknownHandoff(hid.into()))
     }
+
+    async fn drain(&self) -> Result<cloudlet_api::DrainReport, cloudletd::drain::DrainError> {
+        Ok(cloudlet_api::DrainReport {
+            vms: vec![],
+            drained: true,
+        })
+    }
+
+    fn resume(&self) -> Result<(), cloudletd::drain::DrainError> {
+        Ok(())
+    }
 }
 
 async fn serve() -> String {

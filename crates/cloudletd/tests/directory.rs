@@ -265,3 +265,96 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
     assert!(dir.entry("edge-b").await.is_some());
     dir.stop().await;
 }
+
+/// `cloudlet drain`: every VM goes to the best neighbour that can take it
+/// (the nearest one is full: the next), the drained cloudlet refuses new
+/// VMs and moves in (and the directory leaves it out), stays drained
+/// across a restart, and takes work again when the maintenance ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
+    let overlay = kvstore_overlay().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = directory("127.0.0.1:0", &tmp.path().join("directory.redb")).await;
+    let mut a = Daemon::start_named("drain-a", &joined(&dir.url, 40.44)).await;
+    let b = Daemon::start_named("drain-b", &joined(&dir.url, 40.60)).await;
+    let full = format!(
+        "{}[capacity]\nvcpus = 4\nmemory_mib = 4096\nvms = 0\n",
+        joined(&dir.url, 40.441)
+    );
+    let _c = Daemon::start_named("drain-c", &full).await;
+    for name in ["drain-a", "drain-b", "drain-c"] {
+        dir.until(name, Duration::from_secs(5), "registered", |e| e.is_some())
+            .await;
+    }
+    // A learns its peers after its next heartbeat.
+    tokio::time::sleep(HEARTBEAT + Duration::from_millis(500)).await;
+    let mut vms = Vec::new();
+    for name in ["one", "two"] {
+        vms.push(
+            a.client()
+                .create_vm_upload(&overlay, Some(name), None)
+                .await
+                .unwrap(),
+        );
+    }
+
+    let report = a.client().drain().await.expect("drain");
+    println!("{report:#?}");
+    assert!(report.drained, "{report:?}");
+    assert_eq!(report.vms.len(), 2);
+    for v in &report.vms {
+        assert_eq!(v.moved_to.as_deref(), Some("drain-b"), "{v:?}");
+        assert!(
+            v.refusals.iter().any(|r| r.starts_with("drain-c: no room")),
+            "the nearest (full) neighbour is passed over, with why: {v:?}"
+        );
+    }
+    // Every VM serves at B.
+    for vm in &vms {
+        let there = b.client().get_vm(&vm.id).await.unwrap();
+        assert_eq!(there.state, cloudlet_api::VmState::Running);
+        let port: u16 = there.ports[0].endpoint.rsplit(':').next().unwrap().parse().unwrap();
+        let r = cloudlet_testkit::http(port, "GET", "/health", None).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // A takes no new work: no VM, no move in; the directory leaves it out.
+    let err = a
+        .client()
+        .create_vm_upload(&overlay, Some("three"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(503), "{err}");
+    assert!(err.to_string().contains("draining"), "{err}");
+    let back = b.client().handoff("one", "drain-a", None).await.unwrap_err();
+    println!("a move into the drained cloudlet: {back}");
+    assert!(back.to_string().contains("draining"), "{back}");
+    assert_eq!(
+        b.client().get_vm(&vms[0].id).await.unwrap().state,
+        cloudlet_api::VmState::Running,
+        "the refused move leaves the VM serving where it is"
+    );
+    dir.until("drain-a", Duration::from_secs(2), "not accepting", |e| {
+        e.is_some_and(|e| !e.accepting)
+    })
+    .await;
+    let ans = dir.search(SearchQuery::default()).await;
+    let left = ans.excluded.iter().find(|e| e.name == "drain-a").unwrap();
+    assert!(left.why.contains("draining"), "{left:?}");
+
+    // Still draining after a restart; then the maintenance ends.
+    a.kill();
+    a.restart().await;
+    let err = a
+        .client()
+        .create_vm_upload(&overlay, Some("three"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(503), "{err}");
+    a.client().resume().await.unwrap();
+    dir.until("drain-a", Duration::from_secs(2), "accepting", |e| {
+        e.is_some_and(|e| e.accepting)
+    })
+    .await;
+    let report = b.client().handoff("one", "drain-a", None).await.unwrap();
+    assert_eq!(report.vm.generation, 3, "moved back once the drain ended");
+}

@@ -2,7 +2,7 @@
 //! and why (a pure function of the index and the query, so it is tested
 //! without a server).
 //!
-//! 1. **Filter**: a candidate holds the asked base VM (by name or id) or
+//! 1. **Filter**: a candidate is not draining, holds the asked base VM (by name or id) or
 //!    says it can get it, offers the asked flavor, and has room for one
 //!    more VM of it (vCPUs, memory, VM slots). The rest are "excluded",
 //!    with the reason, the nearest first.
@@ -25,7 +25,7 @@ use std::cmp::Ordering;
 use std::net::IpAddr;
 
 use cloudlet_api::directory::{Candidate, Excluded, SearchAnswer, SearchQuery};
-use cloudlet_api::Flavor;
+use cloudlet_api::{distance_km, Flavor};
 
 use ipnet::IpNet;
 
@@ -108,15 +108,6 @@ fn canonical(a: IpAddr) -> IpAddr {
     }
 }
 
-/// Great-circle distance, km (haversine, mean Earth radius).
-pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
-    let (lat1, lon1) = (a.0.to_radians(), a.1.to_radians());
-    let (lat2, lon2) = (b.0.to_radians(), b.1.to_radians());
-    let h = ((lat2 - lat1) / 2.0).sin().powi(2)
-        + lat1.cos() * lat2.cos() * ((lon2 - lon1) / 2.0).sin().powi(2);
-    2.0 * 6371.0088 * h.sqrt().min(1.0).asin()
-}
-
 fn band(km: f64) -> usize {
     BANDS_KM
         .iter()
@@ -169,6 +160,7 @@ impl Scored<'_> {
 /// shown only: a search of 10,000 formats at most `n` of these).
 #[derive(Debug, Clone, Copy)]
 enum Unfit {
+    Draining,
     NoBase,
     NoFlavor,
     Full,
@@ -179,6 +171,7 @@ impl Unfit {
         let r = &e.reg;
         let none = String::new();
         match self {
+            Unfit::Draining => "draining (maintenance): takes no new VMs".into(),
             Unfit::NoBase => format!("does not hold base {}", s.base.as_ref().unwrap_or(&none)),
             Unfit::NoFlavor => {
                 format!(
@@ -203,6 +196,9 @@ impl Unfit {
 /// Why `e` cannot take the app, if it cannot; else how many VMs fit.
 fn fit(e: &Entry, s: &Search) -> Result<u32, Unfit> {
     let r = &e.reg;
+    if !r.accepting {
+        return Err(Unfit::Draining);
+    }
     if let Some(base) = &s.base {
         let held = r.base_vms.iter().any(|b| &b.name == base || &b.id == base);
         if !held && !r.obtainable_bases.iter().any(|b| b == base) {

@@ -72,6 +72,7 @@ fn small_reg(name: &str, base: &str) -> Registration {
         accel: "kvm".into(),
         release: "0.1.0".into(),
         handoff_protocol: 1,
+        accepting: true,
         peer_token: None,
     }
 }

@@ -193,6 +193,7 @@ fn registration(i: usize, rng: &mut StdRng) -> Registration {
         accel: if rng.gen_bool(0.9) { "kvm" } else { "tcg" }.into(),
         release: "0.1.0".into(),
         handoff_protocol: 1,
+        accepting: true,
         peer_token: Some(format!("peer-{:032x}", rng.gen::<u128>())),
         name,
     }

@@ -339,3 +339,45 @@ fn print_vm(v: &VmInfo, output: Output) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct DrainArgs {
+    /// End the maintenance instead (new VMs and moves in are taken again).
+    #[arg(long)]
+    pub cancel: bool,
+}
+
+pub async fn drain(client: &Client, args: DrainArgs, output: Output) -> anyhow::Result<()> {
+    if args.cancel {
+        client.resume().await?;
+        if output == Output::Text {
+            println!("maintenance ended: taking new VMs and moves in");
+        }
+        return Ok(());
+    }
+    let report = client.drain().await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Text => {
+            println!("draining: no new VMs or moves in");
+            for v in &report.vms {
+                match &v.moved_to {
+                    Some(to) => println!(
+                        "  {} ({}) -> {to}, downtime {} ms",
+                        v.name,
+                        v.id,
+                        v.downtime_ms.unwrap_or_default()
+                    ),
+                    None => println!("  {} ({}) stays: no neighbour took it", v.name, v.id),
+                }
+                for r in &v.refusals {
+                    println!("      {r}");
+                }
+            }
+        }
+    }
+    if !report.drained {
+        anyhow::bail!("not every VM moved: they keep running here");
+    }
+    Ok(())
+}

@@ -1,4 +1,5 @@
-//! `GET /v1/cloudlet`, `GET /v1/ping` and `GET /metrics`.
+//! `GET /v1/cloudlet`, `GET /v1/ping`, `GET /metrics` and the
+//! maintenance (`POST`/`DELETE /v1/drain`).
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use cloudlet_api::CloudletInfo;
 
+use super::error::ApiResult;
 use super::AppState;
 use crate::commands::CloudletOps;
 
@@ -33,4 +35,25 @@ pub(super) async fn metrics<C: CloudletOps>(
 #[utoipa::path(get, path = "/v1/ping", responses((status = 200, description = "`pong`", body = String)))]
 pub(super) async fn ping() -> &'static str {
     "pong"
+}
+
+/// Maintenance: take no new VMs and no moves in, and hand every running VM
+/// to its best neighbour (the directory's, then the static peers); answers
+/// when done, with where each VM went or why it stayed.
+#[utoipa::path(post, path = "/v1/drain", security(("bearer" = [])),
+    responses((status = 200, body = cloudlet_api::DrainReport), (status = 500, body = cloudlet_api::ApiError)))]
+pub(super) async fn drain<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+) -> ApiResult<Json<cloudlet_api::DrainReport>> {
+    Ok(Json(st.ops.drain().await?))
+}
+
+/// End the maintenance: new VMs and moves in are taken again.
+#[utoipa::path(delete, path = "/v1/drain", security(("bearer" = [])),
+    responses((status = 204), (status = 500, body = cloudlet_api::ApiError)))]
+pub(super) async fn resume<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+) -> ApiResult<axum::http::StatusCode> {
+    st.ops.resume()?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -69,6 +69,7 @@ fn create_vm_status(e: &CreateVmError) -> (StatusCode, &'static str) {
             E::OverCapacity { .. } | E::NoPorts(..) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "over_capacity")
             }
+            E::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
             E::Synthesis(s) => match s {
                 crate::synth::SynthesizeError::Apply(_)
                 | crate::synth::SynthesizeError::Fetch(FetchOverlayError::Format(_))
@@ -176,3 +177,9 @@ impl From<ReceiveHandoffError> for ApiFailure {
 }
 
 pub(crate) type ApiResult<T> = Result<T, ApiFailure>;
+
+impl From<crate::drain::DrainError> for ApiFailure {
+    fn from(e: crate::drain::DrainError) -> Self {
+        ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, "drain", e.to_string())
+    }
+}

@@ -47,6 +47,10 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
             "/v1/base-vms/{name}",
             axum::routing::delete(bases::delete_base::<C>),
         )
+        .route(
+            "/v1/drain",
+            axum::routing::post(cloudlet::drain::<C>).delete(cloudlet::resume::<C>),
+        )
         .route("/v1/vms", axum::routing::post(vms::create_vm::<C>))
         .route("/v1/vms/{id}", axum::routing::delete(vms::delete_vm::<C>))
         .route(

@@ -40,6 +40,8 @@ pub enum CreateVmError {
     },
     #[error("Over capacity: {detail}")]
     OverCapacity { detail: String },
+    #[error("This cloudlet is draining (maintenance): it takes no new VMs and no moves in")]
+    Draining,
     #[error("No free host port in {0}-{1}")]
     NoPorts(u16, u16),
     #[error("Synthesis failed: {0}")]
@@ -78,6 +80,9 @@ pub(crate) struct Entry {
     pub(crate) progress: Arc<SynthProgress>,
 }
 
+/// The file that marks a cloudlet in maintenance.
+const DRAINING: &str = "draining";
+
 /// One cloudlet's daemon state.
 pub struct Cloudlet {
     pub config: CloudletConfig,
@@ -90,6 +95,9 @@ pub struct Cloudlet {
     pub(crate) spares: Arc<crate::synth::spares::Spares>,
     /// Its membership of the directory, and the peers learned there.
     pub(crate) directory: crate::core::membership::Membership,
+    /// In maintenance (`POST /v1/drain`): no new VMs, no moves in. Kept as
+    /// the file `home/draining` across restarts.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
@@ -130,6 +138,7 @@ impl Cloudlet {
             accel,
             spares: Arc::new(crate::synth::spares::Spares::new(&home)),
             directory: crate::core::membership::Membership::default(),
+            draining: std::sync::atomic::AtomicBool::new(home.join(DRAINING).exists()),
         });
         c.recover().await?;
         // Keep the bases in the page cache: synthesis copies its base in
@@ -260,6 +269,25 @@ impl Cloudlet {
         (url, token)
     }
 
+    /// In maintenance: no new VMs, no moves in.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Enter or leave maintenance (kept across restarts).
+    pub(crate) fn set_draining(&self, on: bool) -> std::io::Result<()> {
+        let path = self.config.home.join(DRAINING);
+        if on {
+            std::fs::write(&path, b"draining\n")?;
+        } else if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
+        }
+        self.draining.store(on, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     /// What is not handed out yet.
     pub(crate) fn free(&self) -> Resources {
         let used = self.used();
@@ -313,6 +341,9 @@ impl Cloudlet {
             if e.record.name == rec.name {
                 return Err(CreateVmError::NameTaken(rec.name.clone()));
             }
+        }
+        if self.draining() {
+            return Err(CreateVmError::Draining);
         }
         let cap = self.config.capacity;
         let detail = if used.vms + 1 > cap.vms {

@@ -184,6 +184,10 @@ impl ReceiveHandoffError {
         matches!(
             self,
             R::BaseNotHeld(_)
+                | R::Create(
+                    crate::core::cloudlet::CreateVmError::Draining
+                        | crate::core::cloudlet::CreateVmError::OverCapacity { .. }
+                )
                 | R::Exists(_)
                 | R::Protocol { .. }
                 | R::StaleGeneration { .. }

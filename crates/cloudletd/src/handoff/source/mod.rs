@@ -90,6 +90,24 @@ struct Moving {
     sampling: bool,
 }
 
+/// [`handoff_vm`], its outcome counted in the metrics (what the API and
+/// a drain call).
+pub async fn handoff_vm_recorded(
+    c: &Arc<Cloudlet>,
+    id: &str,
+    req: HandoffRequest,
+) -> Result<HandoffReport, HandoffError> {
+    let result = handoff_vm(c, id, req).await;
+    match &result {
+        Ok(report) => c.metrics.record_handoff(report),
+        Err(e) => c.metrics.handoff_failed(
+            crate::metrics::HandoffSide::Source,
+            crate::metrics::HandoffFailure::of(e.is_refusal()),
+        ),
+    }
+    result
+}
+
 /// The source side: `POST /v1/vms/{id}/handoff`.
 pub async fn handoff_vm(
     c: &Arc<Cloudlet>,
