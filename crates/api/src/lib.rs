@@ -178,6 +178,12 @@ pub struct VmInfo {
     /// For a VM that moved away: the cloudlet it moved to.
     #[serde(default)]
     pub moved_to: Option<String>,
+    /// Only in the answer to `POST /v1/vms`: the VM's own credential (a
+    /// device's session moves and deletes this VM with it, on whichever
+    /// cloudlet the VM runs; it follows the VM on every move). Not kept by
+    /// the cloudlet (only its digest): keep it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_token: Option<String>,
 }
 
 /// `POST /v1/vms/{id}/handoff`: move a running VM to another cloudlet.
@@ -263,6 +269,10 @@ pub struct HandoffOffer {
     pub app: AppInfo,
     pub overlay: String,
     pub source: String,
+    /// BLAKE3 (hex) of the VM's session credential: the destination takes
+    /// the same credential for the VM (none: the VM has no session).
+    #[serde(default)]
+    pub session_hash: Option<String>,
 }
 
 /// The destination's answer to an offer.

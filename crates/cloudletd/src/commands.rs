@@ -74,6 +74,8 @@ pub trait CloudletOps: Send + Sync + 'static {
         &self,
         hid: &str,
     ) -> impl Future<Output = Result<(), ReceiveHandoffError>> + Send;
+    /// Does `token` open the session of VM `id` (id or name)?
+    fn session_opens(&self, id: &str, token: &str) -> bool;
     /// Maintenance: no new work, every VM handed to a neighbour.
     fn drain(&self) -> impl Future<Output = Result<cloudlet_api::DrainReport, DrainError>> + Send;
     /// End the maintenance.
@@ -221,7 +223,10 @@ impl CloudletOps for Daemon {
         let id = hex::encode(rand::random::<[u8; 6]>());
         let name = req.name.clone().unwrap_or_else(|| format!("vm-{id}"));
         let paths = self.cloudlet.paths(&id);
-        let rec = VmRecord::new(NewVmRecord {
+        // The VM's own credential, for the device's session: only its
+        // digest is kept; the token is in this answer alone.
+        let session_token = hex::encode(rand::random::<[u8; 24]>());
+        let mut rec = VmRecord::new(NewVmRecord {
             id: id.clone(),
             name: name.clone(),
             state: VmState::Synthesizing,
@@ -232,6 +237,7 @@ impl CloudletOps for Daemon {
             dir: paths.dir.clone(),
             app: app.clone(),
         });
+        rec.session_hash = Some(crate::core::store::session_hash(&session_token));
         let (progress, ports) = self.cloudlet.reserve(rec)?;
         self.cloudlet.metrics.synthesis_started();
         tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");
@@ -305,11 +311,13 @@ impl CloudletOps for Daemon {
                 }
                 self.cloudlet.watch(id.clone(), vm);
                 tracing::info!(vm_id = %id, ms = total, "VM running");
-                Ok(Cloudlet::view(&Entry {
+                let mut info = Cloudlet::view(&Entry {
                     record: rec,
                     vm: None,
                     progress,
-                }))
+                });
+                info.session_token = Some(session_token);
+                Ok(info)
             }
             Err(e) => {
                 self.cloudlet.metrics.synthesis_failed();
@@ -412,6 +420,13 @@ impl CloudletOps for Daemon {
 
     async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {
         self.arrivals.abort(&self.cloudlet, hid).await
+    }
+
+    fn session_opens(&self, id: &str, token: &str) -> bool {
+        self.cloudlet
+            .registry()
+            .values()
+            .any(|e| (e.record.id == id || e.record.name == id) && e.record.session_opens(token))
     }
 
     async fn drain(&self) -> Result<cloudlet_api::DrainReport, DrainError> {

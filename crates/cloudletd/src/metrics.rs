@@ -465,6 +465,7 @@ mod tests {
                 timings: Vec::new(),
                 error: None,
                 moved_to: None,
+                session_token: None,
             },
             total_ms: 2000,
             source_stop_us: 1_000_000,

@@ -149,6 +149,10 @@ impl CloudletOps for Fake {
         Err(ReceiveHandoffError::UnknownHandoff(hid.into()))
     }
 
+    fn session_opens(&self, _id: &str, _token: &str) -> bool {
+        false
+    }
+
     async fn drain(&self) -> Result<cloudlet_api::DrainReport, cloudletd::drain::DrainError> {
         Ok(cloudlet_api::DrainReport {
             vms: vec![],

@@ -170,10 +170,34 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
         ans.candidates[0].reasons
     );
 
-    // A handoff to "edge-b" by name: no static peer, no token given.
-    let report = a
-        .client()
-        .handoff("follower", "edge-b", None)
+    // A handoff to "edge-b" by name (no static peer, no peer token
+    // given), asked with the VM's own session credential: what a device's
+    // session holds, not an operator token.
+    let session = vm
+        .session_token
+        .clone()
+        .expect("the creator gets the VM's credential");
+    let as_device = |url: String| cloudlet_client::Client::new(&url, Some(session.clone()));
+    let refused = as_device(a.url())
+        .create_vm(&CreateVmRequest {
+            overlay: overlay_url.clone(),
+            name: None,
+            flavor: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.status(),
+        Some(401),
+        "a session credential creates nothing: {refused}"
+    );
+    assert_eq!(
+        a.client().get_vm(&vm.id).await.unwrap().session_token,
+        None,
+        "the credential is not shown again"
+    );
+    let report = as_device(a.url())
+        .handoff(&vm.id, "edge-b", None)
         .await
         .expect("handoff through the directory");
     assert_eq!(report.vm.generation, 2);
@@ -186,6 +210,14 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
         e.is_some_and(|e| e.free.vms == cap.vms && e.overlays_cached.is_empty())
     })
     .await;
+
+    // The credential followed the VM: at B it moves it again (here: the
+    // other way is A, which is fine) and deletes nothing else.
+    let wrong = cloudlet_client::Client::new(&b.url(), Some("not-the-session".into()))
+        .handoff(&vm.id, "edge-a", None)
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.status(), Some(401), "{wrong}");
 
     // SIGKILL: B leaves every answer within two heartbeats (the lease).
     b.kill();
@@ -313,8 +345,16 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
     for vm in &vms {
         let there = b.client().get_vm(&vm.id).await.unwrap();
         assert_eq!(there.state, cloudlet_api::VmState::Running);
-        let port: u16 = there.ports[0].endpoint.rsplit(':').next().unwrap().parse().unwrap();
-        let r = cloudlet_testkit::http(port, "GET", "/health", None).await.unwrap();
+        let port: u16 = there.ports[0]
+            .endpoint
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let r = cloudlet_testkit::http(port, "GET", "/health", None)
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
     }
     // A takes no new work: no VM, no move in; the directory leaves it out.
@@ -325,7 +365,11 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
         .unwrap_err();
     assert_eq!(err.status(), Some(503), "{err}");
     assert!(err.to_string().contains("draining"), "{err}");
-    let back = b.client().handoff("one", "drain-a", None).await.unwrap_err();
+    let back = b
+        .client()
+        .handoff("one", "drain-a", None)
+        .await
+        .unwrap_err();
     println!("a move into the drained cloudlet: {back}");
     assert!(back.to_string().contains("draining"), "{back}");
     assert_eq!(

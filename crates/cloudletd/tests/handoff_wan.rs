@@ -613,6 +613,7 @@ async fn garbage_and_wrong_tokens_are_refused_and_leave_nothing_behind() {
         },
         overlay: "none".into(),
         source: "http://nowhere".into(),
+        session_hash: None,
     };
     let dest = rig.b.url.clone();
     let statuses = {

@@ -1,6 +1,8 @@
 //! The REST API: parse and validate, call [`CloudletOps`], map errors to
 //! status codes in one place ([`error::ApiFailure`]). Calls that change
-//! something need `Authorization: Bearer <token>`.
+//! something need `Authorization: Bearer <token>`: an operator token, or
+//! for moving and deleting one VM, that VM's session credential (given in
+//! the answer that created it).
 //!
 //! - this module: the router, authentication, uploads spooled to files;
 //! - one module per resource: [`cloudlet`] (info, metrics), [`bases`],
@@ -125,12 +127,27 @@ async fn require_token<C: CloudletOps>(
         {
             next.run(req).await
         }
+        // A VM's session credential: moves and deletes that VM only.
+        Some(t) if session_vm(&req).is_some_and(|id| st.ops.session_opens(id, t)) => {
+            next.run(req).await
+        }
         Some(_) => ApiFailure::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "Wrong bearer token",
         )
         .into_response(),
+    }
+}
+
+/// The VM a session credential may act on in this request:
+/// `POST /v1/vms/{id}/handoff` and `DELETE /v1/vms/{id}`.
+fn session_vm(req: &Request) -> Option<&str> {
+    let rest = req.uri().path().strip_prefix("/v1/vms/")?;
+    match (req.method().as_str(), rest.split_once('/')) {
+        ("POST", Some((id, "handoff"))) => Some(id),
+        ("DELETE", None) if !rest.is_empty() => Some(rest),
+        _ => None,
     }
 }
 

@@ -18,6 +18,8 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 ///   directory, app and reserved resources (sessions 1-4).
 /// - 2: a record of its own, flat ([`VmRecord`]); the REST model is made
 ///   from it ([`VmRecord::info`]). Format 1 records are read and upgraded.
+///   Fields added within format 2 have defaults (`session_hash`, session
+///   9: none for a record written before).
 pub const RECORD_FORMAT: u32 = 2;
 
 /// What the daemon keeps about one VM: its persisted state (format
@@ -55,6 +57,10 @@ pub struct VmRecord {
     /// it (stored before the VM resumes): a commit repeated after a restart
     /// is answered from it, never taken for an unknown handoff.
     pub committed_handoff: Option<String>,
+    /// BLAKE3 (hex) of the VM's session credential (a device's session
+    /// moves and deletes the VM with it); carried on every move.
+    #[serde(default)]
+    pub session_hash: Option<String>,
 }
 
 /// What a new record is made of ([`VmRecord::new`]).
@@ -98,6 +104,7 @@ impl VmRecord {
             vcpus: n.flavor.vcpus,
             memory_mib: n.flavor.memory_mib,
             committed_handoff: None,
+            session_hash: None,
         }
     }
 
@@ -121,7 +128,15 @@ impl VmRecord {
             timings: self.timings.clone(),
             error: self.error.clone(),
             moved_to: self.moved_to.clone(),
+            session_token: None,
         }
+    }
+
+    /// Does `token` open this VM's session?
+    pub fn session_opens(&self, token: &str) -> bool {
+        self.session_hash
+            .as_deref()
+            .is_some_and(|h| h == session_hash(token))
     }
 
     /// Read a stored record of any format this build knows.
@@ -186,8 +201,14 @@ impl VmRecordV1 {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             committed_handoff: self.committed_handoff,
+            session_hash: None,
         }
     }
+}
+
+/// The digest a session credential is kept as.
+pub fn session_hash(token: &str) -> String {
+    blake3::hash(token.as_bytes()).to_hex().to_string()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +307,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 512,
             committed_handoff: None,
+            session_hash: None,
         }
     }
 

@@ -54,6 +54,8 @@ pub async fn prepare_incoming(
         dir: paths.dir.clone(),
         app: offer.app.clone(),
     });
+    let mut rec = rec;
+    rec.session_hash = offer.session_hash.clone();
     // Over the earlier record, if any (a refusal here leaves it as it was).
     let (_progress, ports) = c.reserve(rec)?;
     let started = start_incoming(&base, &offer.vm_id, &paths, ports).await;

@@ -285,6 +285,7 @@ impl Source {
                 .advertise_url
                 .clone()
                 .unwrap_or_else(|| c.config.name.clone()),
+            session_hash: self.rec.session_hash.clone(),
         };
         let t = Instant::now();
         self.peer.prepare(&offer).await?;
