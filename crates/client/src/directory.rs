@@ -193,7 +193,7 @@ impl DirectoryClient {
         Err(last.expect("at least one endpoint was tried"))
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(
+    async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         query: Option<&SearchQuery>,
@@ -219,18 +219,26 @@ impl DirectoryClient {
     /// The other live cloudlets, with their peer tokens (cloudlets only).
     pub async fn peers(&self, name: &str) -> Result<PeerList, ClientError> {
         Ok(self
-            .get(&format!("/v1/cloudlets/{name}/peers"), None)
+            .get_json(&format!("/v1/cloudlets/{name}/peers"), None)
             .await?
             .0)
     }
 
     /// The directory's ranking of the cloudlets that fit the query.
     pub async fn search(&self, q: &SearchQuery) -> Result<SearchAnswer, ClientError> {
-        Ok(self.get("/v1/cloudlets", Some(q)).await?.0)
+        Ok(self.get_json("/v1/cloudlets", Some(q)).await?.0)
+    }
+
+    /// One registered cloudlet, by name.
+    pub async fn get(&self, name: &str) -> Result<Registration, ClientError> {
+        Ok(self
+            .get_json(&format!("/v1/cloudlets/{name}"), None)
+            .await?
+            .0)
     }
 
     pub async fn health(&self) -> Result<DirectoryHealth, ClientError> {
-        Ok(self.get("/v1/health", None).await?.0)
+        Ok(self.get_json("/v1/health", None).await?.0)
     }
 
     /// A device's choice (see the module's documentation): search, probe
@@ -241,7 +249,7 @@ impl DirectoryClient {
         opts: &ProbeOptions,
     ) -> Result<Discovery, ClientError> {
         let (answer, directory): (SearchAnswer, String) =
-            self.get("/v1/cloudlets", Some(q)).await?;
+            self.get_json("/v1/cloudlets", Some(q)).await?;
         let top: Vec<&Candidate> = answer.candidates.iter().take(opts.candidates).collect();
         let mut tasks = tokio::task::JoinSet::new();
         for c in &top {

@@ -19,7 +19,9 @@ use reqwest::Method;
 use serde::de::DeserializeOwned;
 
 pub mod directory;
+pub mod forward;
 mod http;
+pub mod session;
 
 pub use directory::{Choice, DirectoryClient, Discovery, Probe, ProbeOptions};
 use http::{chain, Http};
