@@ -147,6 +147,75 @@ fn location(lat: f64, lon: f64) -> String {
     format!("[location]\nlabel = \"\"\nlatitude = {lat}\nlongitude = {lon}\n")
 }
 
+/// The cloud tier in the hub (the device's namespace): the directory
+/// (heartbeat 1 s, lease 2.5 s) and the registry holding `overlay`; their
+/// URLs (the directory's, the overlay's).
+async fn cloud_tier(
+    hub: &Wan,
+    procs: &mut Procs,
+    dir: &std::path::Path,
+    overlay: &std::path::Path,
+) -> (String, String) {
+    // The cloud tier, in the hub: the directory and the registry.
+    let hub_ip = cloudlet_wan::A_ADDR;
+    let (out, err) = log_file(&dir.join("directory.log"));
+    let mut c = Command::new(cloudlet_bin());
+    c.args(["directory", "serve", "--listen"])
+        .arg(format!("0.0.0.0:{DIR_PORT}"))
+        .arg("--store")
+        .arg(dir.join("directory.redb"))
+        .args(["--heartbeat-ms", "1000", "--lease-ms", "2500"])
+        .stdout(out)
+        .stderr(err);
+    procs.children.push(hub.spawn_in(Side::A, c).unwrap());
+    let (out, err) = log_file(&dir.join("registry.log"));
+    let mut c = Command::new(cloudlet_bin());
+    c.args(["registry", "serve"])
+        .arg(dir.join("registry"))
+        .arg("--listen")
+        .arg(format!("0.0.0.0:{REG_PORT}"))
+        .args(["--push-token", TOKEN])
+        .stdout(out)
+        .stderr(err);
+    procs.children.push(hub.spawn_in(Side::A, c).unwrap());
+    let dir_url = format!("http://{hub_ip}:{DIR_PORT}");
+    let reg_url = format!("http://{hub_ip}:{REG_PORT}");
+    let up = {
+        let (d, r) = (dir_url.clone(), reg_url.clone());
+        in_ns(hub, Side::A, async move {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                let ok = |u: String| async move {
+                    reqwest::get(u).await.is_ok_and(|r| r.status().is_success())
+                };
+                if ok(format!("{d}/v1/health")).await && ok(format!("{r}/health")).await {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        })
+        .await
+    };
+    assert!(up, "the directory or the registry did not come up");
+    cli(
+        hub,
+        &[
+            "registry",
+            "push",
+            overlay.to_str().unwrap(),
+            "--registry",
+            &reg_url,
+            "--name",
+            "kvstore",
+            "--registry-token",
+            TOKEN,
+        ],
+    );
+    let overlay_url = format!("{reg_url}/v1/overlays/kvstore");
+    (dir_url, overlay_url)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn synthesis_lands_on_the_nearest_cloudlet_that_fits() {
     let overlay = kvstore_overlay().await;
@@ -167,63 +236,7 @@ async fn synthesis_lands_on_the_nearest_cloudlet_that_fits() {
         vm_dirs: vec![],
     };
 
-    // The cloud tier, in the hub: the directory and the registry.
-    let hub_ip = cloudlet_wan::A_ADDR;
-    let (out, err) = log_file(&tmp.path().join("directory.log"));
-    let mut c = Command::new(cloudlet_bin());
-    c.args(["directory", "serve", "--listen"])
-        .arg(format!("0.0.0.0:{DIR_PORT}"))
-        .arg("--store")
-        .arg(tmp.path().join("directory.redb"))
-        .args(["--heartbeat-ms", "1000", "--lease-ms", "2500"])
-        .stdout(out)
-        .stderr(err);
-    procs.children.push(hub.spawn_in(Side::A, c).unwrap());
-    let (out, err) = log_file(&tmp.path().join("registry.log"));
-    let mut c = Command::new(cloudlet_bin());
-    c.args(["registry", "serve"])
-        .arg(tmp.path().join("registry"))
-        .arg("--listen")
-        .arg(format!("0.0.0.0:{REG_PORT}"))
-        .args(["--push-token", TOKEN])
-        .stdout(out)
-        .stderr(err);
-    procs.children.push(hub.spawn_in(Side::A, c).unwrap());
-    let dir_url = format!("http://{hub_ip}:{DIR_PORT}");
-    let reg_url = format!("http://{hub_ip}:{REG_PORT}");
-    let up = {
-        let (d, r) = (dir_url.clone(), reg_url.clone());
-        in_ns(&hub, Side::A, async move {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(20) {
-                let ok = |u: String| async move {
-                    reqwest::get(u).await.is_ok_and(|r| r.status().is_success())
-                };
-                if ok(format!("{d}/v1/health")).await && ok(format!("{r}/health")).await {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            false
-        })
-        .await
-    };
-    assert!(up, "the directory or the registry did not come up");
-    cli(
-        &hub,
-        &[
-            "registry",
-            "push",
-            overlay.to_str().unwrap(),
-            "--registry",
-            &reg_url,
-            "--name",
-            "kvstore",
-            "--registry-token",
-            TOKEN,
-        ],
-    );
-    let overlay_url = format!("{reg_url}/v1/overlays/kvstore");
+    let (dir_url, overlay_url) = cloud_tier(&hub, &mut procs, tmp.path(), &overlay).await;
 
     // Three cloudlets: near lacks the base; far is geographically nearest.
     let bases = store.bases_dir();
@@ -366,4 +379,245 @@ async fn synthesis_lands_on_the_nearest_cloudlet_that_fits() {
     assert!(second.contains("chosen: far (lowest RTT"), "{second}");
     assert!(second.contains("left out: mid (full"), "{second}");
     assert_eq!(on(&far).await, ["second"]);
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` (in the caller's namespace),
+/// the connection closed after: its status, or none within `within`.
+async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    within: Duration,
+) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let call = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.ok()?;
+        s.write_all(body).await.ok()?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.ok()?;
+        let text = String::from_utf8_lossy(&out);
+        text.split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(within, call).await.ok().flatten()
+}
+
+/// Follow me: the device (the hub) starts near `a` (2 ms one way) and far
+/// from `b` (30 ms); the delays swap (the user walks to `b`) and the VM
+/// moves there by itself, then back when they swap again. A kvstore client
+/// writes through the session's local forwarder the whole time: no
+/// acknowledged write is lost, its RTT comes back to the near value.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_back_end_follows_the_device_by_itself() {
+    use cloudlet_client::session::{Consent, Policy, Session, SessionEvent};
+    let overlay = kvstore_overlay().await;
+    let (store, base) = tiny_base().await;
+    let _ = cloudlet_wan::cleanup_stale();
+    let link = |ms| WanConfig::new("follow", 200.0, Duration::from_millis(ms));
+    let a_link = Wan::create(link(2)).expect("link to a");
+    let b_link = Wan::attach(&a_link, link(30)).expect("link to b");
+    // The leaves reach the hub and each other through it (a handoff from
+    // a to b crosses both links).
+    for l in [&a_link, &b_link] {
+        l.route_via_hub().unwrap();
+    }
+    let hub = &a_link;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut procs = Procs {
+        children: vec![],
+        vm_dirs: vec![],
+    };
+    let (dir_url, overlay_url) = cloud_tier(hub, &mut procs, tmp.path(), &overlay).await;
+    let bases = store.bases_dir();
+    let a = start_cloudlet(
+        &a_link,
+        &mut procs,
+        tmp.path(),
+        "a",
+        Some(&bases),
+        &location(40.44, -79.94),
+    );
+    let b = start_cloudlet(
+        &b_link,
+        &mut procs,
+        tmp.path(),
+        "b",
+        Some(&bases),
+        &location(40.45, -79.95),
+    );
+    let _ = (&a, &b);
+
+    // The device's side, in the hub: the session, its forwarder, a writer.
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<SessionEvent>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let fwd_port = cloudlet_testkit::free_port();
+    let base_id = base.manifest.id.clone();
+    let d = dir_url.clone();
+    let session = hub
+        .run_in(Side::A, async move {
+            let directory = cloudlet_client::DirectoryClient::new(&[d], None);
+            // Every cloudlet must be registered before the first search.
+            let start = Instant::now();
+            while !directory.health().await.is_ok_and(|h| h.registered == 2) {
+                assert!(start.elapsed() < Duration::from_secs(30), "not registered");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let mut s = Session::start(directory, Some(TOKEN.into()), &overlay_url, &base_id, None)
+                .await
+                .expect("start the session");
+            let mut events = s.events();
+            let tx = ev_tx.clone();
+            tokio::spawn(async move {
+                while let Ok(e) = events.recv().await {
+                    let _ = tx.send(e);
+                }
+            });
+            let _ = ev_tx.send(SessionEvent::Started {
+                cloudlet: s.state().cloudlet.clone(),
+                ports: s.endpoints().borrow().clone(),
+            });
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", fwd_port))
+                .await
+                .unwrap();
+            tokio::spawn(cloudlet_client::forward::forward(
+                listener,
+                8080,
+                s.endpoints(),
+            ));
+            let policy = Policy {
+                probe_every: Duration::from_secs(1),
+                min_interval: Duration::from_secs(5),
+                consent: Consent::Automatic,
+                ..Policy::default()
+            };
+            s.follow(policy, |_| async { true }, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+            s.state().clone()
+        })
+        .unwrap();
+    let started = loop {
+        match tokio::time::timeout(Duration::from_secs(90), ev_rx.recv()).await {
+            Ok(Some(SessionEvent::Started { cloudlet, .. })) => break cloudlet,
+            Ok(Some(_)) => {}
+            other => panic!("the session did not start: {other:?}"),
+        }
+    };
+    assert_eq!(started, "a", "the nearest cloudlet first");
+
+    // The writer: PUTs through the forwarder, one every 50 ms.
+    let (wstop_tx, wstop_rx) = tokio::sync::watch::channel(false);
+    let writer = hub
+        .run_in(Side::A, async move {
+            let mut acked = Vec::new();
+            let (mut last_ok, mut longest) = (Instant::now(), Duration::ZERO);
+            let mut i = 0;
+            while !*wstop_rx.borrow() {
+                let key = format!("k{i}");
+                let got = request(
+                    fwd_port,
+                    "PUT",
+                    &format!("/kv/{key}"),
+                    b"value",
+                    Duration::from_secs(2),
+                )
+                .await;
+                if got == Some(201) {
+                    acked.push(key);
+                    longest = longest.max(last_ok.elapsed());
+                    last_ok = Instant::now();
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (acked, longest)
+        })
+        .unwrap();
+
+    // The user walks to b, then back.
+    let mut moves = Vec::new();
+    for (to, a_ms, b_ms) in [("b", 30, 2), ("a", 2, 30)] {
+        a_link.set_delay(Duration::from_millis(a_ms)).unwrap();
+        b_link.set_delay(Duration::from_millis(b_ms)).unwrap();
+        let swapped = Instant::now();
+        let mut triggered = None;
+        let rtt = loop {
+            let e = tokio::time::timeout(Duration::from_secs(120), ev_rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no move to {to} within 120 s"))
+                .expect("the session ended");
+            match e {
+                SessionEvent::MoveTriggered { to: t, .. } if t == to => {
+                    triggered = Some(swapped.elapsed());
+                }
+                SessionEvent::MoveCompleted {
+                    to: t,
+                    downtime_ms,
+                    total_ms,
+                    ..
+                } if t == to => {
+                    println!(
+                        "moved to {to}: triggered {:?} after the swap, handoff {total_ms} ms, downtime {downtime_ms} ms",
+                        triggered.unwrap()
+                    );
+                    moves.push((to, triggered.unwrap(), total_ms));
+                }
+                SessionEvent::MoveFailed { error, .. } => panic!("move failed: {error}"),
+                SessionEvent::Probed {
+                    current,
+                    current_ms,
+                    ..
+                } if current == to && moves.last().is_some_and(|m| m.0 == to) => {
+                    break current_ms;
+                }
+                _ => {}
+            }
+        };
+        println!("RTT to {to} after the move: {rtt:.1} ms");
+        assert!(rtt < 10.0, "the RTT came back to the near value: {rtt} ms");
+        let t = moves.last().unwrap().1;
+        assert!(
+            t < Duration::from_secs(10),
+            "triggered {t:?} after the swap"
+        );
+    }
+    let _ = wstop_tx.send(true);
+    let (acked, longest) = writer.await.unwrap();
+    let written = acked.len();
+    // Every acknowledged write is in the VM, read through the forwarder.
+    let missing = hub
+        .run_in(Side::A, async move {
+            let mut missing = Vec::new();
+            for k in acked {
+                if request(
+                    fwd_port,
+                    "GET",
+                    &format!("/kv/{k}"),
+                    b"",
+                    Duration::from_secs(5),
+                )
+                .await
+                    != Some(200)
+                {
+                    missing.push(k);
+                }
+            }
+            missing
+        })
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    let _ = stop_tx.send(());
+    let state = session.await.unwrap();
+    assert_eq!(state.cloudlet, "a");
+    println!("{written} writes acknowledged; the longest interruption the client saw: {longest:?}");
 }
