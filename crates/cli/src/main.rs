@@ -55,6 +55,9 @@ enum Command {
     /// Find the best cloudlet for an app through the directory: its
     /// ranking, then the RTT measured from here.
     Discover(cmd::discover::DiscoverArgs),
+    /// Play the device of a follow-me session: the app's VM follows this
+    /// device from cloudlet to cloudlet as the RTTs change.
+    Follow(cmd::follow::FollowArgs),
     /// The directory of the cloud tier: cloudlets register, devices search.
     #[command(subcommand)]
     Directory(cmd::directory::DirectoryCommand),
@@ -88,6 +91,10 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Drain(a) => cmd::remote::drain(&cli.target.client(&home), a, cli.output).await,
             Command::Registry(c) => cmd::registry::run(c, cli.output).await,
+            Command::Follow(a) => {
+                let token = cli.target.client_token(&home);
+                cmd::follow::follow(a, token, cli.output).await
+            }
             Command::Discover(a) => cmd::discover::discover(a, cli.output).await,
             Command::Directory(c) => cmd::directory::run(c, &home, cli.output).await,
             Command::Doctor(a) => {

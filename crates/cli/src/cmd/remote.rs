@@ -29,12 +29,16 @@ pub struct Target {
 
 impl Target {
     pub fn client(&self, home: &std::path::Path) -> Client {
-        let token = self.token.clone().or_else(|| {
+        Client::new(&self.url, self.client_token(home))
+    }
+
+    /// The token: given, else the local daemon's token file.
+    pub fn client_token(&self, home: &std::path::Path) -> Option<String> {
+        self.token.clone().or_else(|| {
             std::fs::read_to_string(home.join("token"))
                 .ok()
                 .map(|t| t.trim().to_string())
-        });
-        Client::new(&self.url, token)
+        })
     }
 }
 
