@@ -48,7 +48,9 @@ if [ ! -f "$WORK/translator.overlay" ]; then
 else
   echo "   cached: $WORK/translator.overlay"
 fi
-$BIN/cloudlet overlay inspect "$WORK/translator.overlay" | head -12
+# (Into a file first: `| head` would close the pipe under a writer.)
+$BIN/cloudlet overlay inspect "$WORK/translator.overlay" >"$WORK/translator.inspect"
+head -12 "$WORK/translator.inspect"
 
 echo "== 3. the cloud tier: an overlay registry and a directory; the edge: two cloudlets that join it"
 rm -rf "$WORK/registry" "$WORK/directory.redb"
