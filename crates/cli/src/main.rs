@@ -67,11 +67,6 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    // `cloudlet ... | head`: end quietly when the reader goes away, as
-    // Unix tools do, instead of a panic on the next print.
-    // SAFETY: setting a signal's disposition to the default, before any
-    // thread is started.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CLOUDLET_LOG")
