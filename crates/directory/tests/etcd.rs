@@ -161,7 +161,8 @@ async fn two_instances_on_one_etcd_serve_one_view() {
 }
 
 /// A cloudlet's view of a fleet: it heartbeats to the first directory
-/// that answers.
+/// that answers (within 1.5 s: an instance stuck on an etcd leader
+/// election is passed over for the next).
 async fn heartbeat_any(
     urls: &[String],
     token: &str,
@@ -171,7 +172,7 @@ async fn heartbeat_any(
         let sent = reqwest::Client::new()
             .put(format!("{u}/v1/cloudlets/{}", r.name))
             .bearer_auth(token)
-            .timeout(Duration::from_secs(3))
+            .timeout(Duration::from_millis(1500))
             .json(r)
             .send()
             .await;
@@ -192,8 +193,8 @@ async fn a_fleet_survives_the_loss_of_the_etcd_leader_and_of_a_directory() {
     .await
     .unwrap();
     let eps = etcd.endpoints();
-    let a = directory(&eps, "/fleet", 500, 3000).await;
-    let b = directory(&eps, "/fleet", 500, 3000).await;
+    let a = directory(&eps, "/fleet", 500, 4000).await;
+    let b = directory(&eps, "/fleet", 500, 4000).await;
     let urls = vec![a.url.clone(), b.url.clone()];
     let b_url = b.url.clone();
 
@@ -290,7 +291,7 @@ async fn a_fleet_survives_the_loss_of_the_etcd_leader_and_of_a_directory() {
     let died = Instant::now();
     until(&b_url, Duration::from_secs(10), |n| !n.contains(&"doomed")).await;
     println!(
-        "doomed gone from B {:?} after its last heartbeat (lease 3 s)",
+        "doomed gone from B {:?} after its last heartbeat (lease 4 s)",
         died.elapsed()
     );
     // ...and from etcd itself: its key is gone.
@@ -320,8 +321,8 @@ async fn a_fleet_survives_the_loss_of_the_etcd_leader_and_of_a_directory() {
         let (name, gap) = h.await.unwrap();
         println!("{name}: longest gap between successful heartbeats {gap:?}");
         assert!(
-            gap < Duration::from_secs(3),
-            "{name} went {gap:?} without a heartbeat landing (lease 3 s)"
+            gap < Duration::from_secs(4),
+            "{name} went {gap:?} without a heartbeat landing (lease 4 s)"
         );
     }
     b.stop().await;
