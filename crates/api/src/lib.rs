@@ -186,6 +186,30 @@ pub struct VmInfo {
     pub session_token: Option<String>,
 }
 
+/// `GET /v1/events` (server-sent events, one JSON `VmEvent` per `data:`
+/// line): every change of a VM's state on this cloudlet, as it is stored.
+/// A move out is `handing_off` then `moved` (with `moved_to`; the new
+/// endpoints are in the destination's `running` event and the handoff's
+/// answer) or, when it failed, `handing_off` then `running` again; a move
+/// in is `receiving` then `running`; a deletion has no `state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmEvent {
+    pub vm_id: String,
+    pub name: String,
+    /// The state before (none: the VM is new here).
+    pub from: Option<VmState>,
+    /// The state now (none: deleted).
+    pub state: Option<VmState>,
+    pub generation: u64,
+    pub ports: Vec<PortMapping>,
+    #[serde(default)]
+    pub moved_to: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When it was stored, ms since the Unix epoch.
+    pub unix_ms: u64,
+}
+
 /// `POST /v1/vms/{id}/handoff`: move a running VM to another cloudlet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HandoffRequest {

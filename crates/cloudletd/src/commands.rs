@@ -74,6 +74,8 @@ pub trait CloudletOps: Send + Sync + 'static {
         &self,
         hid: &str,
     ) -> impl Future<Output = Result<(), ReceiveHandoffError>> + Send;
+    /// Every change of a VM's state from now on (`GET /v1/events`).
+    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::VmEvent>;
     /// Does `token` open the session of VM `id` (id or name)?
     fn session_opens(&self, id: &str, token: &str) -> bool;
     /// Maintenance: no new work, every VM handed to a neighbour.
@@ -420,6 +422,10 @@ impl CloudletOps for Daemon {
 
     async fn abort_incoming(&self, hid: &str) -> Result<(), ReceiveHandoffError> {
         self.arrivals.abort(&self.cloudlet, hid).await
+    }
+
+    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::VmEvent> {
+        self.cloudlet.store.events()
     }
 
     fn session_opens(&self, id: &str, token: &str) -> bool {

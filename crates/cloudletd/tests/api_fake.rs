@@ -149,6 +149,10 @@ impl CloudletOps for Fake {
         Err(ReceiveHandoffError::UnknownHandoff(hid.into()))
     }
 
+    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::VmEvent> {
+        tokio::sync::broadcast::channel(1).1
+    }
+
     fn session_opens(&self, _id: &str, _token: &str) -> bool {
         false
     }

@@ -196,10 +196,72 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
         None,
         "the credential is not shown again"
     );
+    // Both cloudlets' event streams, followed through the move.
+    let follow = |url: String| {
+        tokio::spawn(async move {
+            let resp = reqwest::get(format!("{url}/v1/events")).await.unwrap();
+            let mut body = futures::StreamExt::boxed(resp.bytes_stream());
+            let mut seen: Vec<cloudlet_api::VmEvent> = Vec::new();
+            let mut buf = String::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let next = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    futures::StreamExt::next(&mut body),
+                )
+                .await;
+                if let Ok(Some(Ok(b))) = next {
+                    buf.push_str(&String::from_utf8_lossy(&b));
+                }
+                while let Some(i) = buf.find("\n\n") {
+                    let frame: String = buf.drain(..i + 2).collect();
+                    if let Some(d) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
+                        if let Ok(e) = serde_json::from_str(d.trim()) {
+                            seen.push(e);
+                        }
+                    }
+                }
+                // The end of a move: out (moved) or in (running again).
+                use cloudlet_api::VmState as S;
+                let done = seen.iter().any(|e| {
+                    matches!(
+                        (e.from, e.state),
+                        (_, Some(S::Moved)) | (Some(S::Receiving), Some(S::Running))
+                    )
+                });
+                if done {
+                    break;
+                }
+            }
+            seen
+        })
+    };
+    let (events_a, events_b) = (follow(a.url()), follow(b.url()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let report = as_device(a.url())
         .handoff(&vm.id, "edge-b", None)
         .await
         .expect("handoff through the directory");
+    let (ea, eb) = (events_a.await.unwrap(), events_b.await.unwrap());
+    let states = |v: &[cloudlet_api::VmEvent]| {
+        v.iter()
+            .filter(|e| e.vm_id == vm.id)
+            .map(|e| e.state)
+            .collect::<Vec<_>>()
+    };
+    use cloudlet_api::VmState as S;
+    assert_eq!(states(&ea), [Some(S::HandingOff), Some(S::Moved)], "{ea:?}");
+    assert!(ea.last().unwrap().moved_to.is_some(), "{ea:?}");
+    assert_eq!(
+        states(&eb),
+        [Some(S::Receiving), Some(S::Running)],
+        "{eb:?}"
+    );
+    assert_eq!(
+        eb.last().unwrap().ports,
+        report.vm.ports,
+        "the arrival's event has the new endpoint"
+    );
     assert_eq!(report.vm.generation, 2);
     assert!(qemu_running(&b, &vm.id));
     dir.until("edge-b", Duration::from_secs(2), "holding the VM", |e| {

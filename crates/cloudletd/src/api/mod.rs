@@ -89,6 +89,7 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
         .route("/v1/base-vms", get(bases::list_bases::<C>))
         .route("/v1/vms", get(vms::list_vms::<C>))
         .route("/v1/vms/{id}", get(vms::get_vm::<C>))
+        .route("/v1/events", get(vms::events::<C>))
         .route("/metrics", get(cloudlet::metrics::<C>))
         .route(
             "/openapi.json",

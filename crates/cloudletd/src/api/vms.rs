@@ -107,3 +107,28 @@ pub(super) async fn handoff_vm<C: CloudletOps>(
 ) -> ApiResult<Json<cloudlet_api::HandoffReport>> {
     Ok(Json(st.ops.handoff_vm(&id, req).await?))
 }
+
+/// Every change of a VM's state on this cloudlet, as server-sent events
+/// (`data:` one `VmEvent` as JSON a line), from the moment of the call.
+#[utoipa::path(get, path = "/v1/events",
+    responses((status = 200, description = "text/event-stream of VmEvent", body = cloudlet_api::VmEvent)))]
+pub(super) async fn events<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = st.ops.events();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = match rx.recv().await {
+            Ok(e) => Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
+            // A watcher that fell behind is told, and goes on.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Event::default().event("lagged").data(n.to_string())
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(ev), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

@@ -227,6 +227,10 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 
 pub struct Store {
     db: Database,
+    /// Every change of a VM's state, as stored (`GET /v1/events`).
+    events: tokio::sync::broadcast::Sender<cloudlet_api::VmEvent>,
+    /// The state each VM was last stored with.
+    last: std::sync::Mutex<std::collections::HashMap<String, VmState>>,
 }
 
 impl Store {
@@ -241,7 +245,44 @@ impl Store {
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(VMS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            events: tokio::sync::broadcast::channel(1024).0,
+            last: Default::default(),
+        })
+    }
+
+    /// The state changes from now on.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::VmEvent> {
+        self.events.subscribe()
+    }
+
+    /// Tell the watchers when `rec`'s state differs from the stored one
+    /// (`None`: deleted).
+    fn changed(&self, id: &str, rec: Option<&VmRecord>) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = rec.map(|r| r.state);
+        let from = match now {
+            Some(s) => last.insert(id.to_string(), s),
+            None => last.remove(id),
+        };
+        if from == now {
+            return;
+        }
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let _ = self.events.send(cloudlet_api::VmEvent {
+            vm_id: id.to_string(),
+            name: rec.map(|r| r.name.clone()).unwrap_or_default(),
+            from,
+            state: now,
+            generation: rec.map_or(0, |r| r.generation),
+            ports: rec.map(|r| r.ports.clone()).unwrap_or_default(),
+            moved_to: rec.and_then(|r| r.moved_to.clone()),
+            error: rec.and_then(|r| r.error.clone()),
+            unix_ms,
+        });
     }
 
     pub fn put(&self, rec: &VmRecord) -> Result<(), StoreError> {
@@ -252,7 +293,9 @@ impl Store {
             t.insert(rec.id.as_str(), bytes.as_slice())
                 .map_err(db_err)?;
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        self.changed(&rec.id, Some(rec));
+        Ok(())
     }
 
     pub fn delete(&self, id: &str) -> Result<(), StoreError> {
@@ -261,7 +304,9 @@ impl Store {
             let mut t = tx.open_table(VMS).map_err(db_err)?;
             t.remove(id).map_err(db_err)?;
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        self.changed(id, None);
+        Ok(())
     }
 
     pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
@@ -271,6 +316,11 @@ impl Store {
         for item in t.iter().map_err(db_err)? {
             let (k, v) = item.map_err(db_err)?;
             out.push(VmRecord::decode(k.value(), v.value())?);
+        }
+        // What is stored now is no change to tell (after a restart).
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        for r in &out {
+            last.insert(r.id.clone(), r.state);
         }
         Ok(out)
     }
