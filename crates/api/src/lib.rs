@@ -262,6 +262,10 @@ pub struct HandoffReport {
     pub raw_bytes: u64,
     pub disk_bytes: u64,
     pub phases: Vec<StageTiming>,
+    /// The API URL of the cloudlet the VM runs on now (the destination as
+    /// the source reached it; empty from a source of an earlier release).
+    #[serde(default)]
+    pub destination_url: String,
 }
 
 /// Version of the cloudlet-to-cloudlet handoff protocol: the calls

@@ -345,14 +345,12 @@ impl Session {
         match client.handoff(&self.state.vm_id, to, None).await {
             Ok(report) => {
                 self.state.cloudlet = to.to_string();
-                // Where the new cloudlet's API is (a few tries: the
-                // directory may be briefly out of reach).
-                for _ in 0..5 {
-                    if let Ok(r) = self.directory.get(to).await {
-                        self.state.api_url = r.api_url;
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                // The source says where it handed the VM; a source of an
+                // earlier release does not: then the directory.
+                if !report.destination_url.is_empty() {
+                    self.state.api_url = report.destination_url.clone();
+                } else if let Ok(r) = self.directory.get(to).await {
+                    self.state.api_url = r.api_url;
                 }
                 let _ = self.ports.send(report.vm.ports.clone());
                 self.emit(SessionEvent::MoveCompleted {

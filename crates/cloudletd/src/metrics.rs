@@ -479,6 +479,7 @@ mod tests {
                 timing("memory", 1500),
                 timing("commit", 30),
             ],
+            destination_url: String::new(),
         }
     }
 

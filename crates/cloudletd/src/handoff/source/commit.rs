@@ -237,6 +237,7 @@ impl Source {
             raw_bytes: raw,
             disk_bytes: m.disk.bytes,
             phases: self.phases.clone(),
+            destination_url: self.peer.url().to_string(),
         }
     }
 }
