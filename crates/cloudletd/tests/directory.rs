@@ -420,12 +420,18 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
         assert_eq!(r.status, 200);
     }
     // A takes no new work: no VM, no move in; the directory leaves it out.
-    let err = a
-        .client()
-        .create_vm_upload(&overlay, Some("three"), None)
-        .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(503), "{err}");
+    let refused_vm = |d: &Daemon| {
+        let (c, o) = (d.client(), overlay.clone());
+        async move {
+            let err = c
+                .create_vm_upload(&o, Some("three"), None)
+                .await
+                .unwrap_err();
+            assert_eq!(err.status(), Some(503), "{err}");
+            err
+        }
+    };
+    let err = refused_vm(&a).await;
     assert!(err.to_string().contains("draining"), "{err}");
     let back = b
         .client()
@@ -450,12 +456,7 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
     // Still draining after a restart; then the maintenance ends.
     a.kill();
     a.restart().await;
-    let err = a
-        .client()
-        .create_vm_upload(&overlay, Some("three"), None)
-        .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(503), "{err}");
+    refused_vm(&a).await;
     a.client().resume().await.unwrap();
     dir.until("drain-a", Duration::from_secs(2), "accepting", |e| {
         e.is_some_and(|e| e.accepting)
