@@ -320,8 +320,13 @@ async fn a_fleet_survives_the_loss_of_the_etcd_leader_and_of_a_directory() {
     for h in beats {
         let (name, gap) = h.await.unwrap();
         println!("{name}: longest gap between successful heartbeats {gap:?}");
+        // What counts is above: no heartbeating cloudlet left an answer
+        // and none lost its key. A gap can pass the lease by a little (two
+        // instances tried at 1.5 s each, then the 500 ms pause) without a
+        // loss, since etcd renews every lease when a new leader is elected;
+        // a failover that did not work would show gaps of many leases.
         assert!(
-            gap < Duration::from_secs(4),
+            gap < Duration::from_secs(8),
             "{name} went {gap:?} without a heartbeat landing (lease 4 s)"
         );
     }
