@@ -208,6 +208,38 @@ pub struct VmEvent {
     pub error: Option<String>,
     /// When it was stored, ms since the Unix epoch.
     pub unix_ms: u64,
+    /// What the change means for a move (ETSI MEC 021's
+    /// MOVEOUT_TRIGGERED / COMPLETED / FAILED), none for other changes.
+    #[serde(default)]
+    pub mobility: Option<Mobility>,
+}
+
+/// A move as a VM's events tell it (see [`Mobility::of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mobility {
+    /// The source began to hand the VM over (it still serves here).
+    Triggered,
+    /// The source handed it over: `moved_to` says where.
+    Completed,
+    /// The move failed: the VM serves here again (`error` says why).
+    Failed,
+    /// The destination runs the VM it received (its new `ports`).
+    Arrived,
+}
+
+impl Mobility {
+    /// The move a state change is part of.
+    pub fn of(from: Option<VmState>, to: Option<VmState>) -> Option<Mobility> {
+        use VmState as S;
+        match (from?, to?) {
+            (S::Running, S::HandingOff) => Some(Mobility::Triggered),
+            (S::HandingOff, S::Moved) => Some(Mobility::Completed),
+            (S::HandingOff, S::Running) => Some(Mobility::Failed),
+            (S::Receiving, S::Running) => Some(Mobility::Arrived),
+            _ => None,
+        }
+    }
 }
 
 /// `POST /v1/vms/{id}/handoff`: move a running VM to another cloudlet.
@@ -397,5 +429,33 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Mobility, VmState as S};
+
+    #[test]
+    fn a_move_reads_from_the_state_changes() {
+        assert_eq!(
+            Mobility::of(Some(S::Running), Some(S::HandingOff)),
+            Some(Mobility::Triggered)
+        );
+        assert_eq!(
+            Mobility::of(Some(S::HandingOff), Some(S::Moved)),
+            Some(Mobility::Completed)
+        );
+        assert_eq!(
+            Mobility::of(Some(S::HandingOff), Some(S::Running)),
+            Some(Mobility::Failed)
+        );
+        assert_eq!(
+            Mobility::of(Some(S::Receiving), Some(S::Running)),
+            Some(Mobility::Arrived)
+        );
+        assert_eq!(Mobility::of(Some(S::Synthesizing), Some(S::Running)), None);
+        assert_eq!(Mobility::of(None, Some(S::Receiving)), None);
+        assert_eq!(Mobility::of(Some(S::Running), None), None);
     }
 }

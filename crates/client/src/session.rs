@@ -94,13 +94,8 @@ impl Decider {
         now: Instant,
     ) -> Option<String> {
         let p = &self.policy;
-        let better = candidates
-            .iter()
-            .filter(|(_, r)| {
-                *r <= current_ms * (1.0 - p.margin_ratio) && current_ms - *r >= p.margin_ms
-            })
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        let Some((name, _)) = better else {
+        let better = self.better(current_ms, candidates);
+        let Some(name) = better.first() else {
             self.streak = None;
             return None;
         };
@@ -117,6 +112,20 @@ impl Decider {
             return Some(name.clone());
         }
         None
+    }
+
+    /// The candidates better than the current cloudlet by the margin,
+    /// lowest RTT first (where a refused move tries next).
+    pub fn better(&self, current_ms: f64, candidates: &[(String, f64)]) -> Vec<String> {
+        let p = &self.policy;
+        let mut b: Vec<&(String, f64)> = candidates
+            .iter()
+            .filter(|(_, r)| {
+                *r <= current_ms * (1.0 - p.margin_ratio) && current_ms - *r >= p.margin_ms
+            })
+            .collect();
+        b.sort_by(|x, y| x.1.total_cmp(&y.1));
+        b.into_iter().map(|(n, _)| n.clone()).collect()
     }
 
     /// A move was made at `now` (the interval counts from it).
@@ -164,6 +173,13 @@ pub enum SessionEvent {
         ports: Vec<PortMapping>,
         downtime_ms: i64,
         total_ms: u64,
+    },
+    /// `to` said no before anything moved (no room, draining, no base):
+    /// the VM still runs at `from`; the next better candidate is asked.
+    MoveRefused {
+        from: String,
+        to: String,
+        reason: String,
     },
     MoveFailed {
         from: String,
@@ -363,14 +379,38 @@ impl Session {
                 Ok(report)
             }
             Err(e) => {
-                self.emit(SessionEvent::MoveFailed {
-                    from,
-                    to: to.to_string(),
-                    error: e.to_string(),
+                self.emit(if is_refusal(&e) {
+                    SessionEvent::MoveRefused {
+                        from,
+                        to: to.to_string(),
+                        reason: e.to_string(),
+                    }
+                } else {
+                    SessionEvent::MoveFailed {
+                        from,
+                        to: to.to_string(),
+                        error: e.to_string(),
+                    }
                 });
                 Err(e)
             }
         }
+    }
+
+    /// Move to the first of `order` that takes the VM: a candidate that
+    /// refuses (it filled up or began a drain since the directory said
+    /// otherwise) passes the move to the next. The last error when none
+    /// took it, or at once on a failure that is not a refusal.
+    pub async fn move_among(&mut self, order: &[String]) -> Result<HandoffReport, ClientError> {
+        let mut last = None;
+        for to in order {
+            match self.move_to(to).await {
+                Ok(r) => return Ok(r),
+                Err(e) if is_refusal(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Decode("no cloudlet to move to".into())))
     }
 
     /// Follow the device until `stop` resolves: probe every
@@ -398,6 +438,13 @@ impl Session {
             let Some(to) = decider.observe(current, &candidates, Instant::now()) else {
                 continue;
             };
+            let mut order = vec![to.clone()];
+            order.extend(
+                decider
+                    .better(current, &candidates)
+                    .into_iter()
+                    .filter(|n| *n != to),
+            );
             let from = self.state.cloudlet.clone();
             self.emit(SessionEvent::MoveTriggered {
                 from,
@@ -413,12 +460,19 @@ impl Session {
                 decider.moved(Instant::now());
                 continue;
             }
-            // A refusal (the candidate filled up since) is reported; the
-            // next rounds pick again.
-            let _ = self.move_to(&to).await;
+            // A refusal (the candidate filled up since) passes to the next
+            // better one; a failure is reported and the next rounds pick
+            // again.
+            let _ = self.move_among(&order).await;
             decider.moved(Instant::now());
         }
     }
+}
+
+/// The destination said no before anything moved (the source answers
+/// 409 `destination_refused`; the VM still runs there).
+fn is_refusal(e: &ClientError) -> bool {
+    matches!(e, ClientError::Api { kind, .. } if kind == "destination_refused")
 }
 
 fn query(base_id: &str, overlay: &str, near: Option<(f64, f64)>) -> SearchQuery {
@@ -462,6 +516,20 @@ mod tests {
         assert_eq!(d.observe(60.0, &c("b", 4.0), t), None);
         assert_eq!(d.observe(60.0, &c("b", 4.0), t), None);
         assert_eq!(d.observe(60.0, &c("b", 4.0), t), Some("b".into()));
+    }
+
+    #[test]
+    fn a_refused_move_passes_to_the_next_better_candidate() {
+        let d = Decider::new(policy());
+        let round = vec![
+            ("far".to_string(), 58.0),
+            ("b".to_string(), 9.0),
+            ("c".to_string(), 4.0),
+            ("d".to_string(), 30.0),
+        ];
+        // Lowest RTT first; far is inside the margin, not a candidate.
+        assert_eq!(d.better(60.0, &round), ["c", "b", "d"]);
+        assert!(d.better(3.0, &round).is_empty());
     }
 
     #[test]

@@ -252,6 +252,15 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
     use cloudlet_api::VmState as S;
     assert_eq!(states(&ea), [Some(S::HandingOff), Some(S::Moved)], "{ea:?}");
     assert!(ea.last().unwrap().moved_to.is_some(), "{ea:?}");
+    let mobility = |v: &[cloudlet_api::VmEvent]| {
+        v.iter()
+            .filter(|e| e.vm_id == vm.id)
+            .map(|e| e.mobility)
+            .collect::<Vec<_>>()
+    };
+    use cloudlet_api::Mobility as M;
+    assert_eq!(mobility(&ea), [Some(M::Triggered), Some(M::Completed)]);
+    assert_eq!(mobility(&eb), [None, Some(M::Arrived)]);
     assert_eq!(
         states(&eb),
         [Some(S::Receiving), Some(S::Running)],
@@ -462,6 +471,40 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
         e.is_some_and(|e| e.accepting)
     })
     .await;
-    let report = b.client().handoff("one", "drain-a", None).await.unwrap();
+
+    // A device's session moves its VM among the candidates it measured
+    // best: the first (full) refuses, the move passes to the next.
+    let state = cloudlet_client::session::SessionState {
+        vm_id: vms[0].id.clone(),
+        session_token: vms[0].session_token.clone().expect("a session credential"),
+        cloudlet: "drain-b".into(),
+        api_url: b.url(),
+        base_id: String::new(),
+        overlay: String::new(),
+    };
+    let directory = cloudlet_client::DirectoryClient::new(&[dir.url.clone()], None);
+    let mut session = cloudlet_client::session::Session::attach(directory, state)
+        .await
+        .unwrap();
+    let mut events = session.events();
+    let report = session
+        .move_among(&["drain-c".to_string(), "drain-a".to_string()])
+        .await
+        .expect("the second candidate takes the VM");
     assert_eq!(report.vm.generation, 3, "moved back once the drain ended");
+    assert_eq!(session.state().cloudlet, "drain-a");
+    assert_eq!(session.state().api_url, a.url());
+    use cloudlet_client::session::SessionEvent as E;
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e);
+    }
+    assert!(
+        matches!(&seen[..], [E::MoveRefused { to, reason, .. }, E::MoveCompleted { to: t2, .. }]
+            if to == "drain-c" && reason.contains("Over capacity") && t2 == "drain-a"),
+        "{seen:?}"
+    );
+    let left = b.client().get_vm(&vms[0].id).await.unwrap();
+    assert_eq!(left.state, cloudlet_api::VmState::Moved);
+    assert!(qemu_running(&a, &vms[0].id));
 }

@@ -198,6 +198,9 @@ fn describe(e: &SessionEvent) -> String {
             "moved {from} -> {to} in {total_ms} ms (downtime {downtime_ms} ms): {}",
             ports(p)
         ),
+        SessionEvent::MoveRefused { from, to, reason } => {
+            format!("{to} refused the move (the VM stays at {from}, the next candidate is asked): {reason}")
+        }
         SessionEvent::MoveFailed { from, to, error } => {
             format!("move {from} -> {to} failed (the VM stays): {error}")
         }

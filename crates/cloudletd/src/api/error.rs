@@ -124,8 +124,10 @@ impl From<HandoffError> for ApiFailure {
             H::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             H::NotRunning { .. } | H::StillStarting(_) => (StatusCode::CONFLICT, "busy"),
             H::NoToken(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            H::Refused { .. }
-            | H::Unreachable { .. }
+            // A definite no from the destination (no room, draining, no
+            // base, ...): the VM runs here still, another may take it.
+            H::Refused { .. } => (StatusCode::CONFLICT, "destination_refused"),
+            H::Unreachable { .. }
             | H::MemoryDiffers { .. }
             | H::NotRepaired { .. }
             | H::BadAnswer { .. }

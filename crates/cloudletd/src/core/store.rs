@@ -282,6 +282,7 @@ impl Store {
             moved_to: rec.and_then(|r| r.moved_to.clone()),
             error: rec.and_then(|r| r.error.clone()),
             unix_ms,
+            mobility: cloudlet_api::Mobility::of(from, now),
         });
     }
 
