@@ -142,6 +142,7 @@ mod netns;
 mod tun;
 mod wan;
 
+pub mod control;
 pub use config::{WanConfig, BOTTLENECK_BUFFER, MAX_PREFIX_LEN};
 pub use delay_line::DirectionStats;
 pub use netns::{cleanup_stale, list_ours, NsName, NS_PREFIX};

@@ -6,6 +6,15 @@
 //! cloudlet-wan down --prefix demo                          # or Ctrl-C the `up`
 //! cloudlet-wan cleanup                                     # links of dead processes
 //! ```
+//!
+//! A hub with several links (a device and the cloudlets around it; each
+//! leaf reaches the hub and the other leaves through its own link), whose
+//! delays a script changes as the device walks:
+//!
+//! ```text
+//! cloudlet-wan up --rate 200 --delay-ms 2,30 --prefix walk &   # WAN_NS_B1, WAN_ADDR_B1, ...
+//! cloudlet-wan set --prefix walk --link 0 --delay-ms 30
+//! ```
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -13,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use cloudlet_wan::{cleanup_stale, list_ours, Side, Wan, WanConfig};
+use cloudlet_wan::{cleanup_stale, control, list_ours, Side, Wan, WanConfig};
 
 #[derive(Parser)]
 #[command(
@@ -35,9 +44,11 @@ enum Cmd {
         /// Rate in Mbit/s, each direction.
         #[arg(long)]
         rate: f64,
-        /// One-way delay in milliseconds (RTT is twice this).
-        #[arg(long)]
-        delay_ms: f64,
+        /// One-way delay in milliseconds (RTT is twice this); several,
+        /// comma-separated: a hub with one link per delay (link k: its
+        /// leaf at 10.251.k.2, the hub at 10.251.k.1).
+        #[arg(long, value_delimiter = ',', required = true)]
+        delay_ms: Vec<f64>,
         /// Name prefix of the namespaces ([a-z0-9_]).
         #[arg(long, default_value = "cli")]
         prefix: String,
@@ -52,6 +63,24 @@ enum Cmd {
     Down {
         #[arg(long)]
         prefix: String,
+    },
+    /// Change a link of a running `up` (its delay, rate, or cut it).
+    Set {
+        #[arg(long)]
+        prefix: String,
+        /// The link's number in the hub (0: the first).
+        #[arg(long, default_value_t = 0)]
+        link: u8,
+        #[arg(long)]
+        delay_ms: Option<f64>,
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Cut the link (every packet dropped) ...
+        #[arg(long)]
+        cut: bool,
+        /// ... or bring it back.
+        #[arg(long, conflicts_with = "cut")]
+        restore: bool,
     },
     /// Print the namespace name of a running link's side (a or b).
     Ns {
@@ -75,6 +104,40 @@ fn main() -> anyhow::Result<()> {
             mtu,
         } => up(rate, delay_ms, prefix, loss, mtu),
         Cmd::Down { prefix } => down(&prefix),
+        Cmd::Set {
+            prefix,
+            link,
+            delay_ms,
+            rate,
+            cut,
+            restore,
+        } => {
+            let mut requests = Vec::new();
+            if let Some(ms) = delay_ms {
+                requests.push(format!("delay {link} {ms}"));
+            }
+            if let Some(r) = rate {
+                requests.push(format!("rate {link} {r}"));
+            }
+            if cut {
+                requests.push(format!("cut {link}"));
+            }
+            if restore {
+                requests.push(format!("restore {link}"));
+            }
+            if requests.is_empty() {
+                bail!("nothing to set: give --delay-ms, --rate, --cut or --restore");
+            }
+            let path = control::socket_path(&prefix);
+            for r in requests {
+                control::send(&path, &r)
+                    .with_context(|| {
+                        format!("No running `up` with prefix {prefix} ({})", path.display())
+                    })?
+                    .map_err(|why| anyhow::anyhow!("{r}: {why}"))?;
+            }
+            Ok(())
+        }
         Cmd::Ns { prefix, side } => {
             let side = match side.as_str() {
                 "a" | "A" => 'a',
@@ -104,8 +167,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn up(rate: f64, delay_ms: f64, prefix: String, loss: f64, mtu: u32) -> anyhow::Result<()> {
-    if !(delay_ms.is_finite() && delay_ms >= 0.0) {
+fn up(rate: f64, delays_ms: Vec<f64>, prefix: String, loss: f64, mtu: u32) -> anyhow::Result<()> {
+    if delays_ms.iter().any(|d| !(d.is_finite() && *d >= 0.0)) {
         bail!("Delay must be a non-negative number of milliseconds");
     }
     if list_ours()
@@ -120,35 +183,68 @@ fn up(rate: f64, delay_ms: f64, prefix: String, loss: f64, mtu: u32) -> anyhow::
     // SAFETY: signals is an initialised sigset_t.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
-    let config = WanConfig {
+    let config = |ms: f64| WanConfig {
         loss,
         mtu,
-        ..WanConfig::new(&prefix, rate, Duration::from_secs_f64(delay_ms / 1000.0))
+        ..WanConfig::new(&prefix, rate, Duration::from_secs_f64(ms / 1000.0))
     };
-    let wan = Wan::create(config).context("Cannot create the link")?;
+    let mut links = vec![Wan::create(config(delays_ms[0])).context("Cannot create the link")?];
+    for ms in &delays_ms[1..] {
+        links.push(Wan::attach(&links[0], config(*ms)).context("Cannot attach a link")?);
+    }
+    if links.len() > 1 {
+        for l in &links {
+            l.route_via_hub()
+                .context("Cannot route a leaf through the hub")?;
+        }
+    }
+    let links: control::Links = std::sync::Arc::new(std::sync::RwLock::new(links));
+    let socket = control::socket_path(&prefix);
+    control::serve(&socket, links.clone()).context("Cannot serve the control socket")?;
+    let all = links.read().unwrap_or_else(|p| p.into_inner());
+    let wan = &all[0];
     let mut out = std::io::stdout().lock();
     writeln!(out, "WAN_NS_A={}", wan.ns_name(Side::A))?;
     writeln!(out, "WAN_NS_B={}", wan.ns_name(Side::B))?;
     writeln!(out, "WAN_ADDR_A={}", wan.a_addr())?;
     writeln!(out, "WAN_ADDR_B={}", wan.b_addr())?;
+    for l in all.iter().skip(1) {
+        let k = l.link_index();
+        writeln!(out, "WAN_NS_B{k}={}", l.ns_name(Side::B))?;
+        writeln!(out, "WAN_ADDR_A{k}={}", l.a_addr())?;
+        writeln!(out, "WAN_ADDR_B{k}={}", l.b_addr())?;
+    }
     out.flush()?;
     drop(out);
+    let delays: Vec<String> = delays_ms.iter().map(|d| format!("{d} ms")).collect();
     eprintln!(
-        "cloudlet-wan: link up, {rate} Mbit/s, {delay_ms} ms one way; \
+        "cloudlet-wan: {} up, {rate} Mbit/s, {} one way; \
          try `ip netns exec {} ping {}`; Ctrl-C or `cloudlet-wan down --prefix {prefix}` to stop",
+        if all.len() > 1 { "links" } else { "link" },
+        delays.join(", "),
         wan.ns_name(Side::A),
         wan.b_addr()
     );
 
+    drop(all);
     let mut sig: libc::c_int = 0;
     // SAFETY: signals and sig are valid for the call.
     unsafe { libc::sigwait(&signals, &mut sig) };
-    let stats = wan.stats();
-    wan.teardown().context("Teardown failed")?;
-    eprintln!(
-        "cloudlet-wan: link down (signal {sig}); A->B {} packets {} bytes, B->A {} packets {} bytes",
-        stats.a_to_b.packets, stats.a_to_b.bytes, stats.b_to_a.packets, stats.b_to_a.bytes
-    );
+    let _ = std::fs::remove_file(&socket);
+    let links = std::mem::take(&mut *links.write().unwrap_or_else(|p| p.into_inner()));
+    // Attached links first: the first link owns the hub's namespace.
+    for l in links.into_iter().rev() {
+        let stats = l.stats();
+        eprintln!(
+            "cloudlet-wan: link {} down (signal {sig}); A->B {} packets {} bytes, B->A {} packets {} bytes",
+            l.link_index(),
+            stats.a_to_b.packets,
+            stats.a_to_b.bytes,
+            stats.b_to_a.packets,
+            stats.b_to_a.bytes
+        );
+        l.teardown().context("Teardown failed")?;
+    }
     Ok(())
 }
 

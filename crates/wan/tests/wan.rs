@@ -745,3 +745,45 @@ fn measure_table() {
     }
     wan.teardown().unwrap();
 }
+
+#[test]
+fn a_hub_is_changed_through_its_control_socket() {
+    use cloudlet_wan::control;
+    let Some(_serial) = setup() else { return };
+    let hub = Wan::create(WanConfig::new("tctl", 50.0, Duration::from_millis(2))).unwrap();
+    let leaf = Wan::attach(
+        &hub,
+        WanConfig::new("tctl", 50.0, Duration::from_millis(30)),
+    )
+    .unwrap();
+    let links: control::Links = std::sync::Arc::new(std::sync::RwLock::new(vec![hub, leaf]));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tctl.sock");
+    control::serve(&path, links.clone()).unwrap();
+
+    assert_eq!(control::send(&path, "delay 1 7.5").unwrap(), Ok(()));
+    assert_eq!(control::send(&path, "rate 0 20").unwrap(), Ok(()));
+    assert_eq!(control::send(&path, "cut 0").unwrap(), Ok(()));
+    {
+        let l = links.read().unwrap();
+        assert_eq!(l[1].delay(), Duration::from_micros(7500));
+        assert_eq!(l[0].rate_mbit(), 20.0);
+        assert!(l[0].is_cut());
+    }
+    assert_eq!(control::send(&path, "restore 0").unwrap(), Ok(()));
+    for (bad, why) in [
+        ("delay 2 5", "no link 2"),
+        ("delay 1", "needs a value"),
+        ("delay 1 -3", "not a delay"),
+        ("jitter 1 3", "unknown request"),
+        ("", "expected"),
+    ] {
+        let got = control::send(&path, bad).unwrap().unwrap_err();
+        assert!(got.contains(why), "{bad:?}: {got}");
+    }
+    assert!(!links.read().unwrap()[0].is_cut());
+    let all = std::mem::take(&mut *links.write().unwrap());
+    for l in all.into_iter().rev() {
+        l.teardown().unwrap();
+    }
+}
