@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The main job: two local cloudlets with the embedded defaults register in a
-# directory; a phone finds its cloudlet through the directory, which
-# provisions a real app (the translator back end) from an overlay in a
-# registry; a client talks to it, then the running app moves live to the
-# second cloudlet (found by name through the directory) and answers there.
-# Prints how long each stage took and why the cloudlet was chosen.
+# The main job: a phone and two cloudlets on a small emulated WAN on this
+# machine (network namespaces: the phone's network with the cloud tier,
+# edge-1 2 ms away one way, edge-2 30 ms). The cloudlets, with the embedded
+# defaults, register in a directory; the phone finds its cloudlet through
+# the directory, which provisions a real app (the translator back end) from
+# an overlay in a registry; a client talks to it, then the running app moves
+# live to the second cloudlet (found by name through the directory) and
+# answers there. Last, the phone walks from one cloudlet to the other and
+# back: its back end follows by itself (`cloudlet follow`), with no
+# operator command, while a client keeps asking through one local address.
+# Prints how long each stage took and why each cloudlet was chosen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/target/release
@@ -12,23 +17,24 @@ GUEST=$PWD/target/guest/x86_64-unknown-linux-gnu/release
 WORK=$PWD/target/demo
 export CLOUDLET_HOME="${CLOUDLET_HOME:-$WORK/home}"
 TOKEN=demo-token-$$
-API=127.0.0.1:7450
-API2=127.0.0.1:7451
-REG=127.0.0.1:7460
-DIR=127.0.0.1:7470
 mkdir -p "$WORK" "$CLOUDLET_HOME"
 
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f s", b - a }'; }
 pids=()
+wan_pid=
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  # The links last, once nothing uses them.
+  if [ -n "$wan_pid" ]; then kill "$wan_pid" 2>/dev/null || true; wait "$wan_pid" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
+# Wait up to $1 tenths of a second for the command that follows.
+until_ok() { local n=$1; shift; for _ in $(seq "$n"); do "$@" && return 0; sleep 0.1; done; return 1; }
 
 echo "== 0. this machine (cloudlet doctor: stops here, saying what to do, if something is missing)"
-$BIN/cloudlet doctor --ports "${API##*:},${API2##*:},${REG##*:},${DIR##*:}"
+$BIN/cloudlet doctor
 
 echo "== 1. base VM 'debian' (built once from Debian packages, then cached)"
 t=$(now)
@@ -52,66 +58,128 @@ fi
 $BIN/cloudlet overlay inspect "$WORK/translator.overlay" >"$WORK/translator.inspect"
 head -12 "$WORK/translator.inspect"
 
-echo "== 3. the cloud tier: an overlay registry and a directory; the edge: two cloudlets that join it"
+echo "== 3. the network: the phone's (with the cloud tier: an overlay registry and a directory), and two cloudlets each behind its own link"
+# Leftovers of an interrupted earlier run.
+$BIN/cloudlet-wan down --prefix demo >/dev/null 2>&1 || true
+$BIN/cloudlet-wan up --rate 200 --delay-ms 2,30 --prefix demo >"$WORK/wan.env" 2>"$WORK/wan.log" &
+wan_pid=$!
+until_ok 100 grep -q WAN_ADDR_B1 "$WORK/wan.env" || { cat "$WORK/wan.log"; exit 1; }
+. "$WORK/wan.env"
+echo "   phone: namespace $WAN_NS_A; edge-1: $WAN_NS_B (2 ms one way); edge-2: $WAN_NS_B1 (30 ms)"
+phone() { ip netns exec "$WAN_NS_A" "$@"; }
+# In the background, its pid kept for the clean-up (`ip netns exec` execs
+# the program: the pid is the program's).
+bg_in() { local ns=$1; shift; ip netns exec "$ns" "$@" & last=$!; pids+=($last); }
+REG=$WAN_ADDR_A:7460
+DIR=$WAN_ADDR_A:7470
+API=$WAN_ADDR_B:7450
+API2=$WAN_ADDR_B1:7450
 rm -rf "$WORK/registry" "$WORK/directory.redb"
-$BIN/cloudlet registry serve "$WORK/registry" --listen $REG --push-token "$TOKEN" >"$WORK/registry.log" 2>&1 &
-pids+=($!)
-$BIN/cloudlet directory serve --listen $DIR --store "$WORK/directory.redb" >"$WORK/directory.log" 2>&1 &
-pids+=($!)
+bg_in "$WAN_NS_A" $BIN/cloudlet registry serve "$WORK/registry" --listen "0.0.0.0:${REG##*:}" \
+  --push-token "$TOKEN" >"$WORK/registry.log" 2>&1
+bg_in "$WAN_NS_A" $BIN/cloudlet directory serve --listen "0.0.0.0:${DIR##*:}" --store "$WORK/directory.redb" \
+  --heartbeat-ms 1000 --lease-ms 3000 >"$WORK/directory.log" 2>&1
 # Two cloudlets 4 km apart in Pittsburgh (same base VMs).
-$BIN/cloudletd --listen $API --token "$TOKEN" --name edge-1 --directory "http://$DIR" \
-  --location "40.4433,-79.9436,CMU campus" >"$WORK/cloudletd.log" 2>&1 &
-pids+=($!)
+bg_in "$WAN_NS_B" $BIN/cloudletd --listen "$API" --public-host "$WAN_ADDR_B" --token "$TOKEN" \
+  --name edge-1 --directory "http://$DIR" --location "40.4433,-79.9436,CMU campus" >"$WORK/cloudletd.log" 2>&1
 mkdir -p "$WORK/home2" && ln -sfn "$CLOUDLET_HOME/bases" "$WORK/home2/bases"
-$BIN/cloudletd --listen $API2 --token "$TOKEN" --name edge-2 --home "$WORK/home2" \
-  --vm-dir /dev/shm/cloudlet-edge-2 --directory "http://$DIR" \
-  --location "40.4406,-79.9959,Downtown" >"$WORK/cloudletd2.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do
-  curl -sf "http://$API/health" >/dev/null && curl -sf "http://$API2/health" >/dev/null \
-    && curl -sf "http://$REG/health" >/dev/null && curl -sf "http://$DIR/v1/health" >/dev/null && break
-  sleep 0.1
-done
+bg_in "$WAN_NS_B1" $BIN/cloudletd --listen "$API2" --public-host "$WAN_ADDR_B1" --token "$TOKEN" \
+  --name edge-2 --home "$WORK/home2" --vm-dir /dev/shm/cloudlet-edge-2 --directory "http://$DIR" \
+  --location "40.4406,-79.9959,Downtown" >"$WORK/cloudletd2.log" 2>&1
+up() {
+  phone curl -sf "http://$API/health" >/dev/null && phone curl -sf "http://$API2/health" >/dev/null \
+    && phone curl -sf "http://$REG/health" >/dev/null && phone curl -sf "http://$DIR/v1/health" >/dev/null
+}
+until_ok 200 up || { tail -5 "$WORK"/*.log; exit 1; }
 # Both registered (they do so as they start).
-for _ in $(seq 50); do
-  [ "$(curl -sf "http://$DIR/v1/health" | sed -n 's/.*"registered":\([0-9]*\).*/\1/p')" = 2 ] && break
-  sleep 0.1
-done
+registered() { [ "$(phone curl -sf "http://$DIR/v1/health" | sed -n 's/.*"registered":\([0-9]*\).*/\1/p')" = 2 ]; }
+until_ok 50 registered
 export CLOUDLET_URL=http://$API CLOUDLET_TOKEN=$TOKEN
+cl() { phone $BIN/cloudlet "$@"; }
 # Leftovers of an interrupted earlier run (daemons re-adopt running VMs).
-$BIN/cloudlet vm delete translator >/dev/null 2>&1 || true
-$BIN/cloudlet --cloudlet "http://$API2" vm delete translator >/dev/null 2>&1 || true
-$BIN/cloudlet info
-$BIN/cloudlet registry push "$WORK/translator.overlay" --registry "http://$REG" --name translator --registry-token "$TOKEN"
+cl vm delete translator >/dev/null 2>&1 || true
+cl --cloudlet "http://$API2" vm delete translator >/dev/null 2>&1 || true
+cl info
+cl registry push "$WORK/translator.overlay" --registry "http://$REG" --name translator --registry-token "$TOKEN"
+OVERLAY=http://$REG/v1/overlays/translator
 
 echo "== 4. a phone near CMU finds its cloudlet through the directory and asks it for its translator"
 t=$(now)
-$BIN/cloudlet synthesize "http://$REG/v1/overlays/translator" --name translator \
-  --directory "http://$DIR" --near 40.4442,-79.9420
+cl synthesize "$OVERLAY" --name translator --directory "http://$DIR" --near 40.4442,-79.9420
 # Where it landed (the directory's choice), and the other cloudlet.
-if $BIN/cloudlet --cloudlet "http://$API" vm show translator >/dev/null 2>&1; then
+if cl --cloudlet "http://$API" vm show translator >/dev/null 2>&1; then
   here=http://$API; there=edge-2; there_url=http://$API2
 else
   here=http://$API2; there=edge-1; there_url=http://$API
 fi
 export CLOUDLET_URL=$here
-endpoint=$($BIN/cloudlet vm show translator --output json | sed -n 's/.*"endpoint": "\(.*\)".*/\1/p' | head -1)
-answer=$(curl -sf "http://$endpoint/translate?text=hello+world+good+morning")
+endpoint=$(cl vm show translator --output json | sed -n 's/.*"endpoint": "\(.*\)".*/\1/p' | head -1)
+answer=$(phone curl -sf "http://$endpoint/translate?text=hello+world+good+morning")
 echo "   first answer: $answer"
 echo "   request -> first answer: $(since "$t")"
 
-echo "== 5. the user moves: the running translator follows, live, to $there (found through the directory, with its token)"
-$BIN/cloudlet handoff translator --to "$there"
-endpoint2=$($BIN/cloudlet --cloudlet "$there_url" vm show translator --output json | sed -n 's/.*"endpoint": "\(.*\)".*/\1/p' | head -1)
-echo "   answer at the new cloudlet ($endpoint2): $(curl -sf "http://$endpoint2/translate?text=good+night+friend")"
+echo "== 5. the operator moves it: the running translator goes live to $there (found through the directory, with its token)"
+cl handoff translator --to "$there"
+endpoint2=$(cl --cloudlet "$there_url" vm show translator --output json | sed -n 's/.*"endpoint": "\(.*\)".*/\1/p' | head -1)
+echo "   answer at the new cloudlet ($endpoint2): $(phone curl -sf "http://$endpoint2/translate?text=good+night+friend")"
 echo "   the first cloudlet keeps a record:"
-$BIN/cloudlet vm list
+cl vm list
+cl --cloudlet "$there_url" vm delete translator
+cl vm delete translator   # the first cloudlet's record of the move
 
-echo "   what the directory tells a phone now (the translator's overlay is cached at $there):"
-$BIN/cloudlet discover --directory "http://$DIR" --base debian \
-  --overlay "http://$REG/v1/overlays/translator" --near 40.4442,-79.9420 | sed 's/^/   /'
+echo "== 6. follow me: the phone starts a session, then walks to edge-2 and back; its back end follows by itself"
+# The session: the nearest cloudlet by RTT, a local address that reaches
+# the translator wherever it runs, a move when another cloudlet is better
+# by 30% and 5 ms for 3 probes in a row (at most one move in 10 s here).
+bg_in "$WAN_NS_A" $BIN/cloudlet follow "$OVERLAY" --directory "http://$DIR" --forward 127.0.0.1:8088:8080 \
+  --probe-every-ms 1000 --min-interval-s 10 --state "$WORK/session.json" >"$WORK/follow.log" 2>&1
+follow_pid=$last
+until_ok 900 grep -q "^running at" "$WORK/follow.log" || { cat "$WORK/follow.log"; exit 1; }
+sed 's/^/   /' "$WORK/follow.log"
+# A client that knows only 127.0.0.1:8088 asks every 200 ms and notes how
+# long each answer took (an unanswered request is asked again).
+bg_in "$WAN_NS_A" bash -c 'while :; do
+  s=$(date +%s%N)
+  if curl -sf -m 3 -o /dev/null "http://127.0.0.1:8088/translate?text=where+is+the+station"; then
+    echo "$s $(( ($(date +%s%N) - s) / 1000000 ))"
+  else
+    echo "$s fail"
+  fi
+  sleep 0.2
+done' >"$WORK/client.log" 2>&1
+client_pid=$last
+walk() { # $1: edge-1's one-way delay, $2: edge-2's, $3: where the app should go
+  local t
+  t=$(now)
+  $BIN/cloudlet-wan set --prefix demo --link 0 --delay-ms "$1"
+  $BIN/cloudlet-wan set --prefix demo --link 1 --delay-ms "$2"
+  echo "   the phone is now $1 ms from edge-1 and $2 ms from edge-2"
+  if ! until_ok 1200 grep -q "^moved .* -> $3 " "$WORK/follow.log"; then
+    echo "   the translator did not follow to $3:"; cat "$WORK/follow.log"; exit 1
+  fi
+  grep -E "^(move triggered: .* -> $3|moved .* -> $3 )" "$WORK/follow.log" | tail -2 | sed 's/^/   /'
+  echo "   followed $(since "$t") after the walk"
+  sleep 3
+}
+sleep 5
+walk 30 2 edge-2
+walk 2 30 edge-1
+kill "$client_pid"; wait "$client_pid" 2>/dev/null || true
+t=$(now)
+kill -TERM "$follow_pid"; wait "$follow_pid" 2>/dev/null || true
+echo "   (the session ended on the phone's side in $(since "$t"))"
+# What the client saw: its answers' times, and its longest wait (from one
+# answer to the next).
+awk '$2 != "fail" { n++; sum += $2; e = $1 / 1e6 + $2; if (last) { if (e - last > longest) longest = e - last }; last = e }
+     $2 == "fail" { failed++ }
+     END { printf "   the client: %d answers through 127.0.0.1:8088 (%d asked again), mean %.0f ms; longest wait from one answer to the next %.0f ms\n", n, failed, sum / n, longest }' "$WORK/client.log"
+vm_id=$(sed -n 's/.*"vm_id": "\(.*\)".*/\1/p' "$WORK/session.json")
+now_at=$(sed -n 's/.*"api_url": "\(.*\)".*/\1/p' "$WORK/session.json")
+echo "   the session (kept in $WORK/session.json: resume it with cloudlet follow --attach) ends here; its VM $vm_id runs at $now_at"
 
-echo "== 6. clean up"
-$BIN/cloudlet --cloudlet "$there_url" vm delete translator
-$BIN/cloudlet vm delete translator   # the first cloudlet's record of the move
+echo "== 7. clean up"
+cl --cloudlet "$now_at" vm delete "$vm_id"
+# The records of the moves on the cloudlets it left.
+cl --cloudlet "http://$API" vm delete "$vm_id" >/dev/null 2>&1 || true
+cl --cloudlet "http://$API2" vm delete "$vm_id" >/dev/null 2>&1 || true
 echo "done"

@@ -29,6 +29,10 @@ struct Args {
     /// $CLOUDLET_HOME, else /var/lib/cloudlet as root).
     #[arg(long)]
     home: Option<PathBuf>,
+    /// The host name or address clients reach this cloudlet's VMs (and,
+    /// with a wildcard listen address, its API) at (overrides the config).
+    #[arg(long)]
+    public_host: Option<String>,
     /// Where VM RAM files go (overrides the config).
     #[arg(long)]
     vm_dir: Option<PathBuf>,
@@ -86,6 +90,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(h) = args.home {
         config.home = h;
+    }
+    if let Some(h) = args.public_host {
+        config.public_host = h;
     }
     if let Some(d) = args.vm_dir {
         config.vm_dir = d;

@@ -414,7 +414,9 @@ async fn request(
 /// moves there by itself, then back when they swap again. A kvstore client
 /// writes through the session's local forwarder the whole time: no
 /// acknowledged write is lost, its RTT comes back to the near value. A
-/// delay that wavers inside the policy's margin moves nothing.
+/// delay that wavers inside the policy's margin moves nothing. Consent is
+/// "ask": a move waits for the device's yes, and a no keeps the VM where
+/// it is until the next yes.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_back_end_follows_the_device_by_itself() {
     use cloudlet_client::session::{Consent, Policy, Session, SessionEvent};
@@ -458,6 +460,9 @@ async fn the_back_end_follows_the_device_by_itself() {
     // The device's side, in the hub: the session, its forwarder, a writer.
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<SessionEvent>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Consent "ask": each move waits for the device's answer (the test's).
+    type Question = (String, tokio::sync::oneshot::Sender<bool>);
+    let (ask_tx, mut ask_rx) = tokio::sync::mpsc::unbounded_channel::<Question>();
     let fwd_port = cloudlet_testkit::free_port();
     let base_id = base.manifest.id.clone();
     let d = dir_url.clone();
@@ -495,10 +500,15 @@ async fn the_back_end_follows_the_device_by_itself() {
             let policy = Policy {
                 probe_every: Duration::from_secs(1),
                 min_interval: Duration::from_secs(5),
-                consent: Consent::Automatic,
+                consent: Consent::Ask,
                 ..Policy::default()
             };
-            s.follow(policy, |_| async { true }, async {
+            let ask = move |to: &str| {
+                let (yes_tx, yes_rx) = tokio::sync::oneshot::channel();
+                let _ = ask_tx.send((to.to_string(), yes_tx));
+                async move { yes_rx.await.unwrap_or(false) }
+            };
+            s.follow(policy, ask, async {
                 let _ = stop_rx.await;
             })
             .await;
@@ -568,21 +578,50 @@ async fn the_back_end_follows_the_device_by_itself() {
     println!("wavering delays: {rounds} probe rounds, no move");
     assert!(rounds >= 5, "the session kept probing: {rounds} rounds");
 
-    // The user walks to b, then back.
+    // The user walks to b, then back. Consent "ask": the first question
+    // is left unanswered a while (nothing moves meanwhile), then a yes; on
+    // the way back the first answer is no (the VM stays), the next yes.
     let mut moves = Vec::new();
     for (to, a_ms, b_ms) in [("b", 30, 2), ("a", 2, 30)] {
         a_link.set_delay(Duration::from_millis(a_ms)).unwrap();
         b_link.set_delay(Duration::from_millis(b_ms)).unwrap();
         let swapped = Instant::now();
         let mut triggered = None;
+        let mut asked = 0;
         let rtt = loop {
-            let e = tokio::time::timeout(Duration::from_secs(120), ev_rx.recv())
-                .await
-                .unwrap_or_else(|_| panic!("no move to {to} within 120 s"))
-                .expect("the session ended");
+            let e = tokio::select! {
+                q = ask_rx.recv() => {
+                    let (q_to, answer) = q.expect("the session ended");
+                    assert_eq!(q_to, to, "asked to move elsewhere");
+                    asked += 1;
+                    // Unanswered for 3 s: the VM stays where it is.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    while let Ok(e) = ev_rx.try_recv() {
+                        match e {
+                            SessionEvent::MoveTriggered { to: t, .. } if t == to => {
+                                triggered.get_or_insert(swapped.elapsed());
+                            }
+                            SessionEvent::MoveCompleted { .. } => {
+                                panic!("moved without the device's yes: {e:?}")
+                            }
+                            _ => {}
+                        }
+                    }
+                    let no_first = to == "a" && asked == 1;
+                    let _ = answer.send(!no_first);
+                    continue;
+                }
+                e = tokio::time::timeout(Duration::from_secs(120), ev_rx.recv()) => e
+                    .unwrap_or_else(|_| panic!("no move to {to} within 120 s"))
+                    .expect("the session ended"),
+            };
             match e {
+                SessionEvent::MoveDeclined { to: t } => {
+                    assert!(to == "a" && asked == 1, "declined unasked: {t}");
+                    println!("the device said no to {t}: the VM stays");
+                }
                 SessionEvent::MoveTriggered { to: t, .. } if t == to => {
-                    triggered = Some(swapped.elapsed());
+                    triggered.get_or_insert(swapped.elapsed());
                 }
                 SessionEvent::MoveCompleted {
                     to: t,
@@ -608,6 +647,11 @@ async fn the_back_end_follows_the_device_by_itself() {
             }
         };
         println!("RTT to {to} after the move: {rtt:.1} ms");
+        assert_eq!(
+            asked,
+            if to == "a" { 2 } else { 1 },
+            "questions on the way to {to}"
+        );
         assert!(rtt < 10.0, "the RTT came back to the near value: {rtt} ms");
         let t = moves.last().unwrap().1;
         assert!(

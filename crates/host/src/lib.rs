@@ -147,9 +147,7 @@ pub async fn examine(cfg: &DoctorConfig) -> Report {
     for &port in &cfg.ports {
         findings.push(check_port(cfg.purpose, port));
     }
-    if cfg.purpose == Purpose::Test {
-        findings.push(check_root());
-    }
+    findings.push(check_root(cfg.purpose));
     Report {
         purpose: cfg.purpose,
         findings,
@@ -523,16 +521,22 @@ fn check_port(purpose: Purpose, port: u16) -> Finding {
     }
 }
 
-fn check_root() -> Finding {
-    if rustix::process::geteuid().is_root() {
-        Finding::ok("user", "root (network namespaces for the WAN tests)")
-    } else {
-        Finding::bad(
+fn check_root(purpose: Purpose) -> Finding {
+    match (rustix::process::geteuid().is_root(), purpose) {
+        (true, _) => Finding::ok("user", "root (network namespaces for the emulated WAN)"),
+        // The demo's phone and cloudlets sit in network namespaces.
+        (false, Purpose::Run) => Finding::bad(
+            Level::Fail,
+            "user",
+            "not root: make demo puts the phone and the cloudlets in network namespaces",
+            "run it as root (sudo make demo)",
+        ),
+        (false, Purpose::Test) => Finding::bad(
             Level::Warn,
             "user",
             "not root: the WAN tests and benchmarks cannot make network namespaces",
             "run the tests as root (make test)",
-        )
+        ),
     }
 }
 

@@ -110,15 +110,15 @@ pub const PROGRAMS: &[Program] = &[
     Program {
         name: "ip",
         package: "iproute2",
-        used_for: "the WAN emulator's network namespaces",
-        need: Need::Test,
+        used_for: "the WAN emulator's network namespaces (make demo's phone and cloudlets)",
+        need: Need::Run,
         version_args: &["-V"],
     },
     Program {
         name: "tc",
         package: "iproute2",
         used_for: "the WAN emulator's rate limit",
-        need: Need::Test,
+        need: Need::Run,
         version_args: &["-V"],
     },
     Program {

@@ -2,8 +2,8 @@
 //! the best cloudlet through the directory, synthesizes the app there,
 //! forwards a local address to the VM wherever it runs, and moves the VM
 //! as the RTTs it measures change (`cloudlet_client::session`). Events are
-//! printed a line each (JSON lines with `--output json`); Ctrl-C ends the
-//! session on this side (the VM keeps running; `--attach FILE` resumes).
+//! printed a line each (JSON lines with `--output json`); Ctrl-C (or
+//! SIGTERM) ends the session on this side (the VM keeps running; `--attach FILE` resumes).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -133,9 +133,7 @@ pub async fn follow(args: FollowArgs, token: Option<String>, output: Output) -> 
         samples: 3,
     };
     session
-        .follow(policy, |to: &str| ask(to.to_string()), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .follow(policy, |to: &str| ask(to.to_string()), stopped()?)
         .await;
     printer.abort();
     if let Some(f) = state_file {
@@ -143,6 +141,21 @@ pub async fn follow(args: FollowArgs, token: Option<String>, output: Output) -> 
         eprintln!("session kept in {} (resume with --attach)", f.display());
     }
     Ok(())
+}
+
+/// Resolves at SIGINT (Ctrl-C) or SIGTERM: the session ends on this side.
+fn stopped() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut int, mut term) = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    );
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// Consent `ask`: a yes on stdin.
