@@ -482,7 +482,7 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
         base_id: String::new(),
         overlay: String::new(),
     };
-    let directory = cloudlet_client::DirectoryClient::new(&[dir.url.clone()], None);
+    let directory = cloudlet_client::DirectoryClient::new(std::slice::from_ref(&dir.url), None);
     let mut session = cloudlet_client::session::Session::attach(directory, state)
         .await
         .unwrap();
