@@ -132,10 +132,13 @@ echo "== 6. follow me: the phone starts a session, then walks to edge-2 and back
 # the translator wherever it runs, a move when another cloudlet is better
 # by 30% and 5 ms for 3 probes in a row (at most one move in 10 s here).
 bg_in "$WAN_NS_A" $BIN/cloudlet follow "$OVERLAY" --directory "http://$DIR" --forward 127.0.0.1:8088:8080 \
-  --probe-every-ms 1000 --min-interval-s 10 --state "$WORK/session.json" >"$WORK/follow.log" 2>&1
+  --probe-every-ms 1000 --min-interval-s 10 --state "$WORK/session.json" --events 127.0.0.1:8089 \
+  >"$WORK/follow.log" 2>&1
 follow_pid=$last
 until_ok 900 grep -q "^running at" "$WORK/follow.log" || { cat "$WORK/follow.log"; exit 1; }
 sed 's/^/   /' "$WORK/follow.log"
+# An app on the phone that follows the session's events (server-sent events).
+bg_in "$WAN_NS_A" curl -sN http://127.0.0.1:8089/events >"$WORK/session-events.log" 2>&1
 # A client that knows only 127.0.0.1:8088 asks every 200 ms and notes how
 # long each answer took (an unanswered request is asked again).
 bg_in "$WAN_NS_A" bash -c 'while :; do
@@ -175,6 +178,8 @@ awk '$2 != "fail" { n++; sum += $2; e = $1 / 1e6 + $2; if (last) { if (e - last 
      END { printf "   the client: %d answers through 127.0.0.1:8088 (%d asked again), mean %.0f ms; longest wait from one answer to the next %.0f ms\n", n, failed, sum / n, longest }' "$WORK/client.log"
 vm_id=$(sed -n 's/.*"vm_id": "\(.*\)".*/\1/p' "$WORK/session.json")
 now_at=$(sed -n 's/.*"api_url": "\(.*\)".*/\1/p' "$WORK/session.json")
+echo "   what an app following http://127.0.0.1:8089/events saw of the moves:"
+grep -o '"event":"move_[a-z]*"[^}]*' "$WORK/session-events.log" | sed 's/^/     /' || true
 echo "   the session (kept in $WORK/session.json: resume it with cloudlet follow --attach) ends here; its VM $vm_id runs at $now_at"
 
 echo "== 7. clean up"

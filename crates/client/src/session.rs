@@ -313,6 +313,12 @@ impl Session {
         self.events.subscribe()
     }
 
+    /// Where the events are sent: each [`broadcast::Sender::subscribe`]
+    /// gets them from then on (e.g. one per client of an events endpoint).
+    pub fn events_sender(&self) -> broadcast::Sender<SessionEvent> {
+        self.events.clone()
+    }
+
     fn emit(&self, e: SessionEvent) {
         let _ = self.events.send(e);
     }

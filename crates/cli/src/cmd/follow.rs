@@ -55,6 +55,12 @@ pub struct FollowArgs {
     /// Keep the session's state (VM, cloudlet, credential) in this file.
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Serve the session's events on this local address: `GET /events`
+    /// (server-sent events, one `SessionEvent` as JSON a `data:` line) and
+    /// `GET /session` (where the VM runs now), for an app or a dashboard
+    /// on the device that follows the moves.
+    #[arg(long)]
+    pub events: Option<SocketAddr>,
     /// Re-attach to the session kept in this file (instead of starting one).
     #[arg(long, conflicts_with = "overlay")]
     pub attach: Option<PathBuf>,
@@ -112,6 +118,15 @@ pub async fn follow(args: FollowArgs, token: Option<String>, output: Output) -> 
             session.endpoints(),
         ));
     }
+    if let Some(addr) = args.events {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        eprintln!("session events at http://{addr}/events");
+        tokio::spawn(serve_events(
+            listener,
+            session.events_sender(),
+            session.endpoints(),
+        ));
+    }
     let mut events = session.events();
     let state_file = args.state.clone();
     let printer = tokio::spawn(async move {
@@ -141,6 +156,38 @@ pub async fn follow(args: FollowArgs, token: Option<String>, output: Output) -> 
         eprintln!("session kept in {} (resume with --attach)", f.display());
     }
     Ok(())
+}
+
+/// `--events`: the session's events as server-sent events, and the VM's
+/// endpoints now.
+async fn serve_events(
+    listener: tokio::net::TcpListener,
+    events: tokio::sync::broadcast::Sender<SessionEvent>,
+    ports: tokio::sync::watch::Receiver<Vec<cloudlet_api::PortMapping>>,
+) -> std::io::Result<()> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use axum::routing::get;
+    let stream = move || {
+        let rx = events.subscribe();
+        let s = futures::stream::unfold(rx, |mut rx| async move {
+            use tokio::sync::broadcast::error::RecvError;
+            let ev = match rx.recv().await {
+                Ok(e) => Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
+                Err(RecvError::Lagged(n)) => Event::default().event("lagged").data(n.to_string()),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Ok::<_, std::convert::Infallible>(ev), rx))
+        });
+        async move { Sse::new(s).keep_alive(KeepAlive::default()) }
+    };
+    let now = move || {
+        let p = ports.borrow().clone();
+        async move { axum::Json(p) }
+    };
+    let app = axum::Router::new()
+        .route("/events", get(stream))
+        .route("/session", get(now));
+    axum::serve(listener, app).await
 }
 
 /// Resolves at SIGINT (Ctrl-C) or SIGTERM: the session ends on this side.
@@ -222,6 +269,59 @@ fn describe(e: &SessionEvent) -> String {
 
 #[cfg(test)]
 mod tests {
+    use cloudlet_client::session::SessionEvent;
+
+    #[tokio::test]
+    async fn the_events_endpoint_streams_the_session_and_says_where_it_runs() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, _) = tokio::sync::broadcast::channel(16);
+        let port = |endpoint: &str| cloudlet_api::PortMapping {
+            guest: 8080,
+            host: 20000,
+            endpoint: endpoint.into(),
+        };
+        let (ports_tx, ports_rx) = tokio::sync::watch::channel(vec![port("10.0.0.1:20000")]);
+        tokio::spawn(super::serve_events(listener, tx.clone(), ports_rx));
+        let mut resp = reqwest::get(format!("http://{addr}/events")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let moved = SessionEvent::MoveCompleted {
+            from: "a".into(),
+            to: "b".into(),
+            ports: vec![port("10.0.0.2:20000")],
+            downtime_ms: 300,
+            total_ms: 3000,
+        };
+        tx.send(moved.clone()).unwrap();
+        let _ = ports_tx.send(vec![port("10.0.0.2:20000")]);
+        let mut text = String::new();
+        while !text.contains("\n\n") {
+            let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), resp.chunk())
+                .await
+                .expect("an event within 5 s")
+                .unwrap()
+                .expect("the stream goes on");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let data = text
+            .lines()
+            .find_map(|l| l.strip_prefix("data:"))
+            .expect("a data line");
+        let got: SessionEvent = serde_json::from_str(data.trim()).unwrap();
+        assert_eq!(got, moved);
+        let now: Vec<cloudlet_api::PortMapping> = reqwest::get(format!("http://{addr}/session"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(now[0].endpoint, "10.0.0.2:20000");
+    }
+
     #[test]
     fn forward_is_local_address_then_guest_port() {
         let (a, g) = super::parse_forward("127.0.0.1:9000:8080").unwrap();
