@@ -168,9 +168,7 @@ sleep 5
 walk 30 2 edge-2
 walk 2 30 edge-1
 kill "$client_pid"; wait "$client_pid" 2>/dev/null || true
-t=$(now)
 kill -TERM "$follow_pid"; wait "$follow_pid" 2>/dev/null || true
-echo "   (the session ended on the phone's side in $(since "$t"))"
 # What the client saw: its answers' times, and its longest wait (from one
 # answer to the next).
 awk '$2 != "fail" { n++; sum += $2; e = $1 / 1e6 + $2; if (last) { if (e - last > longest) longest = e - last }; last = e }
