@@ -136,7 +136,10 @@ async fn main() -> anyhow::Result<()> {
         seed: args.seed,
     };
     let plot = args.plot.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/follow-bench.svg")
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        std::fs::canonicalize(&root)
+            .unwrap_or(root)
+            .join("target/follow-bench.svg")
     });
     if let Ok(removed) = cloudlet_wan::cleanup_stale() {
         if !removed.is_empty() {

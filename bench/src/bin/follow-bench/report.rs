@@ -350,9 +350,10 @@ fn summary(
             let _ = writeln!(
                 out,
                 "\nfollow, outside the moves, whole run: client p50 {p50:.1} ms, p99 {p99:.1} ms; nearest RTT p50 {n50:.1} ms, p99 {n99:.1} ms \
-                 (the noise alone puts the nearest's own p99 at {:.2}x its p50; the client's p50 is {:.1} ms above the nearest's: \
-                 the forwarder, the VM's port forward and the guest's own service time)",
+                 (the noise alone puts the nearest's own p99 at {:.2}x its p50; the client's p99 is {:.2}x the nearest's p99; \
+                 its p50 is {:.1} ms above the nearest's: the forwarder, the VM's port forward and the guest's own service time)",
                 n99 / n50,
+                p99 / n99,
                 p50 - n50
             );
         }
