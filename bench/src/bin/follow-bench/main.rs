@@ -41,7 +41,7 @@
 //! the integration tests, the tiny base and kvstore overlay are reused
 //! from there or built):
 //! `cargo build --release -p cloudlet-bench -p cloudletd -p cloudlet-cli &&
-//! target/release/follow-bench` (about 12 minutes; `--segment-s 20` for a
+//! target/release/follow-bench` (about 17 minutes; `--segment-s 20` for a
 //! short one).
 
 mod client;
