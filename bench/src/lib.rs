@@ -27,6 +27,18 @@ pub async fn first_response(
     }
 }
 
+/// Log lines to stderr (the table goes to stdout), at `$CLOUDLET_LOG` or
+/// warnings.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLOUDLET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Median of a non-empty list of durations.
 pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

@@ -143,13 +143,7 @@ struct Prepared {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CLOUDLET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cloudlet_bench::init_logging();
     let args = Args::parse();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let overlay_dir = args

@@ -180,23 +180,11 @@ async fn cloud_tier(
     procs.children.push(hub.spawn_in(Side::A, c).unwrap());
     let dir_url = format!("http://{hub_ip}:{DIR_PORT}");
     let reg_url = format!("http://{hub_ip}:{REG_PORT}");
-    let up = {
-        let (d, r) = (dir_url.clone(), reg_url.clone());
-        in_ns(hub, Side::A, async move {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(20) {
-                let ok = |u: String| async move {
-                    reqwest::get(u).await.is_ok_and(|r| r.status().is_success())
-                };
-                if ok(format!("{d}/v1/health")).await && ok(format!("{r}/health")).await {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            false
-        })
-        .await
-    };
+    let health = [format!("{dir_url}/v1/health"), format!("{reg_url}/health")];
+    let up = in_ns(hub, Side::A, async move {
+        cloudlet_testkit::until_healthy(&health, Duration::from_secs(20)).await
+    })
+    .await;
     assert!(up, "the directory or the registry did not come up");
     cli(
         hub,

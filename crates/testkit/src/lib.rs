@@ -108,6 +108,35 @@ pub async fn http(
     .map_err(std::io::Error::other)?
 }
 
+/// Poll every URL until each answers a 2xx, for at most `within`; whether
+/// they all did. Async on the caller's runtime, so that it runs in the
+/// network namespace of the caller's thread (e.g. inside
+/// `cloudlet_wan::Wan::run_in`).
+pub async fn until_healthy(urls: &[String], within: Duration) -> bool {
+    let start = std::time::Instant::now();
+    let client = reqwest::Client::new();
+    while start.elapsed() < within {
+        let mut all = true;
+        for u in urls {
+            let ok = client
+                .get(u)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if !ok {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Processes (other than this one) with `needle` on their command line.
 pub fn pids_with(needle: &str) -> Vec<i32> {
     let me = std::process::id() as i32;

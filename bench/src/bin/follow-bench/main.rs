@@ -70,6 +70,9 @@ struct Args {
     /// Seed of the delay noise (the same in the three runs).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The delay noise on every link, ms either way (redrawn every 3 s).
+    #[arg(long, default_value_t = walk::NOISE_MS)]
+    noise_ms: f64,
     /// Rows of the table, seconds each.
     #[arg(long, default_value_t = 60)]
     row_s: u64,
@@ -106,13 +109,7 @@ fn bin(given: &Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CLOUDLET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cloudlet_bench::init_logging();
     let args = Args::parse();
     let bins = Bins {
         cloudletd: bin(&args.cloudletd, "cloudletd")?,
@@ -134,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
     let walk = Walk {
         segment: Duration::from_secs(args.segment_s),
         seed: args.seed,
+        noise_ms: args.noise_ms.abs(),
     };
     let plot = args.plot.clone().unwrap_or_else(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -247,7 +247,7 @@ fn summary(
         &walk.nominal(1)[..3],
         &walk.nominal(2)[..3],
         crate::walk::CLOUD_MS,
-        crate::walk::NOISE_MS,
+        walk.noise_ms,
         crate::walk::NOISE_EVERY.as_secs(),
         walk.seed
     );

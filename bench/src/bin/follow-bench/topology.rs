@@ -171,20 +171,13 @@ impl World {
         let hub_ip = cloudlet_wan::A_ADDR;
         self.dir_url = format!("http://{hub_ip}:{DIR_PORT}");
         let reg_url = format!("http://{hub_ip}:{REG_PORT}");
-        let (d, r) = (self.dir_url.clone(), reg_url.clone());
+        let health = [
+            format!("{}/v1/health", self.dir_url),
+            format!("{reg_url}/health"),
+        ];
         let up = self
             .in_hub(async move {
-                let start = Instant::now();
-                while start.elapsed() < Duration::from_secs(20) {
-                    let ok = |u: String| async move {
-                        reqwest::get(u).await.is_ok_and(|r| r.status().is_success())
-                    };
-                    if ok(format!("{d}/v1/health")).await && ok(format!("{r}/health")).await {
-                        return true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                false
+                cloudlet_testkit::until_healthy(&health, Duration::from_secs(20)).await
             })
             .await?;
         if !up {

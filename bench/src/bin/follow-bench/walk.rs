@@ -2,7 +2,8 @@
 //! equal length (the device near `c1`, then `c2`, then `c3`), the `cloud`
 //! link fixed at 40 ms; on every link, all the time, noise: the delay is
 //! drawn again every 3 s as its nominal value plus a uniform offset in
-//! ±1.5 ms, from a seeded generator (the same schedule in every run).
+//! ±`noise_ms` (default 1.5 ms), from a seeded generator (the same
+//! schedule in every run).
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ pub const SITES: [&str; 4] = ["c1", "c2", "c3", "cloud"];
 /// Nominal one-way delays of `c1`..`c3` per segment, ms.
 const SEGMENTS: [[f64; 3]; 3] = [[2.0, 15.0, 30.0], [15.0, 2.0, 15.0], [30.0, 15.0, 2.0]];
 pub const CLOUD_MS: f64 = 40.0;
+/// The default noise, ms either way.
 pub const NOISE_MS: f64 = 1.5;
 pub const NOISE_EVERY: Duration = Duration::from_secs(3);
 /// No link goes below this (a delay line of zero is a different link).
@@ -24,6 +26,8 @@ const MIN_MS: f64 = 0.1;
 pub struct Walk {
     pub segment: Duration,
     pub seed: u64,
+    /// The noise's bound, ms either way.
+    pub noise_ms: f64,
 }
 
 impl Walk {
@@ -75,7 +79,7 @@ impl Walk {
             .map(|t| {
                 if (t.as_nanos() % NOISE_EVERY.as_nanos()) == 0 {
                     for o in &mut offsets {
-                        *o = rng.gen_range(-NOISE_MS..=NOISE_MS);
+                        *o = rng.gen_range(-self.noise_ms..=self.noise_ms);
                     }
                 }
                 let nominal = self.nominal(self.segment_at(t.as_secs_f64()));
@@ -107,6 +111,7 @@ mod tests {
 
     fn walk(segment_s: u64) -> Walk {
         Walk {
+            noise_ms: NOISE_MS,
             segment: Duration::from_secs(segment_s),
             seed: 7,
         }
