@@ -15,7 +15,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloudlet_client::{Client, DirectoryClient};
@@ -41,22 +41,7 @@ fn cloudlet_bin() -> PathBuf {
 }
 
 /// Processes killed when the test ends (cloudletd's QEMUs included).
-struct Procs {
-    children: Vec<Child>,
-    vm_dirs: Vec<PathBuf>,
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for d in &self.vm_dirs {
-            cloudlet_testkit::kill_processes_with(&d.display().to_string());
-        }
-    }
-}
+type Procs = cloudlet_testkit::Reaper;
 
 fn log_file(path: &std::path::Path) -> (Stdio, Stdio) {
     let f = std::fs::File::create(path).unwrap();
@@ -219,10 +204,7 @@ async fn synthesis_lands_on_the_nearest_cloudlet_that_fits() {
         l.route_via_hub().expect("route the leaf through the hub");
     }
     let tmp = tempfile::tempdir().unwrap();
-    let mut procs = Procs {
-        children: vec![],
-        vm_dirs: vec![],
-    };
+    let mut procs = Procs::default();
 
     let (dir_url, overlay_url) = cloud_tier(&hub, &mut procs, tmp.path(), &overlay).await;
 
@@ -421,10 +403,7 @@ async fn the_back_end_follows_the_device_by_itself() {
     }
     let hub = &a_link;
     let tmp = tempfile::tempdir().unwrap();
-    let mut procs = Procs {
-        children: vec![],
-        vm_dirs: vec![],
-    };
+    let mut procs = Procs::default();
     let (dir_url, overlay_url) = cloud_tier(hub, &mut procs, tmp.path(), &overlay).await;
     let bases = store.bases_dir();
     let a = start_cloudlet(

@@ -137,6 +137,33 @@ pub async fn until_healthy(urls: &[String], within: Duration) -> bool {
     false
 }
 
+/// Child processes killed when this drops (or at [`Reaper::reap`]), and
+/// then every process still running under one of `vm_dirs` (a daemon's
+/// QEMUs outlive it by design).
+#[derive(Default)]
+pub struct Reaper {
+    pub children: Vec<std::process::Child>,
+    pub vm_dirs: Vec<PathBuf>,
+}
+
+impl Reaper {
+    pub fn reap(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for d in self.vm_dirs.drain(..) {
+            kill_processes_with(&d.display().to_string());
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.reap();
+    }
+}
+
 /// Processes (other than this one) with `needle` on their command line.
 pub fn pids_with(needle: &str) -> Vec<i32> {
     let me = std::process::id() as i32;

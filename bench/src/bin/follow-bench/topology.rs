@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -43,8 +43,7 @@ pub struct World {
     pub dir_url: String,
     pub overlay_url: String,
     pub base_id: String,
-    children: Vec<Child>,
-    vm_dirs: Vec<PathBuf>,
+    procs: cloudlet_testkit::Reaper,
     pub work: tempfile::TempDir,
     _shm: tempfile::TempDir,
 }
@@ -118,8 +117,7 @@ impl World {
             dir_url: String::new(),
             overlay_url: String::new(),
             base_id: base.manifest.id.clone(),
-            children: Vec::new(),
-            vm_dirs: Vec::new(),
+            procs: Default::default(),
             work,
             _shm: shm,
         };
@@ -146,7 +144,7 @@ impl World {
             .link
             .spawn_in(side, cmd)
             .with_context(|| format!("Start the program logging to {}", log.display()))?;
-        self.children.push(child);
+        self.procs.children.push(child);
         Ok(())
     }
 
@@ -246,7 +244,7 @@ impl World {
         cmd.arg("--config").arg(&config).env("CLOUDLET_LOG", "info");
         let log = self.sites[i].log.clone();
         self.spawn_logged(i, Side::B, cmd, &log)?;
-        self.vm_dirs.push(vm_dir);
+        self.procs.vm_dirs.push(vm_dir);
         Ok(())
     }
 
@@ -295,14 +293,9 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // QEMUs outlive their daemon by design: those of this run's dirs.
-        for d in &self.vm_dirs {
-            cloudlet_testkit::kill_processes_with(&d.display().to_string());
-        }
+        // The daemons, then the QEMUs of this run's dirs (they outlive
+        // their daemon by design), before the links go.
+        self.procs.reap();
         // Leaves first, then the hub's own link (which owns its name).
         while let Some(site) = self.sites.pop() {
             if let Err(e) = site.link.teardown() {
