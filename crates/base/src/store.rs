@@ -58,6 +58,15 @@ pub enum BaseError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The base's files live outside this store's home (reached through a
+    /// symbolic link, e.g. bases shared by several cloudlets on one host):
+    /// deleting them here would take them from the others too.
+    #[error("Base VM {name} lives in {} (outside {}, shared through a link): delete it where it lives", .real.display(), .home.display())]
+    Shared {
+        name: String,
+        real: PathBuf,
+        home: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,12 +145,24 @@ impl BaseStore {
             .and_then(|m| self.get(&m.name))
     }
 
+    /// Remove a base's files; never through a link that leads out of the
+    /// store's home ([`BaseError::Shared`]).
     pub fn delete(&self, name: &str) -> Result<(), BaseError> {
         let b = self.get(name)?;
-        std::fs::remove_dir_all(&b.dir).map_err(|source| BaseError::Io {
-            path: b.dir.clone(),
-            source,
-        })
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BaseError::Io { path, source }
+        };
+        let home = std::fs::canonicalize(&self.home).map_err(io(&self.home))?;
+        let real = std::fs::canonicalize(&b.dir).map_err(io(&b.dir))?;
+        if !real.starts_with(&home) {
+            return Err(BaseError::Shared {
+                name: name.into(),
+                real,
+                home,
+            });
+        }
+        std::fs::remove_dir_all(&real).map_err(io(&real))
     }
 }
 

@@ -156,19 +156,23 @@ impl CloudletOps for Daemon {
 
     fn delete_base(&self, name: &str) -> Result<(), BaseOpError> {
         let base = self.cloudlet.bases.get(name)?;
-        let count = self
+        let mut vms: Vec<String> = self
             .cloudlet
             .registry()
             .values()
             .filter(|e| holds_resources(e.record.state) && e.record.base_id == base.manifest.id)
-            .count();
-        if count > 0 {
+            .map(|e| format!("{} ({})", e.record.name, e.record.id))
+            .collect();
+        if !vms.is_empty() {
+            vms.sort();
             return Err(BaseOpError::InUse {
                 name: name.into(),
-                count,
+                vms,
             });
         }
-        Ok(self.cloudlet.bases.delete(name)?)
+        self.cloudlet.bases.delete(name)?;
+        tracing::info!(base = %name, id = %base.manifest.id, "base VM deleted");
+        Ok(())
     }
 
     fn list_vms(&self) -> Vec<VmInfo> {

@@ -43,13 +43,13 @@ impl CloudletOps for Fake {
     async fn import_base(&self, _file: std::path::PathBuf) -> Result<BaseVmInfo, BaseOpError> {
         Err(BaseOpError::InUse {
             name: "b".into(),
-            count: 1,
+            vms: vec!["one (1)".into()],
         })
     }
     fn delete_base(&self, name: &str) -> Result<(), BaseOpError> {
         Err(BaseOpError::InUse {
             name: name.into(),
-            count: 2,
+            vms: vec!["one (1)".into(), "two (2)".into()],
         })
     }
     fn list_vms(&self) -> Vec<VmInfo> {
@@ -336,4 +336,21 @@ async fn calls_that_change_something_need_the_token() {
     assert_eq!(resp.status().as_u16(), 401);
     let (status, _) = call(&url, reqwest::Method::GET, "/v1/vms/nope", None).await;
     assert_eq!(status, 404);
+    // The scheme is case-insensitive (RFC 7235); a wrong token or an
+    // empty one is still a 401.
+    for (header, want) in [
+        (format!("bearer {TOKEN}"), 409),
+        (format!("BEARER {TOKEN}"), 409),
+        ("Bearer wrong".to_string(), 401),
+        ("Bearer ".to_string(), 401),
+        (format!("Basic {TOKEN}"), 401),
+    ] {
+        let resp = reqwest::Client::new()
+            .delete(format!("{url}/v1/vms/nope"))
+            .header("authorization", &header)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(resp.status().as_u16(), want, "{header}");
+    }
 }

@@ -105,8 +105,22 @@ async fn synthesize_use_and_delete_kvstore_from_a_registry() {
     let metrics = c.metrics().await.unwrap();
     assert!(metrics.contains("cloudlet_vms_running 1"), "{metrics}");
 
+    // The base of a running VM is not deleted; the refusal names the VM.
+    let busy = c.delete_base("tiny").await.unwrap_err();
+    assert_eq!(busy.status(), Some(409), "{busy}");
+    assert!(busy.to_string().contains(&format!("kv1 ({})", vm.id)), "{busy}");
+
     c.delete_vm("kv1").await.unwrap();
     assert!(c.list_vms().await.unwrap().is_empty());
+    // Nor, once free, through the link that shares the test bases with
+    // other daemons: they would lose it too.
+    let shared = c.delete_base("tiny").await.unwrap_err();
+    assert!(
+        matches!(&shared, cloudlet_client::ClientError::Api { status: 409, kind, message }
+            if kind == "shared" && message.contains("delete it where it lives")),
+        "{shared}"
+    );
+    assert!(d.home.join("bases/tiny/manifest.json").is_file());
     assert!(!qemu_running(&d, &vm.id));
     assert!(d.vm_files().is_empty(), "{:?}", d.vm_files());
     assert!(

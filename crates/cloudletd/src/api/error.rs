@@ -104,6 +104,7 @@ impl From<BaseOpError> for ApiFailure {
         use cloudlet_base::BaseError as B;
         let (status, kind) = match &e {
             BaseOpError::Base(B::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
+            BaseOpError::Base(B::Shared { .. }) => (StatusCode::CONFLICT, "shared"),
             BaseOpError::InUse { .. } => (StatusCode::CONFLICT, "busy"),
             BaseOpError::Archive(cloudlet_base::ArchiveError::Corrupt { .. }) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_base")

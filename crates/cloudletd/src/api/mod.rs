@@ -112,33 +112,53 @@ async fn require_token<C: CloudletOps>(
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        None => ApiFailure::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Missing bearer token",
-        )
-        .into_response(),
+        .and_then(bearer);
+    let who = match given {
+        None => {
+            return ApiFailure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Missing bearer token",
+            )
+            .into_response()
+        }
         Some(t)
             if st
                 .tokens
                 .iter()
                 .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) =>
         {
-            next.run(req).await
+            "operator".to_string()
         }
         // A VM's session credential: moves and deletes that VM only.
         Some(t) if session_vm(&req).is_some_and(|id| st.ops.session_opens(id, t)) => {
-            next.run(req).await
+            format!("session of VM {}", session_vm(&req).unwrap_or_default())
         }
-        Some(_) => ApiFailure::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "Wrong bearer token",
-        )
-        .into_response(),
-    }
+        Some(_) => {
+            tracing::warn!(method = %req.method(), path = %req.uri().path(), "refused: wrong bearer token");
+            return ApiFailure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Wrong bearer token",
+            )
+            .into_response();
+        }
+    };
+    // Every change is logged with who made it, and how it ended.
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    tracing::info!(%method, %path, by = %who, status = resp.status().as_u16(), "api call");
+    resp
+}
+
+/// The credential of an `Authorization: Bearer ...` header (the scheme is
+/// case-insensitive, RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+        .filter(|t| !t.is_empty())
 }
 
 /// The VM a session credential may act on in this request:

@@ -70,8 +70,12 @@ pub enum BaseOpError {
     Base(#[from] cloudlet_base::BaseError),
     #[error(transparent)]
     Archive(#[from] cloudlet_base::ArchiveError),
-    #[error("Base VM {name} is used by {count} VM(s)")]
-    InUse { name: String, count: usize },
+    #[error("Base VM {name} is used by {} VM(s): {}", .vms.len(), .vms.join(", "))]
+    InUse {
+        name: String,
+        /// The VMs that use it, `NAME (ID)` each.
+        vms: Vec<String>,
+    },
 }
 
 pub(crate) struct Entry {
