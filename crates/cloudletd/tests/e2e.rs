@@ -108,7 +108,10 @@ async fn synthesize_use_and_delete_kvstore_from_a_registry() {
     // The base of a running VM is not deleted; the refusal names the VM.
     let busy = c.delete_base("tiny").await.unwrap_err();
     assert_eq!(busy.status(), Some(409), "{busy}");
-    assert!(busy.to_string().contains(&format!("kv1 ({})", vm.id)), "{busy}");
+    assert!(
+        busy.to_string().contains(&format!("kv1 ({})", vm.id)),
+        "{busy}"
+    );
 
     c.delete_vm("kv1").await.unwrap();
     assert!(c.list_vms().await.unwrap().is_empty());
