@@ -354,3 +354,61 @@ async fn calls_that_change_something_need_the_token() {
         assert_eq!(resp.status().as_u16(), want, "{header}");
     }
 }
+
+#[tokio::test]
+async fn bad_bodies_get_the_api_error_body_and_the_right_status() {
+    let url = serve().await;
+    let send = |path: &'static str, ctype: &'static str, body: Vec<u8>| {
+        let url = url.clone();
+        async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{url}{path}"))
+                .bearer_auth(TOKEN)
+                .header("content-type", ctype)
+                .body(body)
+                .send()
+                .await
+                .expect("an answer");
+            let status = resp.status().as_u16();
+            (status, error(&resp.text().await.unwrap()))
+        }
+    };
+    const JSON: &str = "application/json";
+    let huge = {
+        let mut b = b"{\"destination\":\"".to_vec();
+        b.extend(std::iter::repeat_n(b'x', 3 << 20));
+        b.extend(b"\"}");
+        b
+    };
+    for path in ["/v1/vms/x/handoff", "/v1/handoff/prepare", "/v1/vms"] {
+        let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+            (
+                "application/json",
+                b"{not json".to_vec(),
+                400,
+                "invalid_json",
+            ),
+            (JSON, b"{\"name\": 5}".to_vec(), 422, "invalid_request"),
+            (JSON, huge.clone(), 413, "too_large"),
+        ];
+        for (ctype, body, status, kind) in cases {
+            let (got, e) = send(path, ctype, body).await;
+            assert_eq!(
+                (got, e.kind.as_str()),
+                (status, kind),
+                "{path}: {}",
+                e.error
+            );
+        }
+    }
+    // The JSON-only endpoints name the media type they take (POST
+    // /v1/vms also takes an overlay file as application/octet-stream).
+    for path in ["/v1/vms/x/handoff", "/v1/handoff/prepare"] {
+        let (got, e) = send(path, "text/plain", b"{}".to_vec()).await;
+        assert_eq!(
+            (got, e.kind.as_str()),
+            (415, "unsupported_media_type"),
+            "{path}"
+        );
+    }
+}

@@ -40,6 +40,57 @@ impl IntoResponse for ApiFailure {
     }
 }
 
+/// A JSON request body, its rejections in the API's own error body:
+/// 415 `unsupported_media_type` (not `application/json`), 400
+/// `invalid_json` (not JSON), 422 `invalid_request` (JSON of the wrong
+/// shape), 413 `too_large` (over the limit).
+pub struct JsonBody<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiFailure;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiFailure> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(r) => {
+                let status = r.status();
+                let kind = match status {
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                    StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+                    StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+                    _ => "invalid_json",
+                };
+                Err(ApiFailure::new(status, kind, r.body_text()))
+            }
+        }
+    }
+}
+
+/// A body read whole that passed its limit (413) or broke off (400).
+pub(crate) fn body_read_failure(e: axum::Error, limit: usize) -> ApiFailure {
+    let too_large = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .any(|e| e.is::<http_body_util::LengthLimitError>());
+    if too_large {
+        ApiFailure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("The request body is over {limit} bytes"),
+        )
+    } else {
+        ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("Cannot read the body: {e}"),
+        )
+    }
+}
+
 impl From<CreateVmError> for ApiFailure {
     fn from(e: CreateVmError) -> Self {
         let (status, kind) = create_vm_status(&e);

@@ -16,10 +16,11 @@ use crate::commands::CloudletOps;
 
 /// Cloudlet to cloudlet: offer a VM; the destination prepares to receive it.
 #[utoipa::path(post, path = "/v1/handoff/prepare", request_body = cloudlet_api::HandoffOffer, security(("bearer" = [])),
-    responses((status = 201, body = cloudlet_api::HandoffPrepared), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+    responses((status = 201, body = cloudlet_api::HandoffPrepared), (status = 400, body = ApiError), (status = 409, body = ApiError),
+        (status = 413, body = ApiError), (status = 415, body = ApiError), (status = 422, body = ApiError), (status = 503, body = ApiError)))]
 pub(super) async fn handoff_prepare<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Json(offer): Json<cloudlet_api::HandoffOffer>,
+    super::error::JsonBody(offer): super::error::JsonBody<cloudlet_api::HandoffOffer>,
 ) -> ApiResult<(StatusCode, Json<cloudlet_api::HandoffPrepared>)> {
     Ok((
         StatusCode::CREATED,

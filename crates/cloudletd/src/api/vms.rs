@@ -42,7 +42,7 @@ pub(super) struct UploadParams {
 #[utoipa::path(post, path = "/v1/vms", request_body = CreateVmRequest, security(("bearer" = [])),
     params(("name" = Option<String>, Query, description = "VM name, for uploads"), ("flavor" = Option<String>, Query, description = "Flavor, for uploads")),
     responses((status = 201, body = VmInfo), (status = 400, body = ApiError), (status = 401, body = ApiError),
-        (status = 409, body = ApiError), (status = 422, body = ApiError), (status = 502, body = ApiError), (status = 503, body = ApiError)))]
+        (status = 409, body = ApiError), (status = 413, body = ApiError), (status = 422, body = ApiError), (status = 502, body = ApiError), (status = 503, body = ApiError)))]
 pub(super) async fn create_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     Query(params): Query<UploadParams>,
@@ -62,19 +62,17 @@ pub(super) async fn create_vm<C: CloudletOps>(
         };
         (req, OverlaySource::File(file.clone()), Some(file))
     } else {
-        let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|e| {
-            ApiFailure::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("Cannot read body: {e}"),
-            )
-        })?;
+        const LIMIT: usize = 1 << 20;
+        let bytes = axum::body::to_bytes(body, LIMIT)
+            .await
+            .map_err(|e| super::error::body_read_failure(e, LIMIT))?;
         let req: CreateVmRequest = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiFailure::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("Invalid JSON body: {e}"),
-            )
+            use serde_json::error::Category;
+            let (status, kind) = match e.classify() {
+                Category::Data => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+                _ => (StatusCode::BAD_REQUEST, "invalid_json"),
+            };
+            ApiFailure::new(status, kind, format!("Invalid JSON body: {e}"))
         })?;
         let source = OverlaySource::Url(req.overlay.clone());
         (req, source, None)
@@ -99,11 +97,12 @@ pub(super) async fn delete_vm<C: CloudletOps>(
 /// Move a running VM to another cloudlet; answers when it runs there.
 #[utoipa::path(post, path = "/v1/vms/{id}/handoff", request_body = cloudlet_api::HandoffRequest, security(("bearer" = [])),
     responses((status = 200, body = cloudlet_api::HandoffReport), (status = 404, body = ApiError), (status = 409, body = ApiError),
+        (status = 400, body = ApiError), (status = 413, body = ApiError), (status = 415, body = ApiError), (status = 422, body = ApiError),
         (status = 502, body = ApiError)))]
 pub(super) async fn handoff_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     Path(id): Path<String>,
-    Json(req): Json<cloudlet_api::HandoffRequest>,
+    super::error::JsonBody(req): super::error::JsonBody<cloudlet_api::HandoffRequest>,
 ) -> ApiResult<Json<cloudlet_api::HandoffReport>> {
     Ok(Json(st.ops.handoff_vm(&id, req).await?))
 }
