@@ -167,8 +167,10 @@ async fn a_refused_or_unreachable_destination_leaves_the_vm_running_here() {
         .handoff("stayer", &b.url(), Some("wrong"))
         .await
         .unwrap_err();
-    assert_eq!(err.status(), Some(502), "{err}");
+    // A definite no from the destination: 409, the VM still runs here.
+    assert_eq!(err.status(), Some(409), "{err}");
     assert!(err.to_string().contains("401"), "{err}");
+    assert!(err.to_string().contains("destination_refused"), "{err}");
     // A destination that is not there.
     let err = a
         .client()

@@ -256,9 +256,12 @@ async fn a_peer_of_another_protocol_version_is_refused_before_qemu_starts() {
         .handoff("homebody", &b.url(), Some(TOKEN))
         .await
         .unwrap_err();
-    assert_eq!(err.status(), Some(502), "{err}");
+    assert_eq!(err.status(), Some(409), "{err}");
     let text = err.to_string();
-    assert!(text.contains("409") && text.contains("protocol"), "{text}");
+    assert!(
+        text.contains("destination_refused") && text.contains("protocol"),
+        "{text}"
+    );
 
     let v = a.client().get_vm("homebody").await.unwrap();
     assert_eq!((v.state, v.generation), (VmState::Running, 1));

@@ -590,7 +590,7 @@ async fn garbage_and_wrong_tokens_are_refused_and_leave_nothing_behind() {
         .await
         .unwrap()
         .expect_err("a wrong token must be refused");
-    assert_eq!(err.status(), Some(502), "{err}");
+    assert_eq!(err.status(), Some(409), "{err}");
     assert!(err.to_string().contains("401"), "{err}");
     rig.assert_source_keeps(&vm, port, 10).await;
     rig.assert_destination_clean().await;
