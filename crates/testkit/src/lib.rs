@@ -52,14 +52,9 @@ pub async fn tiny_base() -> (BaseStore, BaseVm) {
     let home = test_home();
     std::fs::create_dir_all(&home).expect("create test home");
     let store = BaseStore::new(&home);
-    let lock = std::fs::File::create(home.join(".build.lock")).expect("lock file");
-    let fd = lock.as_raw_fd();
-    tokio::task::spawn_blocking(move || {
-        // SAFETY: flock on an open fd; released when `lock` is dropped.
-        unsafe { libc::flock(fd, libc::LOCK_EX) };
-    })
-    .await
-    .expect("lock");
+    let lock = lock_exclusive(&home.join(".build.lock"))
+        .await
+        .expect("lock file");
     let opts = BuildOptions {
         name: None,
         memory_mib: None,
@@ -73,6 +68,21 @@ pub async fn tiny_base() -> (BaseStore, BaseVm) {
     drop(lock);
     let base = store.get("tiny").expect("tiny base");
     (store, base)
+}
+
+/// An exclusive lock on `path` (created if missing), held until the file
+/// drops: what builds a shared cached artifact once across the test
+/// processes (and benchmarks) that want it at the same time.
+pub async fn lock_exclusive(path: &Path) -> std::io::Result<std::fs::File> {
+    let lock = std::fs::File::create(path)?;
+    let fd = lock.as_raw_fd();
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: flock on an open fd; released when the file is closed.
+        unsafe { libc::flock(fd, libc::LOCK_EX) };
+    })
+    .await
+    .map_err(std::io::Error::other)?;
+    Ok(lock)
 }
 
 /// A TCP port that was free a moment ago.

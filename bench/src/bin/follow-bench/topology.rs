@@ -7,7 +7,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -325,13 +324,7 @@ async fn kvstore_overlay() -> anyhow::Result<PathBuf> {
     let dir = test_home().join("overlays");
     std::fs::create_dir_all(&dir)?;
     let out = dir.join(format!("kvstore-{}.overlay", &base.manifest.id[..12]));
-    let lock = std::fs::File::create(dir.join(".lock"))?;
-    let fd = lock.as_raw_fd();
-    tokio::task::spawn_blocking(move || {
-        // SAFETY: flock on an open fd, released when `lock` drops.
-        unsafe { libc::flock(fd, libc::LOCK_EX) };
-    })
-    .await?;
+    let lock = cloudlet_testkit::lock_exclusive(&dir.join(".lock")).await?;
     if !out.exists() {
         eprintln!(
             "packaging kvstore on the tiny base into {} ...",

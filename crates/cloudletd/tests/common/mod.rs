@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,14 +29,9 @@ pub async fn kvstore_overlay_with(segment_size: Option<u32>) -> PathBuf {
         "kvstore-{}{suffix}.overlay",
         &base.manifest.id[..12]
     ));
-    let lock = std::fs::File::create(dir.join(".lock")).unwrap();
-    let fd = lock.as_raw_fd();
-    tokio::task::spawn_blocking(move || {
-        // SAFETY: flock on an open fd, released when `lock` drops.
-        unsafe { libc::flock(fd, libc::LOCK_EX) };
-    })
-    .await
-    .unwrap();
+    let lock = cloudlet_testkit::lock_exclusive(&dir.join(".lock"))
+        .await
+        .unwrap();
     if !out.exists() {
         let app = tempfile::tempdir().unwrap();
         std::fs::copy(guest_bin("kvstore"), app.path().join("kvstore")).unwrap();
