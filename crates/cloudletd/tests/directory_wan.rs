@@ -70,7 +70,7 @@ fn start_cloudlet(
         std::os::unix::fs::symlink(b, home.join("bases")).unwrap();
     }
     let addr = format!("{}:{API_PORT}", link.addr(Side::B));
-    let first = 20000 + (rand::random::<u16>() % 400) * 100;
+    let (first, last) = cloudlet_testkit::port_block();
     let config = dir.join(name).join("cloudletd.toml");
     std::fs::write(
         &config,
@@ -79,7 +79,7 @@ fn start_cloudlet(
             link.addr(Side::B),
             home.display(),
             vm_dir.display(),
-            first + 99,
+            last,
             cloudlet_wan::A_ADDR,
         ),
     )

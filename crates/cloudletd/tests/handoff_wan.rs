@@ -41,7 +41,7 @@ impl NsDaemon {
         let (store, _) = tiny_base().await;
         std::os::unix::fs::symlink(store.bases_dir(), home.join("bases")).unwrap();
         let addr = format!("{}:{API_PORT}", wan.addr(side));
-        let first = 20000 + (rand::random::<u16>() % 400) * 100;
+        let (first, last) = cloudlet_testkit::port_block();
         let config = dir.path().join("cloudletd.toml");
         std::fs::write(
             &config,
@@ -49,7 +49,7 @@ impl NsDaemon {
                 "name = \"wan-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nverify_memory = true\nhost_ports = [{first}, {}]\nadvertise_url = \"http://{addr}\"\n{extra_config}",
                 home.display(),
                 vm_dir.display(),
-                first + 99
+                last
             ),
         )
         .unwrap();

@@ -93,6 +93,39 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The first and last port of a block of [`PORT_BLOCK`] host ports for a
+/// test daemon's VMs (`host_ports`), this process's own until it exits.
+///
+/// Blocks lie below the kernel's ephemeral range (32768 and up, where
+/// [`free_port`] and every outgoing connection take theirs), and each is
+/// held by a file lock under the test home, so no two test processes (nor
+/// two daemons of one) hand the same ports to their QEMUs: a port that the
+/// daemon's bind check found free and another test's QEMU took a moment
+/// later failed a synthesis ("Could not set up host forwarding rule").
+pub fn port_block() -> (u16, u16) {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    const FIRST: u16 = 20000;
+    const BLOCKS: u16 = (32700 - FIRST) / PORT_BLOCK;
+    let dir = test_home().join("port-blocks");
+    std::fs::create_dir_all(&dir).expect("create the port-block dir");
+    let start = rand::random::<u16>() % BLOCKS;
+    for k in 0..BLOCKS {
+        let block = (start + k) % BLOCKS;
+        let file = std::fs::File::create(dir.join(format!("{block}.lock"))).expect("lock file");
+        // SAFETY: flock on an open fd; released when the file is closed,
+        // i.e. when this process exits.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+            let first = FIRST + block * PORT_BLOCK;
+            return (first, first + PORT_BLOCK - 1);
+        }
+    }
+    panic!("every test port block is taken");
+}
+
+/// Ports in a [`port_block`].
+pub const PORT_BLOCK: u16 = 100;
+
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }

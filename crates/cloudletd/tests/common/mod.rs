@@ -88,7 +88,7 @@ impl Daemon {
         std::os::unix::fs::symlink(store.bases_dir(), home.join("bases")).unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         // Each test daemon hands out its own range of host ports.
-        let first = 20000 + (rand::random::<u16>() % 400) * 100;
+        let (first, last) = cloudlet_testkit::port_block();
         let config = dir.path().join("cloudletd.toml");
         // On unless the test sets it (in `extra_config`).
         let verify = if extra_config.contains("verify_memory") {
@@ -102,7 +102,7 @@ impl Daemon {
                 "name = \"{name}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\n{verify}host_ports = [{first}, {}]\n{extra_config}",
                 home.display(),
                 vm_dir.display(),
-                first + 99
+                last
             ),
         )
         .unwrap();
