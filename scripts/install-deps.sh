@@ -72,6 +72,23 @@ if [ ${#missing[@]} -gt 0 ] || ! same_qemu; then
   fi
 fi
 
+# The API fuzzer the tests run against a live daemon (PyPI, pinned): in the
+# python3 the tests call (`python3 -c 'from schemathesis.cli import ...'`).
+SCHEMATHESIS=4.32.5
+if ! python3 -c "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$SCHEMATHESIS')" 2>/dev/null; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "install-deps: apt-get install python3-pip"
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-pip; } >/tmp/cloudlet-install-deps.log 2>&1 || true
+  fi
+  echo "install-deps: pip install schemathesis==$SCHEMATHESIS"
+  if ! python3 -m pip install -q --disable-pip-version-check --break-system-packages \
+      "schemathesis==$SCHEMATHESIS" >/tmp/cloudlet-install-pip.log 2>&1; then
+    tail -20 /tmp/cloudlet-install-pip.log >&2
+    echo "install-deps: pip install schemathesis failed (full log: /tmp/cloudlet-install-pip.log)" >&2
+    exit 1
+  fi
+fi
+
 # Every program cloudlet runs, and one QEMU version.
 bad=0
 for entry in "${programs[@]}"; do

@@ -93,12 +93,17 @@ pub struct Flavor {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreateVmRequest {
     /// `http(s)://` address of the overlay (a registry or the device).
+    #[schema(format = Uri, pattern = "^https?://", example = "http://registry.example:8700/v1/overlays/kvstore")]
     pub overlay: String,
-    /// A name for the VM (default: derived from its id).
+    /// A name for the VM (default: derived from its id): letters, digits,
+    /// `-` and `_`, unique among this cloudlet's live VMs.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,63}$", example = "kvstore-1")]
     pub name: Option<String>,
-    /// Flavor name (default: the cloudlet's default flavor).
+    /// Flavor name (default: the cloudlet's default flavor); one of the
+    /// flavors `GET /v1/cloudlet` lists.
     #[serde(default)]
+    #[schema(min_length = 1, example = "small")]
     pub flavor: Option<String>,
 }
 

@@ -171,6 +171,8 @@ impl CloudletOps for Daemon {
             });
         }
         self.cloudlet.bases.delete(name)?;
+        self.cloudlet.spares.discard(&base.manifest.id);
+        self.cloudlet.refill_spares();
         tracing::info!(base = %name, id = %base.manifest.id, "base VM deleted");
         Ok(())
     }

@@ -102,8 +102,8 @@ async fn bad_requests_are_refused_cleanly() {
     // An unknown flavor, garbage JSON.
     let mut r = req(format!("{registry}/v1/overlays/x"));
     r.flavor = Some("huge".into());
-    let (status, _, _) = api_err(c.create_vm(&r).await.unwrap_err());
-    assert_eq!(status, 400);
+    let (status, kind, msg) = api_err(c.create_vm(&r).await.unwrap_err());
+    assert_eq!((status, kind.as_str()), (422, "unknown_flavor"), "{msg}");
 
     // Still serving, and the good VM still runs.
     assert_eq!(c.info().await.unwrap().name, "test-cloudlet");

@@ -102,7 +102,10 @@ fn create_vm_status(e: &CreateVmError) -> (StatusCode, &'static str) {
     use CreateVmError as E;
     {
         match e {
-            E::UnknownFlavor(_) | E::BadName(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            // A flavor is a name of this cloudlet's config: well-formed
+            // (the schema's), yet unknown here.
+            E::UnknownFlavor(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_flavor"),
+            E::BadName(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
             E::Overlay(FetchOverlayError::Status { status: 404, .. }) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "overlay_not_found")

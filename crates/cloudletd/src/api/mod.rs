@@ -43,52 +43,56 @@ pub struct AppState<C> {
 }
 
 pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
-    let protected = Router::new()
-        .route("/v1/base-vms", axum::routing::post(bases::import_base::<C>))
-        .route(
-            "/v1/base-vms/{name}",
-            axum::routing::delete(bases::delete_base::<C>),
-        )
-        .route(
-            "/v1/drain",
-            axum::routing::post(cloudlet::drain::<C>).delete(cloudlet::resume::<C>),
-        )
-        .route("/v1/vms", axum::routing::post(vms::create_vm::<C>))
-        .route("/v1/vms/{id}", axum::routing::delete(vms::delete_vm::<C>))
-        .route(
-            "/v1/vms/{id}/handoff",
-            axum::routing::post(vms::handoff_vm::<C>),
-        )
-        .route(
-            "/v1/handoff/prepare",
-            axum::routing::post(handoff::handoff_prepare::<C>),
-        )
-        .route(
-            "/v1/handoff/{hid}/stream",
-            axum::routing::post(handoff::handoff_stream::<C>),
-        )
-        .route(
-            "/v1/handoff/{hid}/commit",
-            axum::routing::post(handoff::handoff_commit::<C>),
-        )
-        .route(
-            "/v1/handoff/{hid}/abort",
-            axum::routing::post(handoff::handoff_abort::<C>),
-        )
-        .route(
-            "/v1/handoff/{hid}",
-            axum::routing::get(handoff::handoff_arrival::<C>),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            require_token::<C>,
-        ));
+    use axum::routing::{delete, post, MethodRouter};
+    // The credential is checked on the protected methods alone (a layer
+    // on each), so that a method no route has is a 405 for everyone, not a
+    // 401 (the public methods of a path are added after the layer).
+    let auth = axum::middleware::from_fn_with_state(state.clone(), require_token::<C>);
+    let guard = |m: MethodRouter<Arc<AppState<C>>>| m.route_layer(auth.clone());
     Router::new()
         .route("/v1/cloudlet", get(cloudlet::cloudlet_info::<C>))
         .route("/v1/ping", get(cloudlet::ping))
-        .route("/v1/base-vms", get(bases::list_bases::<C>))
-        .route("/v1/vms", get(vms::list_vms::<C>))
-        .route("/v1/vms/{id}", get(vms::get_vm::<C>))
+        .route(
+            "/v1/base-vms",
+            guard(post(bases::import_base::<C>)).get(bases::list_bases::<C>),
+        )
+        .route(
+            "/v1/base-vms/{name}",
+            guard(delete(bases::delete_base::<C>)),
+        )
+        .route(
+            "/v1/drain",
+            guard(post(cloudlet::drain::<C>).delete(cloudlet::resume::<C>)),
+        )
+        .route(
+            "/v1/vms",
+            guard(post(vms::create_vm::<C>)).get(vms::list_vms::<C>),
+        )
+        .route(
+            "/v1/vms/{id}",
+            guard(delete(vms::delete_vm::<C>)).get(vms::get_vm::<C>),
+        )
+        .route("/v1/vms/{id}/handoff", guard(post(vms::handoff_vm::<C>)))
+        .route(
+            "/v1/handoff/prepare",
+            guard(post(handoff::handoff_prepare::<C>)),
+        )
+        .route(
+            "/v1/handoff/{hid}/stream",
+            guard(post(handoff::handoff_stream::<C>)),
+        )
+        .route(
+            "/v1/handoff/{hid}/commit",
+            guard(post(handoff::handoff_commit::<C>)),
+        )
+        .route(
+            "/v1/handoff/{hid}/abort",
+            guard(post(handoff::handoff_abort::<C>)),
+        )
+        .route(
+            "/v1/handoff/{hid}",
+            guard(get(handoff::handoff_arrival::<C>)),
+        )
         .route("/v1/events", get(vms::events::<C>))
         .route("/metrics", get(cloudlet::metrics::<C>))
         .route(
@@ -96,9 +100,15 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
         .route("/health", get(|| async { "ok" }))
-        .merge(protected)
         .fallback(|| async {
             ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint")
+        })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiFailure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not a method of this endpoint (see the Allow header)"),
+            )
         })
         .with_state(state)
 }

@@ -1,6 +1,17 @@
 //! The OpenAPI 3 document of the API.
+//!
+//! The handlers' annotations say what each operation takes and answers;
+//! [`Complete`] then adds what holds for all of them alike, so that no
+//! operation can forget it: every path parameter of a path's template, the
+//! 401 of every operation that needs a credential, and the links from the
+//! answer that creates a resource to the operations on it (what a client
+//! generator, or schemathesis' stateful phase, follows).
 
 use cloudlet_api::{ApiError, BaseVmInfo, BearerAuth, CloudletInfo, CreateVmRequest, VmInfo};
+use utoipa::openapi::link::LinkBuilder;
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, ResponseBuilder};
 
 use super::{bases, cloudlet, handoff, vms};
 use utoipa::OpenApi;
@@ -20,11 +31,136 @@ use utoipa::OpenApi;
         cloudlet_api::directory::Membership, cloudlet_api::DrainReport, cloudlet_api::DrainedVm,
         cloudlet_api::VmEvent, cloudlet_api::Mobility
     )),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &Complete)
 )]
 pub struct ApiDoc;
 
 /// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
 pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+/// What every operation of the document says alike (see the module doc).
+pub struct Complete;
+
+/// What each path parameter names.
+fn parameter_doc(name: &str) -> &'static str {
+    match name {
+        "id" => "The VM's id, or its name",
+        "hid" => "The handoff's id (from `POST /v1/handoff/prepare`)",
+        "name" => "The base VM's name",
+        _ => "",
+    }
+}
+
+/// `(operation id, parameter, runtime expression)` links out of the answer
+/// of each creating operation.
+const LINKS: &[(&str, &[(&str, &str, &str)])] = &[
+    (
+        "create_vm",
+        &[
+            ("get_vm", "id", "$response.body#/id"),
+            ("delete_vm", "id", "$response.body#/id"),
+            ("handoff_vm", "id", "$response.body#/id"),
+        ],
+    ),
+    (
+        "handoff_prepare",
+        &[
+            ("handoff_stream", "hid", "$response.body#/handoff_id"),
+            ("handoff_commit", "hid", "$response.body#/handoff_id"),
+            ("handoff_abort", "hid", "$response.body#/handoff_id"),
+            ("handoff_arrival", "hid", "$response.body#/handoff_id"),
+        ],
+    ),
+    (
+        "import_base",
+        &[("delete_base", "name", "$response.body#/name")],
+    ),
+];
+
+impl utoipa::Modify for Complete {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let params: Vec<&str> = path
+                .split('{')
+                .skip(1)
+                .filter_map(|s| s.split_once('}').map(|(p, _)| p))
+                .collect();
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                declare_path_parameters(op, &params);
+                if op.security.is_some() {
+                    op.responses
+                        .responses
+                        .entry("401".into())
+                        .or_insert_with(|| error_response("No credential, or a wrong one"));
+                }
+                add_links(op);
+            }
+        }
+    }
+}
+
+fn declare_path_parameters(op: &mut Operation, names: &[&str]) {
+    let declared = op.parameters.get_or_insert_with(Vec::new);
+    for name in names {
+        if declared.iter().any(|p| p.name == *name) {
+            continue;
+        }
+        let schema = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1));
+        declared.push(
+            ParameterBuilder::new()
+                .name(*name)
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some(parameter_doc(name)))
+                .schema(Some(schema))
+                .build(),
+        );
+    }
+}
+
+fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ApiError")))
+                    .build(),
+            )
+            .build(),
+    )
+}
+
+fn add_links(op: &mut Operation) {
+    let Some((_, links)) = LINKS
+        .iter()
+        .find(|(id, _)| op.operation_id.as_deref() == Some(*id))
+    else {
+        return;
+    };
+    for (status, resp) in op.responses.responses.iter_mut() {
+        let RefOr::T(resp) = resp else { continue };
+        if !status.starts_with('2') {
+            continue;
+        }
+        for (target, param, expr) in links.iter() {
+            let link = LinkBuilder::new()
+                .operation_id(*target)
+                .parameter(*param, *expr)
+                .build();
+            resp.links.insert((*target).to_string(), RefOr::T(link));
+        }
+    }
 }

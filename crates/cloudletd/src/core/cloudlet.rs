@@ -377,6 +377,7 @@ impl Cloudlet {
                 endpoint: format!("{}:{}", self.config.public_host, p.host),
             })
             .collect();
+        self.release_name(&mut m, &rec.name)?;
         self.store.put(&rec)?;
         let progress = Arc::new(SynthProgress::default());
         progress.set_stage("queued");
@@ -389,6 +390,27 @@ impl Cloudlet {
             },
         );
         Ok((progress, ports))
+    }
+
+    /// A new VM takes `name`: the records of failed, dead or moved VMs that
+    /// still bear it are renamed to their id's default name (`vm-ID`), so
+    /// that a name always means one record and `vm delete NAME` the new VM.
+    pub(crate) fn release_name(
+        &self,
+        m: &mut HashMap<String, Entry>,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        for e in m.values_mut() {
+            let r = &mut e.record;
+            if r.name == name && !holds_resources(r.state) {
+                let renamed = format!("vm-{}", r.id);
+                tracing::info!(vm_id = %r.id, state = ?r.state, from = %name, to = %renamed,
+                    "record renamed: a new VM takes its name");
+                r.name = renamed;
+                self.store.put(r)?;
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Option<VmRecord> {

@@ -65,10 +65,12 @@ pub enum OverlaySource {
 }
 
 impl OverlaySource {
+    /// What the VM's record and the API say the overlay was: its URL, or
+    /// `upload` (where the daemon spooled it is no client's business).
     pub fn describe(&self) -> String {
         match self {
             OverlaySource::Url(url) => url.clone(),
-            OverlaySource::File(p) => format!("upload ({})", p.display()),
+            OverlaySource::File(_) => "upload".to_string(),
         }
     }
 

@@ -46,6 +46,17 @@ impl Spares {
         }
     }
 
+    /// Removes the spare of a base being deleted, at once (a copy under way
+    /// goes on from its open file and is removed by the next refill, which
+    /// the caller starts).
+    pub fn discard(&self, base_id: &str) {
+        match std::fs::remove_file(self.path(base_id)) {
+            Ok(()) => tracing::info!(base_id, "spare disk removed with its base"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(base_id, error = %e, "cannot remove a spare disk"),
+        }
+    }
+
     /// Makes the missing spares and removes those of bases that are gone.
     /// Blocking (copies whole disks): run it off the async threads.
     pub fn refill(&self, bases: &BaseStore) {

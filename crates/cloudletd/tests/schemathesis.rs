@@ -1,0 +1,160 @@
+//! schemathesis (PyPI, installed by `make deps`) against a live daemon: every
+//! operation of the daemon's own OpenAPI document, every check
+//! (`--checks all`), all four phases including the stateful one (the
+//! document's links: create a VM, then get, move and delete it), with
+//! realistic examples: the document the daemon serves, with the examples of
+//! this run added (a VM that exists, the base it has, an overlay URL of a
+//! live registry). Any failure fails the test, with schemathesis' report.
+//!
+//! What the run is told, besides the document (`schemathesis.toml` below):
+//! 502 and 503 are this API's documented answers when something outside
+//! the request is at fault (the overlay's server or the destination
+//! cloudlet did not answer; the cloudlet is full or draining), so they are
+//! not counted as server errors; every other 5xx is.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cloudlet_api::CreateVmRequest;
+use common::{kvstore_overlay, start_registry, Daemon, TOKEN};
+use serde_json::{json, Value};
+
+/// The run's settings: see the module doc for why each is there.
+const CONFIG: &str = r#"
+[checks.not_a_server_error]
+expected-statuses = ["2xx", "3xx", "4xx", "502", "503"]
+
+# A body the schema allows can still name what this cloudlet has not got:
+# a flavor of another cloudlet's config, an overlay the registry has not.
+[[operations]]
+include-name = "POST /v1/vms"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409", "422", "5xx"]
+
+[[operations]]
+include-name = "POST /v1/vms/{id}/handoff"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409", "422", "5xx"]
+"#;
+
+fn add_examples(doc: &mut Value, overlay_url: &str, vm_id: &str, base: &str) {
+    doc["components"]["schemas"]["CreateVmRequest"]["properties"]["overlay"]["example"] =
+        json!(overlay_url);
+    let paths = doc["paths"].as_object_mut().expect("paths");
+    for item in paths.values_mut() {
+        for op in item.as_object_mut().expect("path item").values_mut() {
+            let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
+                continue;
+            };
+            for p in params {
+                let example = match (p["in"].as_str(), p["name"].as_str()) {
+                    (Some("path"), Some("id")) => vm_id,
+                    (Some("path"), Some("name")) => base,
+                    _ => continue,
+                };
+                p["example"] = json!(example);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schemathesis_finds_nothing_against_a_live_daemon() {
+    let overlay = kvstore_overlay().await;
+    let reg_dir = tempfile::tempdir().unwrap();
+    let registry = start_registry(reg_dir.path()).await;
+    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
+        .await
+        .unwrap();
+    let overlay_url = format!("{registry}/v1/overlays/kvstore");
+    let d = Daemon::start("[capacity]\nvcpus = 8\nmemory_mib = 8192\nvms = 2\n").await;
+    let c = d.client();
+    let vm = c
+        .create_vm(&CreateVmRequest {
+            overlay: overlay_url.clone(),
+            name: Some("seed".into()),
+            flavor: None,
+        })
+        .await
+        .unwrap();
+    let base = c.list_bases().await.unwrap()[0].name.clone();
+
+    let mut doc: Value = reqwest::get(format!("{}/openapi.json", d.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    add_examples(&mut doc, &overlay_url, &vm.id, &base);
+    let work = tempfile::tempdir().unwrap();
+    let schema = work.path().join("openapi.json");
+    std::fs::write(&schema, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    let config = work.path().join("schemathesis.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+
+    let started = Instant::now();
+    let (schema_s, url, cfg) = (
+        schema.display().to_string(),
+        d.url(),
+        config.display().to_string(),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([
+                "-c",
+                "import sys; from schemathesis.cli import schemathesis; sys.argv[0] = 'st'; schemathesis()",
+                "--config-file",
+                &cfg,
+                "run",
+                &schema_s,
+                "--url",
+                &url,
+                "--checks",
+                "all",
+                "--phases",
+                "examples,coverage,fuzzing,stateful",
+                "--header",
+                &format!("Authorization: Bearer {TOKEN}"),
+                "--max-examples",
+                "25",
+                "--seed",
+                "20261203",
+                "--workers",
+                "1",
+                "--request-timeout",
+                "120",
+                "--no-color",
+            ])
+            .output()
+            .expect("run schemathesis (python3 with schemathesis: `make deps`)")
+    })
+    .await
+    .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "schemathesis ran {:.0} s:\n{}",
+        started.elapsed().as_secs_f64(),
+        tail(&report, 120)
+    );
+    assert!(
+        !report.contains("No module named"),
+        "schemathesis is not installed: run `make deps`\n{report}"
+    );
+    assert!(out.status.success(), "schemathesis found failures (above)");
+
+    // And the daemon still serves.
+    let info = tokio::time::timeout(Duration::from_secs(10), c.info())
+        .await
+        .expect("the daemon answers")
+        .unwrap();
+    assert!(info.free.vms <= info.capacity.vms, "{info:?}");
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
