@@ -86,11 +86,27 @@ async fn bad_requests_are_refused_cleanly() {
     let (status, kind, msg) = api_err(c.create_vm_upload(&other, None, None).await.unwrap_err());
     assert_eq!((status, kind.as_str()), (409, "base_not_held"), "{msg}");
 
-    // Over capacity: one VM allowed.
+    // Over capacity: one VM allowed. It takes the name of the failed
+    // record, which gives it up: the name now means the new VM alone.
     let vm = c
-        .create_vm_upload(&overlay, Some("only"), None)
+        .create_vm_upload(&overlay, Some("corrupt"), None)
         .await
         .expect("first VM fits");
+    assert_eq!(c.get_vm("corrupt").await.unwrap().id, vm.id);
+    let renamed = c.get_vm(&failed.id).await.unwrap();
+    assert_eq!(
+        (renamed.name.as_str(), renamed.state),
+        (format!("vm-{}", failed.id).as_str(), cloudlet_api::VmState::Failed)
+    );
+    assert_eq!(
+        c.list_vms()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|v| v.name == "corrupt")
+            .count(),
+        1
+    );
     let (status, kind, msg) = api_err(
         c.create_vm_upload(&overlay, Some("second"), None)
             .await

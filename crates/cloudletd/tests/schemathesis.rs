@@ -22,7 +22,7 @@ use common::{kvstore_overlay, start_registry, Daemon, TOKEN};
 use serde_json::{json, Value};
 
 /// The run's settings: see the module doc for why each is there.
-const CONFIG: &str = r#"
+const DAEMON_CONFIG: &str = r#"
 [checks.not_a_server_error]
 expected-statuses = ["2xx", "3xx", "4xx", "502", "503"]
 
@@ -86,17 +86,74 @@ async fn schemathesis_finds_nothing_against_a_live_daemon() {
         .await
         .unwrap();
     add_examples(&mut doc, &overlay_url, &vm.id, &base);
+    assert_clean(&run_schemathesis(&doc, &d.url(), DAEMON_CONFIG).await);
+    // And the daemon still serves.
+    let info = tokio::time::timeout(Duration::from_secs(10), c.info())
+        .await
+        .expect("the daemon answers")
+        .unwrap();
+    assert!(info.free.vms <= info.capacity.vms, "{info:?}");
+}
+
+/// The registry (a real one, over a real directory) with the overlay in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn schemathesis_finds_nothing_against_a_live_registry() {
+    let overlay = kvstore_overlay().await;
+    let reg_dir = tempfile::tempdir().unwrap();
+    let registry = start_registry(reg_dir.path()).await;
+    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
+        .await
+        .unwrap();
+    let mut doc: Value = reqwest::get(format!("{registry}/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for item in doc["paths"].as_object_mut().unwrap().values_mut() {
+        for op in item.as_object_mut().unwrap().values_mut() {
+            for p in op["parameters"].as_array_mut().into_iter().flatten() {
+                if p["name"] == "name" {
+                    p["example"] = json!("kvstore");
+                }
+            }
+        }
+    }
+    assert_clean(&run_schemathesis(&doc, &registry, "").await);
+    // Still serving.
+    assert_eq!(
+        reqwest::get(format!("{registry}/health")).await.unwrap().status(),
+        200
+    );
+}
+
+/// What schemathesis said, and whether it found nothing.
+struct Run {
+    ok: bool,
+    report: String,
+}
+
+fn assert_clean(run: &Run) {
+    assert!(
+        !run.report.contains("No module named"),
+        "schemathesis is not installed: run `make deps`\n{}",
+        run.report
+    );
+    assert!(run.ok, "schemathesis found failures (above)");
+}
+
+/// Runs schemathesis (every check, every phase) on `doc` against `url`.
+async fn run_schemathesis(doc: &Value, url: &str, config: &str) -> Run {
     let work = tempfile::tempdir().unwrap();
     let schema = work.path().join("openapi.json");
-    std::fs::write(&schema, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
-    let config = work.path().join("schemathesis.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-
+    std::fs::write(&schema, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
+    let cfg = work.path().join("schemathesis.toml");
+    std::fs::write(&cfg, config).unwrap();
     let started = Instant::now();
-    let (schema_s, url, cfg) = (
+    let (schema, url, cfg) = (
         schema.display().to_string(),
-        d.url(),
-        config.display().to_string(),
+        url.to_string(),
+        cfg.display().to_string(),
     );
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
@@ -106,7 +163,7 @@ async fn schemathesis_finds_nothing_against_a_live_daemon() {
                 "--config-file",
                 &cfg,
                 "run",
-                &schema_s,
+                &schema,
                 "--url",
                 &url,
                 "--checks",
@@ -126,7 +183,7 @@ async fn schemathesis_finds_nothing_against_a_live_daemon() {
                 "--no-color",
             ])
             .output()
-            .expect("run schemathesis (python3 with schemathesis: `make deps`)")
+            .expect("run python3 (with schemathesis: `make deps`)")
     })
     .await
     .unwrap();
@@ -138,20 +195,12 @@ async fn schemathesis_finds_nothing_against_a_live_daemon() {
     eprintln!(
         "schemathesis ran {:.0} s:\n{}",
         started.elapsed().as_secs_f64(),
-        tail(&report, 120)
+        tail(&report, 150)
     );
-    assert!(
-        !report.contains("No module named"),
-        "schemathesis is not installed: run `make deps`\n{report}"
-    );
-    assert!(out.status.success(), "schemathesis found failures (above)");
-
-    // And the daemon still serves.
-    let info = tokio::time::timeout(Duration::from_secs(10), c.info())
-        .await
-        .expect("the daemon answers")
-        .unwrap();
-    assert!(info.free.vms <= info.capacity.vms, "{info:?}");
+    Run {
+        ok: out.status.success(),
+        report,
+    }
 }
 
 fn tail(s: &str, lines: usize) -> String {

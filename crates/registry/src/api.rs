@@ -1,9 +1,10 @@
 //! JSON bodies of the registry API, shared by the server and the client.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// One stored overlay, as listed by `GET /v1/overlays`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OverlayEntry {
     pub name: String,
     /// Size in bytes.
@@ -15,7 +16,7 @@ pub struct OverlayEntry {
 }
 
 /// What the registry answers to an accepted push (`201`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PushReceipt {
     pub name: String,
     /// Size in bytes.
@@ -25,7 +26,7 @@ pub struct PushReceipt {
 }
 
 /// The body of every error response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Human-readable message.
     pub error: String,

@@ -29,6 +29,8 @@ pub enum RegistryError {
     Storage(#[source] object_store::Error),
     #[error("No such route")]
     NoRoute,
+    #[error("{0} is not a method of this endpoint (see the Allow header)")]
+    MethodNotAllowed(String),
     #[error("Internal error: {0}")]
     Internal(&'static str),
 }
@@ -46,6 +48,7 @@ impl RegistryError {
             RegistryError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             RegistryError::Storage(_) => "storage",
             RegistryError::NoRoute => "not_found",
+            RegistryError::MethodNotAllowed(_) => "method_not_allowed",
             RegistryError::Internal(_) => "internal",
         }
     }
@@ -58,6 +61,7 @@ impl RegistryError {
             | RegistryError::Body(_) => StatusCode::BAD_REQUEST,
             RegistryError::Unauthorized => StatusCode::UNAUTHORIZED,
             RegistryError::NotFound(_) | RegistryError::NoRoute => StatusCode::NOT_FOUND,
+            RegistryError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             RegistryError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             RegistryError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             RegistryError::Storage(_) | RegistryError::Internal(_) => {

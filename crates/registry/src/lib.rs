@@ -34,11 +34,16 @@
 //! | `unauthorized` | 401 | a push or delete without a valid bearer token |
 //! | `not_found` | 404 | no overlay of that name |
 //! | `precondition_failed` | 412 | `If-Match` names another version |
+//! | `method_not_allowed` | 405 | a method the path has not (the `Allow` header lists those it has) |
 //! | `range_not_satisfiable` | 416 | also carries `Content-Range: bytes */SIZE` |
 //! | `storage` | 500 | the object store failed |
 //! | `internal` | 500 | a bug in the registry |
 //!
 //! Unknown paths are `404` with kind `not_found`.
+//!
+//! ## `GET /openapi.json`
+//!
+//! This API as an OpenAPI 3 document ([`openapi`]; `docs/registry-openapi.json`).
 //!
 //! ## `GET /health`
 //!
@@ -106,6 +111,7 @@
 mod api;
 mod client;
 mod error;
+pub mod openapi;
 mod range;
 mod server;
 mod storage;

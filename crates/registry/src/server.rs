@@ -16,7 +16,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, WriteMultipart};
 use tokio::net::TcpListener;
 
-use crate::api::{OverlayEntry, PushReceipt};
+use crate::api::{ErrorBody, OverlayEntry, PushReceipt};
 use crate::error::RegistryError;
 use crate::range::parse_range;
 use crate::storage::{OpenStorageError, StorageLocation};
@@ -165,7 +165,14 @@ pub fn router(state: RegistryState) -> Router {
                 .put(put_handler)
                 .delete(delete_handler),
         )
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], crate::openapi::openapi_json()) }),
+        )
         .fallback(|| async { RegistryError::NoRoute })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            RegistryError::MethodNotAllowed(method.to_string())
+        })
         // Pushes are streamed and checked, never buffered whole.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -201,7 +208,8 @@ pub async fn serve_listener(listener: TcpListener, state: RegistryState) -> std:
     axum::serve(listener, router(state)).await
 }
 
-async fn health() -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Object)))]
+pub(crate) async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
@@ -237,7 +245,8 @@ fn overlay_entry(name: String, meta: &ObjectMeta) -> OverlayEntry {
     }
 }
 
-async fn list_handler(
+#[utoipa::path(get, path = "/v1/overlays", responses((status = 200, body = Vec<OverlayEntry>), (status = 500, body = ErrorBody)))]
+pub(crate) async fn list_handler(
     State(state): State<RegistryState>,
 ) -> Result<Json<Vec<OverlayEntry>>, RegistryError> {
     let dir = &state.inner.dir;
@@ -311,7 +320,9 @@ fn base_headers(meta: &ObjectMeta) -> Vec<(header::HeaderName, HeaderValue)> {
     h
 }
 
-async fn head_handler(
+#[utoipa::path(head, path = "/v1/overlays/{name}", params(("name" = String, Path, description = "The overlay's name: `[A-Za-z0-9._-]{1,128}`, not starting with a dot", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")),
+    responses((status = 200, description = "Size, `ETag`, `Last-Modified`, `Accept-Ranges`"), (status = 400), (status = 404), (status = 412)))]
+pub(crate) async fn head_handler(
     State(state): State<RegistryState>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -330,7 +341,12 @@ async fn head_handler(
     Ok(response)
 }
 
-async fn get_handler(
+#[utoipa::path(get, path = "/v1/overlays/{name}", params(("name" = String, Path, description = "The overlay's name: `[A-Za-z0-9._-]{1,128}`, not starting with a dot", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")),
+    responses((status = 200, description = "The whole overlay", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "One range (`Range: bytes=...`)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 412, body = ErrorBody),
+        (status = 416, body = ErrorBody), (status = 500, body = ErrorBody)))]
+pub(crate) async fn get_handler(
     State(state): State<RegistryState>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -452,7 +468,11 @@ impl Drop for Upload {
     }
 }
 
-async fn put_handler(
+#[utoipa::path(put, path = "/v1/overlays/{name}", params(("name" = String, Path, description = "The overlay's name: `[A-Za-z0-9._-]{1,128}`, not starting with a dot", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")), security(("bearer" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The overlay file, checked whole as it streams in"),
+    responses((status = 201, body = PushReceipt), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 412, body = ErrorBody), (status = 500, body = ErrorBody)))]
+pub(crate) async fn put_handler(
     State(state): State<RegistryState>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -579,7 +599,10 @@ async fn receive_overlay(
     validator.finish().map_err(RegistryError::InvalidOverlay)
 }
 
-async fn delete_handler(
+#[utoipa::path(delete, path = "/v1/overlays/{name}", params(("name" = String, Path, description = "The overlay's name: `[A-Za-z0-9._-]{1,128}`, not starting with a dot", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")), security(("bearer" = [])),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 412, body = ErrorBody), (status = 500, body = ErrorBody)))]
+pub(crate) async fn delete_handler(
     State(state): State<RegistryState>,
     Path(name): Path<String>,
     headers: HeaderMap,
