@@ -412,3 +412,44 @@ async fn bad_bodies_get_the_api_error_body_and_the_right_status() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_method_no_route_has_is_a_405_for_everyone() {
+    let url = serve().await;
+    // Without a credential too: no operation is there to authorize.
+    for (method, path, allow) in [
+        ("TRACE", "/v1/vms/0", "GET,DELETE"),
+        ("PUT", "/v1/vms", "GET,POST"),
+        ("PATCH", "/v1/handoff/prepare", "POST"),
+        ("DELETE", "/v1/cloudlet", "GET"),
+    ] {
+        let resp = reqwest::Client::new()
+            .request(method.parse().unwrap(), format!("{url}{path}"))
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(resp.status().as_u16(), 405, "{method} {path}");
+        let mut allowed: Vec<String> = resp
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .filter(|m| m != "HEAD")
+            .collect();
+        allowed.sort();
+        let mut want: Vec<&str> = allow.split(',').collect();
+        want.sort();
+        assert_eq!(allowed, want, "{method} {path}");
+        let e = error(&resp.text().await.unwrap());
+        assert_eq!(e.kind, "method_not_allowed", "{method} {path}: {}", e.error);
+    }
+    // A route's own methods still need the token.
+    let resp = reqwest::Client::new()
+        .delete(format!("{url}/v1/vms/0"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+}
