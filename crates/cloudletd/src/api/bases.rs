@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use cloudlet_api::{ApiError, BaseVmInfo};
@@ -37,7 +37,7 @@ pub(super) async fn import_base<C: CloudletOps>(
     responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn delete_base<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Path(name): Path<String>,
+    super::error::PathParam(name): super::error::PathParam<String>,
 ) -> ApiResult<StatusCode> {
     st.ops.delete_base(&name)?;
     Ok(StatusCode::NO_CONTENT)

@@ -70,6 +70,49 @@ where
     }
 }
 
+/// Path parameters, their rejections (a segment that is not UTF-8 once
+/// percent-decoded, say) in the API's own error body.
+pub struct PathParam<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for PathParam<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiFailure> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| PathParam(p.0))
+            .map_err(|r| ApiFailure::new(r.status(), "invalid_request", r.body_text()))
+    }
+}
+
+/// Query parameters, their rejections in the API's own error body.
+pub struct QueryParams<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for QueryParams<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiFailure> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| QueryParams(q.0))
+            .map_err(|r| ApiFailure::new(r.status(), "invalid_request", r.body_text()))
+    }
+}
+
 /// A body read whole that passed its limit (413) or broke off (400).
 pub(crate) fn body_read_failure(e: axum::Error, limit: usize) -> ApiFailure {
     let too_large = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {

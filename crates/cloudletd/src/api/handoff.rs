@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use cloudlet_api::ApiError;
@@ -33,7 +33,7 @@ pub(super) async fn handoff_prepare<C: CloudletOps>(
     security(("bearer" = [])), responses((status = 200, body = cloudlet_api::HandoffLoaded), (status = 400, body = ApiError)))]
 pub(super) async fn handoff_stream<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Path(hid): Path<String>,
+    super::error::PathParam(hid): super::error::PathParam<String>,
     body: Body,
 ) -> ApiResult<Json<cloudlet_api::HandoffLoaded>> {
     Ok(Json(
@@ -57,7 +57,7 @@ pub(super) async fn handoff_stream<C: CloudletOps>(
     responses((status = 200, body = cloudlet_api::HandoffCommitted), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn handoff_commit<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Path(hid): Path<String>,
+    super::error::PathParam(hid): super::error::PathParam<String>,
 ) -> ApiResult<Json<cloudlet_api::HandoffCommitted>> {
     Ok(Json(st.ops.commit_incoming(&hid).await?))
 }
@@ -67,7 +67,7 @@ pub(super) async fn handoff_commit<C: CloudletOps>(
     responses((status = 200, body = cloudlet_api::HandoffArrival), (status = 404, body = ApiError)))]
 pub(super) async fn handoff_arrival<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Path(hid): Path<String>,
+    super::error::PathParam(hid): super::error::PathParam<String>,
 ) -> ApiResult<Json<cloudlet_api::HandoffArrival>> {
     Ok(Json(st.ops.incoming_arrival(&hid)?))
 }
@@ -77,7 +77,7 @@ pub(super) async fn handoff_arrival<C: CloudletOps>(
     responses((status = 204), (status = 404, body = ApiError)))]
 pub(super) async fn handoff_abort<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Path(hid): Path<String>,
+    super::error::PathParam(hid): super::error::PathParam<String>,
 ) -> ApiResult<StatusCode> {
     st.ops.abort_incoming(&hid).await?;
     Ok(StatusCode::NO_CONTENT)

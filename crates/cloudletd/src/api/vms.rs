@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use cloudlet_api::{ApiError, CreateVmRequest, VmInfo};
@@ -24,7 +24,7 @@ pub(super) async fn list_vms<C: CloudletOps>(
 #[utoipa::path(get, path = "/v1/vms/{id}", responses((status = 200, body = VmInfo), (status = 404, body = ApiError)))]
 pub(super) async fn get_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Path(id): Path<String>,
+    super::error::PathParam(id): super::error::PathParam<String>,
 ) -> ApiResult<Json<VmInfo>> {
     Ok(Json(st.ops.get_vm(&id)?))
 }
@@ -45,7 +45,7 @@ pub(super) struct UploadParams {
         (status = 409, body = ApiError), (status = 413, body = ApiError), (status = 422, body = ApiError), (status = 502, body = ApiError), (status = 503, body = ApiError)))]
 pub(super) async fn create_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Query(params): Query<UploadParams>,
+    super::error::QueryParams(params): super::error::QueryParams<UploadParams>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<VmInfo>)> {
@@ -88,7 +88,7 @@ pub(super) async fn create_vm<C: CloudletOps>(
     responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn delete_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Path(id): Path<String>,
+    super::error::PathParam(id): super::error::PathParam<String>,
 ) -> ApiResult<StatusCode> {
     st.ops.delete_vm(&id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -101,7 +101,7 @@ pub(super) async fn delete_vm<C: CloudletOps>(
         (status = 502, body = ApiError)))]
 pub(super) async fn handoff_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
-    Path(id): Path<String>,
+    super::error::PathParam(id): super::error::PathParam<String>,
     super::error::JsonBody(req): super::error::JsonBody<cloudlet_api::HandoffRequest>,
 ) -> ApiResult<Json<cloudlet_api::HandoffReport>> {
     Ok(Json(st.ops.handoff_vm(&id, req).await?))
