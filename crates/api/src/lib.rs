@@ -252,6 +252,7 @@ impl Mobility {
 pub struct HandoffRequest {
     /// API address of the destination cloudlet, or its name in the
     /// directory this cloudlet joined.
+    #[schema(min_length = 1, example = "http://edge-2.example:8600")]
     pub destination: String,
     /// Bearer token the destination accepts (default: the one configured
     /// for that peer, else the one the directory gave).
@@ -320,7 +321,7 @@ pub const HANDOFF_PROTOCOL: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HandoffOffer {
     /// [`HANDOFF_PROTOCOL`] of the source (0: an unversioned source).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::one")]
     pub protocol: u32,
     pub handoff_id: String,
     pub vm_id: String,
@@ -328,6 +329,7 @@ pub struct HandoffOffer {
     /// The VM's generation at the source; it runs at the destination as
     /// `generation + 1`. A destination refuses an offer whose generation is
     /// not above every generation it has recorded for this VM.
+    #[serde(deserialize_with = "whole::one")]
     pub generation: u64,
     pub base_id: String,
     pub flavor: String,
@@ -413,6 +415,7 @@ pub struct DifferingChunk {
 pub struct AppInfo {
     pub name: String,
     /// Guest TCP ports the app listens on.
+    #[serde(deserialize_with = "whole::many")]
     pub ports: Vec<u16>,
     /// HTTP path that answers when the app is ready (on the first port).
     #[serde(default)]
@@ -462,5 +465,53 @@ mod tests {
         assert_eq!(Mobility::of(Some(S::Synthesizing), Some(S::Running)), None);
         assert_eq!(Mobility::of(None, Some(S::Receiving)), None);
         assert_eq!(Mobility::of(Some(S::Running), None), None);
+    }
+}
+
+/// Integers as JSON Schema counts them, which is how the OpenAPI document
+/// says them: `849` and `849.0` alike (serde's own integers refuse the
+/// second); anything fractional, negative or out of range is refused.
+mod whole {
+    use serde::de::{Deserialize, Deserializer, Error};
+
+    fn of<T: TryFrom<u64>, E: Error>(n: serde_json::Number) -> Result<T, E> {
+        let v = match n.as_u64() {
+            Some(v) => v,
+            None => match n.as_f64() {
+                Some(f) if f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64 => f as u64,
+                _ => return Err(E::custom(format!("{n} is not a whole number >= 0"))),
+            },
+        };
+        T::try_from(v).map_err(|_| E::custom(format!("{n} is out of range")))
+    }
+
+    pub fn one<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<T, D::Error> {
+        of(serde_json::Number::deserialize(d)?)
+    }
+
+    pub fn many<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<Vec<T>, D::Error> {
+        Vec::<serde_json::Number>::deserialize(d)?
+            .into_iter()
+            .map(of)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod whole_tests {
+    use super::AppInfo;
+
+    fn ports(json: &str) -> Result<Vec<u16>, String> {
+        serde_json::from_str::<AppInfo>(&format!(r#"{{"name": "a", "ports": {json}}}"#))
+            .map(|a| a.ports)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn whole_numbers_are_integers_however_written() {
+        assert_eq!(ports("[8080, 8081.0]").unwrap(), vec![8080, 8081]);
+        for bad in ["[80.5]", "[-1]", "[70000]", "[\"80\"]"] {
+            assert!(ports(bad).is_err(), "{bad}");
+        }
     }
 }

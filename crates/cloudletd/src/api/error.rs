@@ -203,8 +203,13 @@ impl From<BaseOpError> for ApiFailure {
             BaseOpError::Base(B::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
             BaseOpError::Base(B::Shared { .. }) => (StatusCode::CONFLICT, "shared"),
             BaseOpError::InUse { .. } => (StatusCode::CONFLICT, "busy"),
-            BaseOpError::Archive(cloudlet_base::ArchiveError::Corrupt { .. }) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_base")
+            // Said without the path the daemon spooled the upload to.
+            BaseOpError::Archive(cloudlet_base::ArchiveError::Corrupt { detail, .. }) => {
+                return ApiFailure::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_base",
+                    format!("The upload is not an intact base VM export: {detail}"),
+                );
             }
             BaseOpError::Archive(cloudlet_base::ArchiveError::Exists(_)) => {
                 (StatusCode::CONFLICT, "exists")
@@ -221,7 +226,8 @@ impl From<HandoffError> for ApiFailure {
         let (status, kind) = match &e {
             H::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             H::NotRunning { .. } | H::StillStarting(_) => (StatusCode::CONFLICT, "busy"),
-            H::NoToken(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            // A destination this cloudlet has no credential for.
+            H::NoToken(_) => (StatusCode::UNPROCESSABLE_ENTITY, "no_token"),
             // A definite no from the destination (no room, draining, no
             // base, ...): the VM runs here still, another may take it.
             H::Refused { .. } => (StatusCode::CONFLICT, "destination_refused"),

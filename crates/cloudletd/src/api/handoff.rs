@@ -30,7 +30,7 @@ pub(super) async fn handoff_prepare<C: CloudletOps>(
 
 /// Cloudlet to cloudlet: the session stream (disk chunks, migration stream).
 #[utoipa::path(post, path = "/v1/handoff/{hid}/stream", request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    security(("bearer" = [])), responses((status = 200, body = cloudlet_api::HandoffLoaded), (status = 400, body = ApiError)))]
+    security(("bearer" = [])), responses((status = 200, body = cloudlet_api::HandoffLoaded), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn handoff_stream<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     super::error::PathParam(hid): super::error::PathParam<String>,

@@ -35,9 +35,52 @@ use utoipa::OpenApi;
 )]
 pub struct ApiDoc;
 
-/// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
+/// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds),
+/// with what utoipa 5 writes wrong put right (see [`put_right`]).
 pub fn openapi_json() -> String {
-    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    put_right(&mut doc);
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// Properties of Rust type `u16` (`schema`, `property`): utoipa documents
+/// them as int32 with no maximum, so that 70000 would look valid.
+const U16_PROPERTIES: &[(&str, &str)] = &[
+    ("PortMapping", "guest"),
+    ("PortMapping", "host"),
+    ("AppInfo", "ports"),
+];
+
+/// Two things utoipa 5 writes wrong: a link's `operationId` (it writes
+/// `operation_id`, which no client reads) and the range of `u16`.
+fn put_right(doc: &mut serde_json::Value) {
+    use serde_json::Value;
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for op in paths.values_mut().filter_map(Value::as_object_mut) {
+            for op in op.values_mut() {
+                let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                for r in responses.values_mut() {
+                    let Some(links) = r.get_mut("links").and_then(Value::as_object_mut) else {
+                        continue;
+                    };
+                    for link in links.values_mut().filter_map(Value::as_object_mut) {
+                        if let Some(id) = link.remove("operation_id") {
+                            link.insert("operationId".into(), id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (schema, property) in U16_PROPERTIES {
+        let p = &mut doc["components"]["schemas"][schema]["properties"][property];
+        let p = if p["type"] == "array" { &mut p["items"] } else { p };
+        if p.is_object() {
+            p["maximum"] = 65535.into();
+        }
+    }
 }
 
 /// What every operation of the document says alike (see the module doc).
