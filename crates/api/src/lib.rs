@@ -93,7 +93,11 @@ pub struct Flavor {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreateVmRequest {
     /// `http(s)://` address of the overlay (a registry or the device).
-    #[schema(format = "uri", pattern = "^https?://", example = "http://registry.example:8700/v1/overlays/kvstore")]
+    #[schema(
+        format = "uri",
+        pattern = "^https?://",
+        example = "http://registry.example:8700/v1/overlays/kvstore"
+    )]
     pub overlay: String,
     /// A name for the VM (default: derived from its id): letters, digits,
     /// `-` and `_`, unique among this cloudlet's live VMs.

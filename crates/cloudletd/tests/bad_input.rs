@@ -96,7 +96,10 @@ async fn bad_requests_are_refused_cleanly() {
     let renamed = c.get_vm(&failed.id).await.unwrap();
     assert_eq!(
         (renamed.name.as_str(), renamed.state),
-        (format!("vm-{}", failed.id).as_str(), cloudlet_api::VmState::Failed)
+        (
+            format!("vm-{}", failed.id).as_str(),
+            cloudlet_api::VmState::Failed
+        )
     );
     assert_eq!(
         c.list_vms()

@@ -146,7 +146,10 @@ async fn schemathesis_finds_nothing_against_a_live_registry() {
     assert_clean(&run_schemathesis(&doc, &registry, REGISTRY_CONFIG).await);
     // Still serving.
     assert_eq!(
-        reqwest::get(format!("{registry}/health")).await.unwrap().status(),
+        reqwest::get(format!("{registry}/health"))
+            .await
+            .unwrap()
+            .status(),
         200
     );
 }

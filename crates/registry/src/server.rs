@@ -167,7 +167,12 @@ pub fn router(state: RegistryState) -> Router {
         )
         .route(
             "/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], crate::openapi::openapi_json()) }),
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    crate::openapi::openapi_json(),
+                )
+            }),
         )
         .fallback(|| async { RegistryError::NoRoute })
         .method_not_allowed_fallback(|method: axum::http::Method| async move {

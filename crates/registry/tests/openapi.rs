@@ -3,7 +3,10 @@
 
 #[test]
 fn docs_registry_openapi_json_matches_the_code() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/registry-openapi.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/registry-openapi.json"
+    );
     let served = cloudlet_registry::openapi::openapi_json();
     if std::env::var_os("UPDATE_OPENAPI").is_some() {
         std::fs::write(path, format!("{}\n", served.trim())).unwrap();

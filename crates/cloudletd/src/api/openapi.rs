@@ -76,7 +76,11 @@ fn put_right(doc: &mut serde_json::Value) {
     }
     for (schema, property) in U16_PROPERTIES {
         let p = &mut doc["components"]["schemas"][schema]["properties"][property];
-        let p = if p["type"] == "array" { &mut p["items"] } else { p };
+        let p = if p["type"] == "array" {
+            &mut p["items"]
+        } else {
+            p
+        };
         if p.is_object() {
             p["maximum"] = 65535.into();
         }
