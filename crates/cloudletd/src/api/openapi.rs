@@ -100,9 +100,11 @@ fn parameter_doc(name: &str) -> &'static str {
     }
 }
 
-/// `(operation id, parameter, runtime expression)` links out of the answer
-/// of each creating operation.
-const LINKS: &[(&str, &[(&str, &str, &str)])] = &[
+/// A link to `(operation id, its parameter, the runtime expression)`.
+type LinkTo = (&'static str, &'static str, &'static str);
+
+/// The links out of the answer of each creating operation.
+const LINKS: &[(&str, &[LinkTo])] = &[
     (
         "create_vm",
         &[
