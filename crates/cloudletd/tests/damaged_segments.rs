@@ -60,8 +60,13 @@ struct Plan {
 /// What the server saw.
 #[derive(Default)]
 struct Seen {
-    /// Transfers that carried the whole bad segment.
+    /// Transfers that carried the whole bad segment (to its last byte).
     bad_transfers: AtomicU32,
+    /// Requests for exactly the bad segment (it fetched again, or asked
+    /// for on demand).
+    bad_alone: AtomicU32,
+    /// The bad segment was sent damaged once.
+    damaged_once: AtomicBool,
     /// When the first of them had sent the segment's last byte.
     bad_arrived: Mutex<Option<Instant>>,
     /// Payload bytes sent, and when the last of them went out.
@@ -88,10 +93,9 @@ async fn faulty_server(data: Vec<u8>, m: &Manifest, plan: Arc<Plan>) -> (String,
                 return;
             }
             let covers = plan.bad.is_some_and(|(a, b)| start <= a && b <= end);
-            let damage = covers && {
-                let n = seen.bad_transfers.fetch_add(1, Ordering::SeqCst);
-                plan.at_rest || n == 0
-            };
+            if plan.bad == Some((start, end)) {
+                seen.bad_alone.fetch_add(1, Ordering::SeqCst);
+            }
             let one_segment = segments.contains(&(start, end));
             let (bad_start, bad_end) = plan.bad.unwrap_or((u64::MAX, u64::MAX));
             let flip = bad_start + (bad_end - bad_start) / 2;
@@ -113,8 +117,11 @@ async fn faulty_server(data: Vec<u8>, m: &Manifest, plan: Arc<Plan>) -> (String,
                 let next_bound = bounds.iter().copied().filter(|&b| b > at).min();
                 let upto = (at + step).min(end).min(next_bound.unwrap_or(u64::MAX));
                 let mut piece = data[at as usize..upto as usize].to_vec();
-                if damage && at <= flip && flip < upto {
-                    piece[(flip - at) as usize] ^= 0x5a;
+                if covers && at <= flip && flip < upto {
+                    let first = !seen.damaged_once.swap(true, Ordering::SeqCst);
+                    if plan.at_rest || first {
+                        piece[(flip - at) as usize] ^= 0x5a;
+                    }
                 }
                 if sock.write_all(&piece).await.is_err() {
                     return;
@@ -124,6 +131,7 @@ async fn faulty_server(data: Vec<u8>, m: &Manifest, plan: Arc<Plan>) -> (String,
                         .lock()
                         .unwrap()
                         .get_or_insert(Instant::now());
+                    seen.bad_transfers.fetch_add(1, Ordering::SeqCst);
                 }
                 seen.sent.fetch_add(upto - at, Ordering::SeqCst);
                 *seen.last_sent.lock().unwrap() = Some(Instant::now());
@@ -235,7 +243,7 @@ async fn kvstore_answers(vm: &VmInfo) {
     let r = http(port, "PUT", "/kv/k", Some(b"v".to_vec()))
         .await
         .unwrap();
-    assert_eq!(r.status, 201);
+    assert!(matches!(r.status, 201 | 204), "{}", r.status);
     assert_eq!(http(port, "GET", "/kv/k", None).await.unwrap().text(), "v");
 }
 
@@ -265,6 +273,8 @@ async fn a_segment_damaged_in_transit_is_fetched_again_and_the_vm_lives() {
     // Sent damaged, then whole (a stream reopened over it may carry it
     // once more, whole).
     assert!(seen.bad_transfers.load(Ordering::SeqCst) >= 2);
+    // One new fetch of it healed it.
+    assert_eq!(seen.bad_alone.load(Ordering::SeqCst), 1);
     let log = d.log();
     assert!(
         log.contains(&format!("Segment {k} hash mismatch: fetching it again"))
@@ -328,11 +338,9 @@ async fn a_segment_damaged_at_rest_fails_the_open_request_within_a_second() {
     assert_eq!(err.status(), Some(422), "{err}");
     let msg = err.to_string();
     assert!(msg.contains(&format!("Segment {k} hash mismatch")), "{msg}");
-    // Fetched once and again the bounded number of times, no more.
-    assert_eq!(
-        seen.bad_transfers.load(Ordering::SeqCst),
-        1 + SEGMENT_REFETCHES
-    );
+    // Fetched again the bounded number of times (by requests for exactly
+    // it; the stream had it first), no more.
+    assert_eq!(seen.bad_alone.load(Ordering::SeqCst), SEGMENT_REFETCHES);
     // Nothing left: QEMU gone, no file; the record says why.
     assert!(!qemu_running(&d, &id), "QEMU still runs");
     assert!(d.vm_files().is_empty(), "{:?}", d.vm_files());
@@ -370,7 +378,7 @@ async fn a_late_segment_bad_at_rest_fails_the_answering_vm_and_leaves_nothing() 
     assert_eq!(vm.state, VmState::Running);
     assert_eq!(vm.progress.stage, "ready, memory streaming in");
     kvstore_answers(&vm).await;
-    assert_eq!(seen.bad_transfers.load(Ordering::SeqCst), 0);
+    assert!(seen.bad_arrived.lock().unwrap().is_none(), "held back");
     // Now the rest comes, fast; the held segment with it, damaged.
     p.trickle.store(false, Ordering::SeqCst);
     p.hold.store(false, Ordering::SeqCst);
@@ -395,10 +403,9 @@ async fn a_late_segment_bad_at_rest_fails_the_answering_vm_and_leaves_nothing() 
         "{failed:?}"
     );
     assert!(ms < 1000, "recorded {ms} ms after the bad segment arrived");
-    assert_eq!(
-        seen.bad_transfers.load(Ordering::SeqCst),
-        1 + SEGMENT_REFETCHES
-    );
+    // Fetched again the bounded number of times (by requests for exactly
+    // it; the stream had it first), no more.
+    assert_eq!(seen.bad_alone.load(Ordering::SeqCst), SEGMENT_REFETCHES);
     assert!(failed.ports.is_empty(), "{failed:?}");
     // QEMU gone, no RAM file, disk or state left (the record says failed
     // first, then they go).
@@ -456,7 +463,7 @@ async fn a_healthy_trickled_synthesis_reports_its_memory_complete() {
     assert!(first < vm.progress.segments_total, "{vm:?}");
     kvstore_answers(&vm).await;
     // The progress moves while the memory streams in.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let mid = d.client().get_vm(&vm.id).await.unwrap();
     assert!(
         mid.progress.bytes_fetched > vm.progress.bytes_fetched,

@@ -250,9 +250,10 @@ impl ByteStream {
             }
             let take = ((n - out.len() as u64) as usize).min(self.pending.len());
             out.extend_from_slice(&self.pending.split_to(take));
+            // As they come: a progress that moves within a slow segment.
+            self.count(take);
         }
         self.pos += out.len() as u64;
-        self.count(out.len());
         Ok(out)
     }
 
