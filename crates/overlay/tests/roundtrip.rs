@@ -181,7 +181,8 @@ fn applier_takes_segments_in_any_order() {
     // finishes. A segment that fails to decode poisons it.
     let a = Applier::new(m.clone(), &vm.apply_config()).unwrap();
     let mut bad = seg(1);
-    bad[bad.len() / 2] ^= 0x40;
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
     let err = a.apply_segment(1, &bad).unwrap_err();
     assert!(
         matches!(err, ApplyOverlayError::SegmentHashMismatch { segment: 1 }),
