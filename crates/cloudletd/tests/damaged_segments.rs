@@ -428,7 +428,7 @@ async fn a_late_segment_bad_at_rest_fails_the_answering_vm_and_leaves_nothing() 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let later = d.client().get_vm(&vm.id).await.unwrap();
     assert_eq!(later.state, VmState::Failed, "{later:?}");
-    // The daemon keeps serving: the same name again, from an intact copy.
+    // The daemon keeps serving: a new VM from an intact copy.
     let intact = range_server(bytes, |mut sock, data, start, end| async move {
         let _ = sock.write_all(&data[start as usize..end as usize]).await;
     })
