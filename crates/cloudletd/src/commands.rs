@@ -270,29 +270,6 @@ impl CloudletOps for Daemon {
         match result {
             Ok(Synthesized { vm, timings, tail }) => {
                 let vm = Arc::new(vm);
-                if let Some(tail) = tail {
-                    // Early start: the memory still streams in. If that
-                    // fails, the guest cannot be trusted: stop it (the exit
-                    // watch records it).
-                    progress.set_stage(crate::synth::STAGE_STREAMING);
-                    let (vm, id, progress) = (vm.clone(), id.clone(), progress.clone());
-                    tokio::spawn(async move {
-                        match tail.await {
-                            Ok(Ok(stats)) => {
-                                progress.set_stage("ready");
-                                tracing::info!(vm_id = %id, ?stats, "early start: memory complete")
-                            }
-                            Ok(Err(e)) => {
-                                tracing::error!(vm_id = %id, "early start failed after the VM started, stopping it: {e}");
-                                vm.kill().await;
-                            }
-                            Err(e) => {
-                                tracing::error!(vm_id = %id, "early start task: {e}");
-                                vm.kill().await;
-                            }
-                        }
-                    });
-                }
                 let total = timings
                     .iter()
                     .find(|t| t.stage == "total")
@@ -316,6 +293,12 @@ impl CloudletOps for Daemon {
                     vm.kill().await;
                     paths.remove();
                     return Err(e.into());
+                }
+                // Early start: the memory still streams in (the tail). If
+                // that fails, the guest cannot be trusted: it is recorded
+                // failed with the cause, stopped and removed.
+                if let Some(tail) = tail {
+                    self.cloudlet.follow_tail(id.clone(), vm.clone(), tail);
                 }
                 self.cloudlet.watch(id.clone(), vm);
                 tracing::info!(vm_id = %id, ms = total, "VM running");

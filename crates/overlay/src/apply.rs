@@ -147,6 +147,20 @@ pub enum ApplyOverlayError {
     Poisoned,
 }
 
+impl ApplyOverlayError {
+    /// The segment's stored bytes are not the ones the manifest names (a
+    /// wrong length or hash): damaged at rest or on the way. Such a segment
+    /// was refused before it had any effect, and a new fetch of it may
+    /// heal. (A segment whose hash matched but that does not decode is
+    /// damaged at its source: the same bytes come again.)
+    pub fn may_heal_on_refetch(&self) -> bool {
+        matches!(
+            self,
+            ApplyOverlayError::SegmentLength { .. } | ApplyOverlayError::SegmentHashMismatch { .. }
+        )
+    }
+}
+
 type Result<T, E = ApplyOverlayError> = std::result::Result<T, E>;
 
 /// Read-only state shared with the background hashing thread.
@@ -467,13 +481,22 @@ impl Applier {
 
     /// Verifies, decodes and applies one segment as stored in the file.
     /// Thread-safe: segments may be applied concurrently and in any order.
+    ///
+    /// A segment refused for its length or its hash
+    /// ([`ApplyOverlayError::may_heal_on_refetch`]) was refused before
+    /// anything was written: the applier stays usable and the same segment
+    /// may be given again (fetched anew: an error in transit heals). Any
+    /// other error stops this apply ([`ApplyOverlayError::Poisoned`] from
+    /// then on).
     pub fn apply_segment(&self, segment: u32, stored: &[u8]) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(ApplyOverlayError::Poisoned);
         }
         let r = self.apply_segment_inner(segment, stored);
-        if r.is_err() {
-            self.poisoned.store(true, Ordering::Release);
+        if let Err(e) = &r {
+            if !e.may_heal_on_refetch() {
+                self.poisoned.store(true, Ordering::Release);
+            }
         }
         r
     }

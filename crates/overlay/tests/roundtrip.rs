@@ -176,6 +176,42 @@ fn applier_takes_segments_in_any_order() {
     drop(a);
     assert!(vm.out_is_empty());
 
+    // A segment that arrives damaged (a flipped byte, a short read) is
+    // refused without effect: the applier takes it again, intact, and
+    // finishes. A segment that fails to decode poisons it.
+    let a = Applier::new(m.clone(), &vm.apply_config()).unwrap();
+    let mut bad = seg(1);
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    let err = a.apply_segment(1, &bad).unwrap_err();
+    assert!(
+        matches!(err, ApplyOverlayError::SegmentHashMismatch { segment: 1 }),
+        "{err}"
+    );
+    assert!(err.may_heal_on_refetch());
+    let err = a.apply_segment(1, &bad[1..]).unwrap_err();
+    assert!(
+        matches!(err, ApplyOverlayError::SegmentLength { segment: 1, .. }),
+        "{err}"
+    );
+    assert!(err.may_heal_on_refetch());
+    for i in 0..n {
+        a.apply_segment(i, &seg(i)).unwrap();
+    }
+    let out = a.finish().unwrap();
+    assert_eq!(out.device_state, vm.device_state);
+    vm.check_output();
+    vm.clear_output();
+    let a = Applier::new(m.clone(), &vm.apply_config()).unwrap();
+    let err = a.apply_segment(n + 3, &seg(1)).unwrap_err();
+    assert!(!err.may_heal_on_refetch(), "{err}");
+    assert!(matches!(
+        a.apply_segment(1, &seg(1)).unwrap_err(),
+        ApplyOverlayError::Poisoned
+    ));
+    drop(a);
+    assert!(vm.out_is_empty());
+
     // Reverse order works.
     let a = Applier::new(m.clone(), &vm.apply_config()).unwrap();
     for i in (0..n).rev() {

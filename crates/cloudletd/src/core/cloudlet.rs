@@ -15,7 +15,7 @@ use crate::core::lifecycle::VmLifecycle;
 use crate::core::store::{Store, StoreError, VmRecord};
 use crate::metrics::Metrics;
 use crate::synth::fetch::FetchOverlayError;
-use crate::synth::{SynthProgress, SynthesizeError, VmPaths};
+use crate::synth::{SynthProgress, SynthesizeError, VmPaths, STAGE_STREAMING};
 
 /// Why a VM could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -420,13 +420,23 @@ impl Cloudlet {
         Some(e.record.clone())
     }
 
+    /// The REST model of a VM: its live progress while something is under
+    /// way (a synthesis, a handoff, an early start's memory streaming in),
+    /// else the recorded one.
     pub(crate) fn view(e: &Entry) -> VmInfo {
         let mut info = e.record.info();
-        if matches!(
-            info.state,
-            VmState::Synthesizing | VmState::HandingOff | VmState::Receiving
-        ) {
-            info.progress = e.progress.snapshot();
+        let live = e.progress.snapshot();
+        // (A VM taken over after a restart has no live progress.)
+        let streaming = info.state == VmState::Running
+            && !live.stage.is_empty()
+            && (live.stage == STAGE_STREAMING || info.progress.stage == STAGE_STREAMING);
+        if streaming
+            || matches!(
+                info.state,
+                VmState::Synthesizing | VmState::HandingOff | VmState::Receiving
+            )
+        {
+            info.progress = live;
         }
         info
     }

@@ -18,7 +18,14 @@
 //!                                                 may replace a Moved, Dead or Failed
 //!                                                 record of the same VM at a lower
 //!                                                 generation: it comes back)
+//!   Running --early start's tail failed--> Failed   (memory still streaming in
+//!                                                 when the overlay failed)
 //! ```
+//!
+//! Running -> Failed: an early start whose memory was still streaming in
+//! when a segment turned out bad (or its fetch failed) for good; the guest
+//! cannot be trusted, its QEMU is killed and its files removed, the record
+//! keeps the cause (`core::streaming`).
 //!
 //! A restart of the daemon fails a synthesis that was cut short, drops an
 //! arrival that was not committed, and re-adopts what runs
@@ -51,7 +58,7 @@ impl VmLifecycle for VmState {
         matches!(
             (self, to),
             (Synthesizing, Running | Failed)
-                | (Running, HandingOff | Deleting | Dead)
+                | (Running, HandingOff | Deleting | Dead | Failed)
                 | (HandingOff, Running | Moved | Dead)
                 | (Moved, HandingOff | Deleting)
                 | (Receiving, Running)
@@ -147,6 +154,18 @@ mod tests {
             assert!(!s.can_become(Deleting), "{s:?}");
         }
         assert!(Running.can_hand_off() && Running.can_delete());
+    }
+
+    #[test]
+    fn a_running_vm_whose_early_start_failed_is_failed_and_frees_its_share() {
+        // Its memory stream failed: recorded failed (not dead: its QEMU is
+        // killed on purpose, after), deletable, no longer counted.
+        assert!(Running.can_become(Failed));
+        assert!(!Failed.holds_resources() && !Failed.can_die());
+        assert!(Failed.can_delete() && Failed.can_become(Deleting));
+        for s in [HandingOff, Moved, Receiving, Dead, Deleting] {
+            assert!(!s.can_become(Failed), "{s:?}");
+        }
     }
 
     #[test]

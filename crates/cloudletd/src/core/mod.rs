@@ -1,6 +1,7 @@
 //! The cloudlet's core: the VM registry and capacity ([`cloudlet`]), which
 //! VM state may follow which ([`lifecycle`]), the persisted records
 //! ([`store`]) and what a restarted daemon does with them (`recovery`);
+//! the end of an early start's memory stream, recorded (`streaming`);
 //! the membership of the directory ([`membership`]: its state only).
 //! It knows QEMU (through `cloudlet_qemu`) but neither HTTP nor handoffs.
 
@@ -9,5 +10,6 @@ pub mod lifecycle;
 pub mod membership;
 mod recovery;
 pub mod store;
+mod streaming;
 
 pub use recovery::{kill_pid, qemu_alive};

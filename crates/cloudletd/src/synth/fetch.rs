@@ -172,6 +172,13 @@ impl OverlaySource {
         Ok((header, manifest, mrange.end))
     }
 
+    /// The overlay's bytes `range`, by one request of their own (a segment
+    /// fetched again, see `synth::heal`).
+    pub(crate) async fn read_range(&self, range: Range<u64>) -> Result<Vec<u8>, FetchOverlayError> {
+        let mut s = self.range(range.start, Some(range.end)).await?;
+        s.read_exact(range.end - range.start).await
+    }
+
     /// All segments, in file order, as one stream from `data_offset`.
     pub async fn segments(
         &self,
@@ -245,9 +252,10 @@ impl ByteStream {
             }
             let take = ((n - out.len() as u64) as usize).min(self.pending.len());
             out.extend_from_slice(&self.pending.split_to(take));
+            // As they come: a progress that moves within a slow segment.
+            self.count(take);
         }
         self.pos += out.len() as u64;
-        self.count(out.len());
         Ok(out)
     }
 

@@ -3,7 +3,8 @@
 //! time.
 //!
 //! ```text
-//!  fetch task ──segments──> bounded channel ──> apply thread (decode, verify, write)
+//!  fetch task ──segments──> bounded channel ──> apply thread (verify, decode, write;
+//!                                                 a damaged segment fetched again: heal)
 //!       (HTTP range stream)                      ▲ Applier::new copies the base
 //!                                                 │ while the first segments arrive
 //!  then: device state -> QEMU -incoming -> resume -> identity -> app answers
@@ -18,6 +19,7 @@ use cloudlet_overlay::{Applier, ApplyConfig, ApplyOutput, ApplyOverlayError, Man
 use cloudlet_qemu::Vm;
 
 use crate::synth::fetch::{FetchOverlayError, OverlaySource};
+use crate::synth::heal::Healer;
 use crate::synth::{
     app_ready, io_error, stage, vm_spec, SynthProgress, SynthRequest, SynthesizeError,
 };
@@ -48,7 +50,16 @@ pub(crate) async fn synthesize_full(
     // rehashes the whole launch state (about 1 s for a 512 MiB VM) proves
     // nothing more here.
     config.verify_launch_state = false;
-    let output = fetch_and_apply(req.manifest, req.source, req.file_len, config, progress).await?;
+    let healer = Healer::new(req.source, &req.manifest, req.vm_id);
+    let output = fetch_and_apply(
+        req.manifest,
+        req.source,
+        req.file_len,
+        config,
+        healer,
+        progress,
+    )
+    .await?;
     timings.push(stage("fetch_apply", start));
     let state = req.paths.state();
     std::fs::write(&state, &output.device_state).map_err(|e| io_error(&state, e))?;
@@ -78,6 +89,7 @@ async fn fetch_and_apply(
     source: &OverlaySource,
     file_len: u64,
     config: ApplyConfig,
+    healer: Healer,
     progress: &SynthProgress,
 ) -> Result<ApplyOutput, SynthesizeError> {
     let data_offset = manifest.data_offset;
@@ -113,10 +125,12 @@ async fn fetch_and_apply(
         let applier = Applier::new(manifest, &config)?;
         while let Some((i, bytes)) = rx.blocking_recv() {
             shared2.0.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            applier.apply_segment(i, &bytes)?;
+            // A damaged segment is fetched again; one that stays bad ends
+            // the apply, which stops the fetch (its channel closes).
+            healer.apply(&applier, i, bytes)?;
             shared2.1.fetch_add(1, Ordering::Relaxed);
         }
-        applier.finish()
+        Ok::<_, SynthesizeError>(applier.finish()?)
     });
     let watcher = async {
         loop {
@@ -144,8 +158,10 @@ async fn fetch_and_apply(
     let applied = applied.map_err(|_| SynthesizeError::Cancelled)?;
     // An apply error explains a fetch that stopped early; report it first.
     match (applied, fetched) {
-        (Err(ApplyOverlayError::MissingSegments { .. }), Err(f)) => Err(f.into()),
-        (Err(e), _) => Err(e.into()),
+        (Err(SynthesizeError::Apply(ApplyOverlayError::MissingSegments { .. })), Err(f)) => {
+            Err(f.into())
+        }
+        (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(e.into()),
         (Ok(o), Ok(())) => Ok(o),
     }

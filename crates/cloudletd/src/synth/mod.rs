@@ -16,6 +16,8 @@
 //!   there; its memory and disk stream in behind it.
 //! - [`fetch`]: reading the overlay (HTTP range requests or an uploaded
 //!   file), segments in any order, single segments on demand.
+//! - [`heal`]: a segment that arrives damaged is fetched again (a bounded
+//!   number of times); one that stays bad ends the synthesis at once.
 //! - [`spares`]: a ready copy of each base disk, which early start takes
 //!   instead of copying the base while the user waits.
 //!
@@ -27,6 +29,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudlet_api::{AppInfo, StageTiming};
@@ -38,6 +41,7 @@ use cloudlet_qemu::{AgentError, DiskFormat, PortForward, RestoreVmError, Vm, VmS
 pub mod early;
 pub mod fetch;
 pub mod full;
+pub mod heal;
 pub mod spares;
 
 use self::early::synthesize_early;
@@ -159,7 +163,9 @@ pub struct SynthRequest<'a> {
 }
 
 /// A synthesized VM. With early start, `tail` still streams memory into the
-/// running guest: await it (on failure the VM must be killed).
+/// running guest: await it (on failure the VM cannot be trusted: it must be
+/// killed, see `Cloudlet::follow_tail`). The tail keeps the progress
+/// current and sets its stage when it ends ("ready" or "failed").
 pub struct Synthesized {
     pub vm: Vm,
     pub timings: Vec<StageTiming>,
@@ -184,7 +190,7 @@ pub struct EarlyStats {
 /// first fetched first.
 pub async fn synthesize(
     req: SynthRequest<'_>,
-    progress: &SynthProgress,
+    progress: &Arc<SynthProgress>,
     early_start: bool,
 ) -> Result<Synthesized, SynthesizeError> {
     if early_start && on_tmpfs(&req.paths.run) {

@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use cloudlet_overlay::{Applier, ApplyConfig, ApplyOverlayError, LaunchPlan, Manifest};
+use cloudlet_overlay::{Applier, ApplyConfig, LaunchPlan, Manifest};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::synth::fetch::{
     DemandHandle, FetchConfig, FetchCounters, FetchOverlayError, FetchTask, SegmentFetcher,
 };
+use crate::synth::heal::Healer;
 use crate::synth::{SynthRequest, SynthesizeError};
 
 /// What the apply thread has done so far, shared with the page server.
@@ -108,7 +109,8 @@ pub(super) fn start_fetch_and_apply(
     let staging = req.paths.run.join("launch-ram");
     let config = apply_config(req, &staging);
     let st = Arc::new(Applied::new(req.manifest.segments.len()));
-    let apply = spawn_apply(req.manifest.clone(), config, segments, st.clone());
+    let healer = Healer::new(req.source, &req.manifest, req.vm_id);
+    let apply = spawn_apply(req.manifest.clone(), config, healer, segments, st.clone());
     let fetch = spawn_fetch_wait(task, st.clone());
     let parts = Parts {
         apply,
@@ -146,13 +148,16 @@ fn apply_config(req: &SynthRequest<'_>, staging: &Path) -> ApplyConfig {
     config
 }
 
-/// The apply thread: the base copy, then each segment as it arrives.
+/// The apply thread: the base copy, then each segment as it arrives (a
+/// damaged one fetched again, see [`Healer`]). Its failure is told to the
+/// servers and the start at once ([`Applied::fail`]).
 fn spawn_apply(
     manifest: Manifest,
     config: ApplyConfig,
+    healer: Healer,
     mut rx: mpsc::Receiver<(u32, Vec<u8>)>,
     st: Arc<Applied>,
-) -> JoinHandle<Result<Arc<Applier>, ApplyOverlayError>> {
+) -> JoinHandle<Result<Arc<Applier>, SynthesizeError>> {
     tokio::task::spawn_blocking(move || {
         let r = (|| {
             let applier = Arc::new(Applier::new(manifest, &config)?);
@@ -161,14 +166,14 @@ fn spawn_apply(
             }
             st.notify();
             while let Some((i, bytes)) = rx.blocking_recv() {
-                applier.apply_segment(i, &bytes)?;
+                healer.apply(&applier, i, bytes)?;
                 st.done[i as usize].store(true, Ordering::Release);
                 st.notify();
             }
-            Ok::<_, ApplyOverlayError>(applier)
+            Ok::<_, SynthesizeError>(applier)
         })();
         if let Err(e) = &r {
-            st.fail(format!("overlay rejected: {e}"));
+            st.fail(e.to_string());
         }
         r
     })
@@ -190,7 +195,7 @@ fn spawn_fetch_wait(
 
 /// The background tasks of one early start.
 pub(super) struct Parts {
-    apply: JoinHandle<Result<Arc<Applier>, ApplyOverlayError>>,
+    apply: JoinHandle<Result<Arc<Applier>, SynthesizeError>>,
     fetch: JoinHandle<Result<(), FetchOverlayError>>,
     st: Arc<Applied>,
 }
@@ -214,7 +219,7 @@ impl Parts {
         let apply = self.apply.await;
         let fetch = self.fetch.await;
         match (apply, fetch) {
-            (Ok(Err(e)), _) => e.into(),
+            (Ok(Err(e)), _) => e,
             (_, Ok(Err(e))) => e.into(),
             _ => SynthesizeError::EarlyStart(self.st.failure().unwrap_or_else(|| "stopped".into())),
         }
@@ -234,7 +239,7 @@ impl Parts {
         let fetched = self.fetch.await;
         let applied = self.apply.await;
         let applier = match (applied, fetched) {
-            (Ok(Err(e)), _) => return Err(e.into()),
+            (Ok(Err(e)), _) => return Err(e),
             (_, Ok(Err(e))) => return Err(e.into()),
             (Ok(Ok(a)), Ok(Ok(()))) => a,
             _ => return Err(SynthesizeError::Cancelled),

@@ -21,11 +21,22 @@
 //! ```
 //!
 //! Synthesis answers once the app answers; the memory keeps streaming in
-//! the background ("tail"). A segment that fails its hash after the guest
-//! started ends the tail with an error: the VM is then killed (its launch
-//! state cannot be trusted). If the whole overlay has arrived by the time
-//! the app answers, the tail is awaited before synthesis answers, so a
-//! corrupted overlay that arrives quickly is still refused by the request.
+//! the background ("tail"). A damaged segment is fetched again
+//! ([`crate::synth::heal`]); one that stays bad, or a fetch that fails,
+//! ends the synthesis at once:
+//!
+//! - before the app answered: the wait for the guest is given up (it may
+//!   wait on the bad segment's pages forever) and the request fails with
+//!   the cause;
+//! - after: the tail ends with the cause, and the VM is recorded failed,
+//!   killed and removed (`Cloudlet::follow_tail`): its launch state cannot
+//!   be trusted.
+//!
+//! If the whole overlay has arrived by the time the app answers, the tail
+//! is awaited before synthesis answers, so a corrupted overlay that arrives
+//! quickly is still refused by the request. The progress is current all
+//! along: "ready, memory streaming in" while the tail runs, then "ready"
+//! with every segment applied.
 //!
 //! [`synthesize_early`] runs the phases in order; each has a file:
 //!
@@ -62,14 +73,14 @@ use self::tail::Tail;
 use crate::synth::fetch::FetchCounters;
 use crate::synth::{
     app_ready, io_error, stage, vm_spec, EarlyStats, SynthProgress, SynthRequest, SynthesizeError,
-    Synthesized,
+    Synthesized, STAGE_STREAMING,
 };
 
 /// Synthesis with early start (see the module doc); `plan` says which
 /// segments the memory and the disk wait on.
 pub(crate) async fn synthesize_early(
     req: SynthRequest<'_>,
-    progress: &SynthProgress,
+    progress: &Arc<SynthProgress>,
     plan: LaunchPlan,
 ) -> Result<Synthesized, SynthesizeError> {
     let start = Instant::now();
@@ -122,7 +133,9 @@ pub(crate) async fn synthesize_early(
     let memory = stream_memory(&vm, stream, saved, pages);
     timings.push(stage("restore", t));
 
-    // 3. Identity, clock, the app: while the memory streams in.
+    // 3. Identity, clock, the app: while the memory streams in. A segment
+    // that stays bad (or a fetch that fails) meanwhile ends this at once:
+    // the guest may wait on its pages forever.
     if let Err(e) = app_ready_reporting(&vm, &req, progress, &st, &counters, &mut timings).await {
         memory.cancel.store(true, Ordering::Relaxed);
         vm.kill().await;
@@ -137,7 +150,9 @@ pub(crate) async fn synthesize_early(
         "early start: the app answers while memory streams in"
     );
 
-    // 4. The rest of the memory, in the background.
+    // 4. The rest of the memory, in the background: the tail sets the
+    // stage when it ends, so it is set here, before the tail exists.
+    progress.set_stage(STAGE_STREAMING);
     let tail = Tail {
         serve: memory.serve,
         parts,
@@ -148,9 +163,10 @@ pub(crate) async fn synthesize_early(
         spec: vm.spec().clone(),
         disk_server,
         start,
+        progress: progress.clone(),
+        data_offset: req.manifest.data_offset,
     }
     .spawn();
-    progress.set_stage("ready");
     settle_if_complete(req.vm_id, vm, timings, tail, &st).await
 }
 
@@ -193,7 +209,9 @@ async fn start_incoming(
     }
 }
 
-/// [`app_ready`], with the fetch and apply progress reported meanwhile.
+/// [`app_ready`], with the fetch and apply progress reported meanwhile;
+/// given up as soon as the fetch or the apply failed (the caller then
+/// reports their error: [`Parts::stop`]).
 async fn app_ready_reporting(
     vm: &Vm,
     req: &SynthRequest<'_>,
@@ -205,18 +223,35 @@ async fn app_ready_reporting(
     let data_offset = req.manifest.data_offset;
     let watcher = async {
         loop {
-            let bytes = data_offset + counters.bytes.load(Ordering::Relaxed);
-            progress.bytes_fetched.store(bytes, Ordering::Relaxed);
-            progress
-                .segments_applied
-                .store(st.applied_count() as u32, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            report_progress(progress, st, counters, data_offset);
+            if let Some(why) = st.failure() {
+                return why;
+            }
+            // Short: a failure ends the wait for the guest this soon.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     tokio::select! {
         r = app_ready(vm, (req.vm_id, req.name, req.app), timings) => r,
-        _ = watcher => unreachable!("the watcher never ends"),
+        why = watcher => {
+            tracing::info!(vm_id = req.vm_id, "early start stopped before the app answered: {why}");
+            Err(SynthesizeError::EarlyStart(why))
+        }
     }
+}
+
+/// The fetch and apply figures of an early start into `progress`.
+fn report_progress(
+    progress: &SynthProgress,
+    st: &Applied,
+    counters: &FetchCounters,
+    data_offset: u64,
+) {
+    let bytes = data_offset + counters.bytes.load(Ordering::Relaxed);
+    progress.bytes_fetched.store(bytes, Ordering::Relaxed);
+    progress
+        .segments_applied
+        .store(st.applied_count() as u32, Ordering::Relaxed);
 }
 
 /// The synthesized VM. If the whole overlay is already here (or failed),

@@ -1,6 +1,8 @@
 //! The tail of an early start: after synthesis answered, the rest of the
 //! memory streams in; then the overlay is checked whole, the disk switches
-//! to its file and the migration capabilities are reset.
+//! to its file and the migration capabilities are reset. Its progress is
+//! kept current all along: the segments as they are applied, then "ready"
+//! (or "failed") the moment it ends.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,8 +17,9 @@ use tokio::task::JoinHandle;
 
 use super::apply::{Applied, Parts};
 use super::disk::switch_disk_to_file;
+use super::report_progress;
 use crate::synth::fetch::FetchCounters;
-use crate::synth::{EarlyStats, SynthesizeError};
+use crate::synth::{EarlyStats, SynthProgress, SynthesizeError};
 
 /// What the tail takes over from the start.
 pub(super) struct Tail {
@@ -31,6 +34,10 @@ pub(super) struct Tail {
     pub disk_server: Server,
     /// When the synthesis request came.
     pub start: Instant,
+    /// The VM's progress, kept current.
+    pub progress: Arc<SynthProgress>,
+    /// Where the overlay's segments begin (progress counts the whole file).
+    pub data_offset: u64,
 }
 
 impl Tail {
@@ -46,8 +53,11 @@ impl Tail {
             spec: vm_spec_now,
             disk_server,
             start,
+            progress,
+            data_offset,
         } = self;
-        tokio::spawn(async move {
+        let (st2, counters) = (st.clone(), demand_fetches.clone());
+        let work = async move {
             let served = serve
                 .await
                 .map_err(|_| SynthesizeError::Cancelled)?
@@ -65,6 +75,21 @@ impl Tail {
                 memory_complete_ms: start.elapsed().as_millis() as u64,
                 demand_fetches: demand_fetches.demand_fetches.load(Ordering::Relaxed),
             })
+        };
+        tokio::spawn(async move {
+            let watcher = async {
+                loop {
+                    report_progress(&progress, &st2, &counters, data_offset);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let r = tokio::select! {
+                r = work => r,
+                _ = watcher => unreachable!("the watcher never ends"),
+            };
+            report_progress(&progress, &st2, &counters, data_offset);
+            progress.set_stage(if r.is_ok() { "ready" } else { "failed" });
+            r
         })
     }
 }
