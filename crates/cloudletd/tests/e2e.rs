@@ -469,3 +469,31 @@ async fn deleting_vms_whose_memory_still_streams_keeps_the_daemon_serving() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// A base this daemon holds itself (not through the shared link) is
+/// deleted with its spare disk: nothing of it is left to be taken by the
+/// next synthesis.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_base_takes_its_spare_disk_along() {
+    let d = Daemon::start("").await;
+    let spare = wait_for_spare(&d).await;
+    // The daemon's own copy of the base, in place of the shared link.
+    let bases = d.home.join("bases");
+    let shared = std::fs::read_link(&bases).expect("the test bases are linked");
+    std::fs::remove_file(&bases).unwrap();
+    std::fs::create_dir(&bases).unwrap();
+    let copied = std::process::Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(shared.join("tiny"))
+        .arg(&bases)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let c = d.client();
+    c.delete_base("tiny").await.expect("the daemon's own base");
+    assert!(!bases.join("tiny").exists());
+    assert!(!spare.exists(), "{} left behind", spare.display());
+    assert!(c.list_bases().await.unwrap().is_empty());
+    // The shared store is untouched.
+    assert!(shared.join("tiny/manifest.json").is_file());
+}
