@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use cloudlet_api::{CreateVmRequest, VmState};
 use cloudlet_client::{Client, ClientError};
 use cloudlet_testkit::damage::{matrix, Area, Damaged, Expect};
-use common::{kvstore_overlay, start_registry, Daemon};
+use common::{kvstore_overlay_with, start_registry, Daemon};
 
 const PREFIX_LIMIT: Duration = Duration::from_secs(10);
 const SEGMENT_LIMIT: Duration = Duration::from_secs(60);
@@ -110,7 +110,9 @@ fn qemu_of(d: &Daemon) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn synthesis_refuses_every_damaged_copy_and_leaves_nothing() {
-    let good_path = kvstore_overlay().await;
+    // Payload segments of 128 KiB: several segments to damage (the same
+    // file as `crates/cli/tests/corruption.rs` uses).
+    let good_path = kvstore_overlay_with(Some(128 << 10)).await;
     let good = std::fs::read(&good_path).unwrap();
     let store = tempfile::tempdir().unwrap();
     let registry = start_registry(store.path()).await;

@@ -199,7 +199,7 @@ pub fn matrix(overlay: &[u8]) -> Vec<Damaged> {
     bad_meta(
         "metadata-without-ports",
         br#"{"name":"kvstore"}"#,
-        "missing field `ports`",
+        "not the app's JSON object {name, ports, health_path, command}: missing field `ports`",
     );
 
     // Trailing data.
