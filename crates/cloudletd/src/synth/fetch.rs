@@ -153,7 +153,9 @@ impl OverlaySource {
             .or(((buf.len() as u64) < FIRST_FETCH).then_some(buf.len() as u64));
         let check = Validation::structure();
         let end = check.prefix_len(&buf[..buf.len().min(HEADER_LEN)])?;
-        if (buf.len() as u64) < end {
+        // (Not past the end of a shorter overlay: the check says where it
+        // ends.)
+        if (buf.len() as u64) < end.min(len.unwrap_or(u64::MAX)) {
             let mut rest = self.range(buf.len() as u64, Some(end)).await?;
             let more = rest.read_up_to(end - buf.len() as u64).await?;
             buf.extend_from_slice(&more);
