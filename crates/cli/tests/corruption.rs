@@ -168,7 +168,10 @@ async fn every_tool_gives_the_same_verdict_on_every_damaged_copy() {
             }
             Expect::Valid => {
                 let base_id = &base.manifest.id;
-                check(lib.is_ok() && lib_base.is_ok(), &format!("library: {lib:?} {lib_base:?}"));
+                check(
+                    lib.is_ok() && lib_base.is_ok(),
+                    &format!("library: {lib:?} {lib_base:?}"),
+                );
                 check(
                     matches!(&inspect, Ok(t) if t.contains(&format!("base id          {base_id}"))),
                     &format!("inspect: {inspect:?}"),
@@ -177,7 +180,10 @@ async fn every_tool_gives_the_same_verdict_on_every_damaged_copy() {
                     matches!(&verify, Ok(t) if t.starts_with(&format!("overlay OK against base {base_name}"))),
                     &format!("verify: {verify:?}"),
                 );
-                check(push.is_ok() && listed == 200, &format!("push: {push:?} {listed}"));
+                check(
+                    push.is_ok() && listed == 200,
+                    &format!("push: {push:?} {listed}"),
+                );
             }
             Expect::OtherBase { base_id } => {
                 // Valid, for another base: what knows no base accepts it.

@@ -150,7 +150,12 @@ async fn synthesis_refuses_every_damaged_copy_and_leaves_nothing() {
         failures.is_empty(),
         "{}\n{}",
         failures.join("\n"),
-        d.log().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+        d.log()
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // The daemon still serves, and a good copy runs.

@@ -223,7 +223,11 @@ pub fn check_metadata(metadata: &[u8]) -> Result<Option<AppMetadata>, InvalidOve
 /// Checks one whole stored segment (`segment` of `manifest`) against its
 /// hash: what [`Level::Full`] does for each, for a caller that receives
 /// segments one by one.
-pub fn check_segment(manifest: &Manifest, segment: u32, stored: &[u8]) -> Result<(), InvalidOverlay> {
+pub fn check_segment(
+    manifest: &Manifest,
+    segment: u32,
+    stored: &[u8],
+) -> Result<(), InvalidOverlay> {
     let Some(info) = manifest.segments.get(segment as usize) else {
         return Err(mismatch(manifest, segment));
     };
@@ -339,7 +343,11 @@ impl Validation {
     /// (not known yet) the length is the caller's to check, as the bytes
     /// arrive. Segments are not checked here, whatever the level: see
     /// [`check_segment`].
-    pub fn check_prefix(&self, prefix: &[u8], len: Option<u64>) -> Result<ValidOverlay, InvalidOverlay> {
+    pub fn check_prefix(
+        &self,
+        prefix: &[u8],
+        len: Option<u64>,
+    ) -> Result<ValidOverlay, InvalidOverlay> {
         let header = parse_header(&prefix[..prefix.len().min(HEADER_LEN)])?;
         let end = self.prefix_len(prefix)?;
         if (prefix.len() as u64) < end {
@@ -647,9 +655,10 @@ mod tests {
     #[test]
     fn metadata_rules() {
         assert_eq!(check_metadata(b"").unwrap(), None);
-        let ok = check_metadata(br#"{"name":"kv","ports":[8080,22],"health_path":"/health","extra":1}"#)
-            .unwrap()
-            .unwrap();
+        let ok =
+            check_metadata(br#"{"name":"kv","ports":[8080,22],"health_path":"/health","extra":1}"#)
+                .unwrap()
+                .unwrap();
         assert_eq!(ok.ports, [8080, 22]);
         let cases: [(&[u8], &str); 10] = [
             (b"\xff\xfe", "not UTF-8"),
@@ -659,9 +668,18 @@ mod tests {
             (br#"{"name":"","ports":[]}"#, "app name"),
             (br#"{"name":"a\u0007","ports":[]}"#, "control"),
             (br#"{"name":"a","ports":[0]}"#, "port 0"),
-            (br#"{"name":"a","ports":[80,80]}"#, "port 80 is listed twice"),
-            (br#"{"name":"a","ports":[80],"health_path":"health"}"#, "health path"),
-            (br#"{"name":"a","ports":[80],"health_path":"/a b"}"#, "health path"),
+            (
+                br#"{"name":"a","ports":[80,80]}"#,
+                "port 80 is listed twice",
+            ),
+            (
+                br#"{"name":"a","ports":[80],"health_path":"health"}"#,
+                "health path",
+            ),
+            (
+                br#"{"name":"a","ports":[80],"health_path":"/a b"}"#,
+                "health path",
+            ),
         ];
         for (bad, says) in cases {
             let e = check_metadata(bad).unwrap_err().to_string();

@@ -168,7 +168,10 @@ fn damage_is_named() {
     let p = dir.path().join("bad");
     std::fs::write(&p, &b).unwrap();
     let err = inspect(&p).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("Segment {last} hash mismatch")), "{err}");
+    assert!(
+        err.starts_with(&format!("Segment {last} hash mismatch")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -117,8 +117,8 @@ mod validate;
 
 pub use api::{ErrorBody, OverlayEntry, PushReceipt};
 pub use client::{list_overlays, push_overlay, ListOverlaysError, PushError};
+pub use cloudlet_overlay::InvalidOverlay;
 pub use error::RegistryError;
 pub use range::{parse_range, ByteRange};
 pub use server::{router, serve, serve_listener, validate_name, RegistryConfig, RegistryState};
 pub use storage::{OpenStorageError, StorageLocation};
-pub use cloudlet_overlay::InvalidOverlay;

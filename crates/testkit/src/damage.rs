@@ -90,7 +90,11 @@ pub fn matrix(overlay: &[u8]) -> Vec<Damaged> {
         ("truncated-in-magic", 5, "the header".into()),
         ("truncated-in-header", 100, "the header".into()),
         ("truncated-after-header", HEADER_LEN, "the manifest".into()),
-        ("truncated-in-manifest", (HEADER_LEN + data) / 2, "the manifest".into()),
+        (
+            "truncated-in-manifest",
+            (HEADER_LEN + data) / 2,
+            "the manifest".into(),
+        ),
         (
             "truncated-in-first-segment",
             ((seg(first).start + seg(first).end) / 2) as usize,
@@ -127,16 +131,31 @@ pub fn matrix(overlay: &[u8]) -> Vec<Damaged> {
         Area::Prefix,
         "Unsupported overlay format version 3".into(),
     );
-    add("flip-header-file-length", flip(41, 3), Area::Prefix, header_hash.clone());
+    add(
+        "flip-header-file-length",
+        flip(41, 3),
+        Area::Prefix,
+        header_hash.clone(),
+    );
     add("flip-header-hash", flip(120, 7), Area::Prefix, header_hash);
-    add("flip-manifest-start", flip(HEADER_LEN, 0), Area::Prefix, manifest_hash.clone());
+    add(
+        "flip-manifest-start",
+        flip(HEADER_LEN, 0),
+        Area::Prefix,
+        manifest_hash.clone(),
+    );
     add(
         "flip-manifest-middle",
         flip((HEADER_LEN + data) / 2, 4),
         Area::Prefix,
         manifest_hash.clone(),
     );
-    add("flip-manifest-end", flip(data - 1, 6), Area::Prefix, manifest_hash);
+    add(
+        "flip-manifest-end",
+        flip(data - 1, 6),
+        Area::Prefix,
+        manifest_hash,
+    );
     let middle_of = |i: u32| ((seg(i).start + seg(i).end) / 2) as usize;
     add(
         "flip-first-segment",
@@ -188,9 +207,18 @@ pub fn matrix(overlay: &[u8]) -> Vec<Damaged> {
     let mut bad_meta = |name: &str, metadata: &[u8], says: &str| {
         let mut mm = m.clone();
         mm.metadata = metadata.to_vec();
-        add(name, rewrite(overlay, &mm), Area::Prefix, format!("Metadata: {says}"));
+        add(
+            name,
+            rewrite(overlay, &mm),
+            Area::Prefix,
+            format!("Metadata: {says}"),
+        );
     };
-    bad_meta("metadata-not-json", b"kvstore on 8080", "not the app's JSON");
+    bad_meta(
+        "metadata-not-json",
+        b"kvstore on 8080",
+        "not the app's JSON",
+    );
     bad_meta(
         "metadata-port-zero",
         br#"{"name":"kvstore","ports":[0]}"#,
