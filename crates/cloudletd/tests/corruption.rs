@@ -86,7 +86,7 @@ async fn refused(d: &Daemon, case: &Damaged, path: &Path, url: Option<&str>) -> 
     // Nothing left: no QEMU of this daemon, no file in its VM directories
     // (cleanup may finish just after the answer), a failed record at most.
     let settle = Instant::now();
-    while !(d.vm_files().is_empty() && !qemu_of(d)) {
+    while !d.vm_files().is_empty() || qemu_of(d) {
         if settle.elapsed() > Duration::from_secs(5) {
             return Err(format!(
                 "{how}: left behind: files {:?}, QEMU running: {}",
