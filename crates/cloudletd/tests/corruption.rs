@@ -1,15 +1,18 @@
 //! The corruption matrix through synthesis (the other tools' side is in
 //! `crates/cli/tests/corruption.rs`): each of the 28 damaged copies of the
 //! kvstore overlay is refused by a real daemon with a 4xx that names the
-//! cause, the same words as `cloudlet overlay inspect`, leaving no VM
-//! running and no RAM or disk file behind; then a good copy still runs.
+//! cause (422 `invalid_overlay` in the same words as `cloudlet overlay
+//! inspect`; 409 `base_not_held` naming the base for the overlay of a base
+//! this cloudlet lacks), leaving no VM running and no RAM or disk file
+//! behind; then a good copy still runs.
 //!
 //! One daemon for every case. Damage seen in the header, manifest, metadata
 //! or length is refused before any segment is fetched, through an upload and
 //! through a URL. Damage inside a segment is found when that segment
-//! arrives, after the VM has started (early start): the segment pipeline
-//! reports it fast once a segment stays bad, until then this test allows
-//! each such case 60 s.
+//! arrives, possibly after the VM has started (early start); how fast it is
+//! then reported is the segment pipeline's part (`src/synth`, which ends
+//! the synthesis as soon as a segment stays bad), so each such case is
+//! allowed 60 s here and runs once, through the URL.
 
 mod common;
 
