@@ -39,8 +39,9 @@ pub struct CreateConfig {
     pub device_state: Vec<u8>,
     /// Opaque identifier of the base VM.
     pub base_id: String,
-    /// Opaque app metadata stored in the manifest (at most 64 KiB); the
-    /// daemon puts JSON of `cloudlet_api::AppInfo` here.
+    /// App metadata stored in the manifest (at most 64 KiB): empty, or JSON
+    /// of [`crate::AppMetadata`] (the daemon's `cloudlet_api::AppInfo`);
+    /// anything else is refused.
     pub metadata: Vec<u8>,
     /// Chunk codec.
     pub codec: Codec,
@@ -266,6 +267,9 @@ pub fn create_overlay_to_writer<W: Write>(
             format::MAX_METADATA_LEN
         )));
     }
+    // What every reader refuses is not written (see `validate`).
+    crate::validate::check_metadata(&config.metadata)
+        .map_err(|e| CreateOverlayError::InvalidConfig(e.to_string()))?;
     if config.device_state.len() > MAX_DEVICE_STATE_LEN as usize {
         return Err(CreateOverlayError::InvalidConfig(
             "device state too large".into(),

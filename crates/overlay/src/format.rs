@@ -38,9 +38,11 @@
 //! ```text
 //! u32 chunk_size                 power of two, 512..=1 MiB (4096 by default)
 //! u16 base_id_len, base_id       UTF-8, at most 1024 bytes, opaque
-//! u32 metadata_len, metadata     opaque app metadata, at most 64 KiB (the
-//!                                daemon stores JSON of `cloudlet_api::AppInfo`:
-//!                                app name, ports, health path, command)
+//! u32 metadata_len, metadata     app metadata, at most 64 KiB: empty (no app)
+//!                                or UTF-8 JSON of the app, `{"name", "ports",
+//!                                "health_path"?, "command"?}` (see
+//!                                `validate::AppMetadata` for the rules; the
+//!                                daemon reads it as `cloudlet_api::AppInfo`)
 //! u64 base_disk_size, base_mem_size, disk_size, mem_size
 //! [32] base_disk_hash, base_mem_hash      image hashes (see below)
 //! [32] disk_hash, mem_hash                image hashes of the launch images
@@ -75,6 +77,13 @@
 //!   disk, the base disk is seen as extended with zeros to the launch size.
 //! - launch hash: `BLAKE3("cloudlet-overlay launch v1" || disk image hash ||
 //!   memory image hash || device state hash)`.
+//!
+//! # Valid overlays
+//!
+//! This module parses the layout and checks its consistency (the parser
+//! treats the metadata as bytes). What makes a whole file a valid overlay
+//! (the metadata's rules, the exact length, the base id, every segment's
+//! hash) is checked by [`crate::validate`], which every tool uses.
 //!
 //! # Compatibility
 //!
@@ -247,7 +256,8 @@ pub struct Header {
 pub struct Manifest {
     pub chunk_size: u32,
     pub base_id: String,
-    /// Opaque app metadata (at most [`MAX_METADATA_LEN`] bytes).
+    /// App metadata (at most [`MAX_METADATA_LEN`] bytes; its rules:
+    /// [`crate::validate::check_metadata`]).
     pub metadata: Vec<u8>,
     pub base_disk_size: u64,
     pub base_mem_size: u64,

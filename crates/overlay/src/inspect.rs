@@ -12,9 +12,10 @@ use serde::Serialize;
 use crate::apply::{self, ApplyOverlayError};
 use crate::codec::Codec;
 use crate::format::{
-    self, chunk_count, ChunkKind, ChunkSource, FormatError, Image, Manifest, SegmentCodec,
-    SegmentKind, Transform,
+    self, chunk_count, ChunkKind, ChunkSource, Image, Manifest, SegmentCodec, SegmentKind,
+    Transform,
 };
+use crate::validate::{ValidOverlay, ValidateOverlayError, Validation};
 
 /// Chunks and logical bytes of one kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -99,49 +100,15 @@ pub struct OverlayInfo {
     pub base_mem_hash: String,
 }
 
-/// Why an overlay could not be inspected.
-#[derive(Debug, thiserror::Error)]
-pub enum InspectOverlayError {
-    #[error("Cannot read {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(transparent)]
-    Format(#[from] FormatError),
-}
+/// Why an overlay could not be inspected: it is unreadable or not valid
+/// ([`Validation::full`]).
+pub type InspectOverlayError = ValidateOverlayError;
 
-/// Reads the header and manifest of the overlay at `path` and explains it.
+/// Validates the overlay at `path` ([`Validation::full`]: structure, length
+/// and every segment's hash, no base needed) and explains it.
 pub fn inspect(path: &Path) -> Result<OverlayInfo, InspectOverlayError> {
-    let err = |source| InspectOverlayError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(err)?;
-    let len = file.metadata().map_err(err)?.len();
-    let mut head = vec![0u8; format::HEADER_LEN.min(len as usize)];
-    file.read_exact_at(&mut head, 0).map_err(err)?;
-    let header = format::Header::parse(&head)?;
-    let r = header.manifest_range();
-    if len < r.end {
-        return Err(FormatError::Truncated {
-            offset: len,
-            needed: r.end - len,
-        }
-        .into());
-    }
-    let mut stored = vec![0u8; (r.end - r.start) as usize];
-    file.read_exact_at(&mut stored, r.start).map_err(err)?;
-    let m = Manifest::parse(&header, &stored)?;
-    if len < header.file_len {
-        return Err(FormatError::Truncated {
-            offset: len,
-            needed: header.file_len - len,
-        }
-        .into());
-    }
-    Ok(info(&header, &m))
+    let v = Validation::full().check_file(path)?;
+    Ok(info(&v.header, &v.manifest))
 }
 
 /// Explains a parsed header and manifest.
@@ -250,6 +217,8 @@ impl fmt::Display for OverlayInfo {
 /// Why an overlay failed verification.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyOverlayError {
+    #[error(transparent)]
+    Invalid(#[from] ValidateOverlayError),
     #[error("Base {image} image is not the overlay's base (image hash mismatch)")]
     BaseMismatch { image: Image },
     #[error("Cannot read base {image} image {}", path.display())]
@@ -266,15 +235,24 @@ pub enum VerifyOverlayError {
 /// The paths of a base VM.
 #[derive(Debug, Clone)]
 pub struct BaseImages {
+    /// The base's id: when given, the overlay must name it.
+    pub id: Option<String>,
     pub disk: PathBuf,
     pub mem: PathBuf,
 }
 
-/// Checks everything: header, manifest, that the base images are the
-/// overlay's base, every segment, every chunk and the launch-state hash.
-/// Writes nothing. Returns what inspect returns.
+/// Checks everything: the overlay's validity ([`Validation::full`], for
+/// the base `base.id`), that the base images are the overlay's base, every
+/// chunk and the launch-state hash. Writes nothing. Returns what inspect
+/// returns.
 pub fn verify(path: &Path, base: &BaseImages) -> Result<OverlayInfo, VerifyOverlayError> {
-    let (_file, header, manifest) = apply::open_overlay(path)?;
+    let mut check = Validation::full();
+    if let Some(id) = &base.id {
+        check = check.base(id.clone());
+    }
+    let ValidOverlay {
+        header, manifest, ..
+    } = check.check_file(path)?;
     for (image, p, size, expected) in [
         (
             Image::Disk,

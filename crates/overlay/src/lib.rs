@@ -2,8 +2,10 @@
 //! from its base VM, deduplicated, delta-encoded and compressed.
 //!
 //! - [`create_overlay`] builds an overlay from base and launch images.
-//! - [`inspect`] explains an overlay without its base; [`verify`] checks it
-//!   against a base.
+//! - [`Validation`] says whether a file is a valid overlay (the one answer
+//!   that inspect, verify, the registry and the daemon share).
+//! - [`inspect`] validates and explains an overlay without its base;
+//!   [`verify`] checks it against a base.
 //! - [`apply_overlay`] rebuilds the launch images; [`Applier`] does the same
 //!   segment by segment, as they arrive.
 //! - [`LaunchPlan`] says which segments a VM needs before it can start
@@ -20,6 +22,7 @@ pub mod format;
 mod fsutil;
 pub mod fuzzing;
 mod inspect;
+pub mod validate;
 
 pub use apply::{
     apply_overlay, apply_overlay_from_reader, read_manifest, Applier, ApplyConfig, ApplyOutput,
@@ -35,4 +38,8 @@ pub use format::{FormatError, Hash, Header, Image, Manifest, FORMAT_VERSION};
 pub use inspect::{
     chunk_stats, info, inspect, verify, BaseImages, ChunkStats, InspectOverlayError, KindStats,
     OverlayInfo, VerifyOverlayError,
+};
+pub use validate::{
+    check_metadata, AppMetadata, InvalidOverlay, Level, ValidOverlay, ValidateOverlayError,
+    Validation,
 };

@@ -49,7 +49,16 @@ proptest! {
         ],
         metadata in prop_oneof![
             Just(Vec::new()),
-            prop::collection::vec(any::<u8>(), 0..2000),
+            ("[a-z][a-z0-9 ._-]{0,40}", prop::collection::btree_set(1u16..=u16::MAX, 0..6), prop::option::of("/[a-z0-9/]{0,30}"), prop::option::of(".{0,200}"))
+                .prop_map(|(name, ports, health_path, command)| {
+                    serde_json::to_vec(&cloudlet_overlay::AppMetadata {
+                        name,
+                        ports: ports.into_iter().collect(),
+                        health_path,
+                        command,
+                    })
+                    .unwrap()
+                }),
         ],
     ) {
         let mut vm = random_vm(seed, disk, mem, grow, tail);
@@ -91,11 +100,16 @@ fn dedup_kinds_are_found() {
     assert_eq!(stats.chunks.literal.chunks, 1, "{stats:?}");
     apply_overlay(&ov, &vm.apply_config()).unwrap();
     vm.check_output();
-    let base = BaseImages {
+    let mut base = BaseImages {
+        id: Some("base-1".into()),
         disk: vm.path("base.disk"),
         mem: vm.path("base.mem"),
     };
     verify(&ov, &base).unwrap();
+    // Images that are the base, under another id: not this overlay's base.
+    base.id = Some("base-2".into());
+    let err = verify(&ov, &base).unwrap_err().to_string();
+    assert_eq!(err, "Overlay is for base base-1, this base is base-2");
 }
 
 #[test]
@@ -126,6 +140,7 @@ fn wrong_base_is_refused() {
     );
     assert!(vm.out_is_empty());
     let base = BaseImages {
+        id: Some("base-1".into()),
         disk: vm.path("base.disk"),
         mem: vm.path("base.mem"),
     };
@@ -236,17 +251,29 @@ fn mismatched_sizes_are_refused() {
 #[test]
 fn metadata_is_bounded_and_kept() {
     let mut vm = random_vm(13, 8, 8, 0, 0);
-    vm.metadata = vec![b'x'; cloudlet_overlay::format::MAX_METADATA_LEN];
+    let head = br#"{"name":"x","ports":[],"command":""#;
+    let mut meta = head.to_vec();
+    meta.resize(cloudlet_overlay::format::MAX_METADATA_LEN - 2, b'x');
+    meta.extend_from_slice(br#""}"#);
+    vm.metadata = meta;
     vm.write();
     let ov = overlay_path(vm.dir.path());
     create_overlay(&vm.create_config(Codec::default()), &ov).unwrap();
     let info = inspect(&ov).unwrap();
     assert_eq!(info.metadata, vm.metadata);
-    assert!(info.to_string().contains("app metadata     xxx"), "{info}");
+    assert!(
+        info.to_string().contains(r#"app metadata     {"name":"x""#),
+        "{info}"
+    );
     std::fs::remove_file(&ov).unwrap();
-    vm.metadata.push(b'x');
+    vm.metadata.insert(head.len(), b'x');
     let err = create_overlay(&vm.create_config(Codec::default()), &ov).unwrap_err();
     assert!(err.to_string().contains("metadata"), "{err}");
+    assert!(!ov.exists());
+    // Metadata every reader would refuse is not written either.
+    vm.metadata = br#"{"name":"x","ports":[0]}"#.to_vec();
+    let err = create_overlay(&vm.create_config(Codec::default()), &ov).unwrap_err();
+    assert!(err.to_string().contains("port 0"), "{err}");
     assert!(!ov.exists());
 }
 

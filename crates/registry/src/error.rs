@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::api::ErrorBody;
-use crate::validate::InvalidOverlay;
+use cloudlet_overlay::InvalidOverlay;
 
 /// Why a registry request failed. Each variant has a stable
 /// [`kind`](Self::kind) and one HTTP status.

@@ -85,9 +85,11 @@
 //!
 //! Needs `Authorization: Bearer TOKEN` with one of the configured push tokens
 //! (`401` otherwise; a registry without tokens refuses every push). The body
-//! is the overlay file, streamed. The registry checks it while it streams:
-//! the header and manifest must parse, every segment must match its hash, and
-//! the body must end exactly at the file length the header announces.
+//! is the overlay file, streamed. The registry checks it while it streams,
+//! with the validation every tool uses (`cloudlet_overlay::Validation`, full
+//! level, any base id): the header, manifest and app metadata must be valid,
+//! every segment must match its hash, and the body must end exactly at the
+//! file length the header announces.
 //! Anything else is `400` (`invalid_overlay`, with the reason) and nothing is
 //! stored. On success `201` with a [`PushReceipt`]
 //! `{"name", "size", "base_id"}`. A push to an existing name replaces it
@@ -121,8 +123,8 @@ mod validate;
 
 pub use api::{ErrorBody, OverlayEntry, PushReceipt};
 pub use client::{list_overlays, push_overlay, ListOverlaysError, PushError};
+pub use cloudlet_overlay::InvalidOverlay;
 pub use error::RegistryError;
 pub use range::{parse_range, ByteRange};
 pub use server::{router, serve, serve_listener, validate_name, RegistryConfig, RegistryState};
 pub use storage::{OpenStorageError, StorageLocation};
-pub use validate::{InvalidOverlay, OverlayValidator, ValidatedOverlay};

@@ -20,7 +20,8 @@ use crate::api::{ErrorBody, OverlayEntry, PushReceipt};
 use crate::error::RegistryError;
 use crate::range::parse_range;
 use crate::storage::{OpenStorageError, StorageLocation};
-use crate::validate::{InvalidOverlay, OverlayValidator, ValidatedOverlay, DEFAULT_MAX_PREFIX_LEN};
+use crate::validate::{push_check, DEFAULT_MAX_PREFIX_LEN};
+use cloudlet_overlay::ValidOverlay;
 
 /// What an operator gives to run a registry (`cloudlet registry serve`).
 #[derive(Debug, Clone)]
@@ -556,8 +557,10 @@ async fn receive_overlay(
     announced: Option<u64>,
     stream: &mut BodyDataStream,
     upload: &mut Option<Upload>,
-) -> Result<ValidatedOverlay, RegistryError> {
-    let mut validator = OverlayValidator::new(state.inner.max_prefix_len);
+) -> Result<ValidOverlay, RegistryError> {
+    // With a Content-Length, a body of the wrong length is refused as soon
+    // as the header and manifest have passed.
+    let mut validator = push_check(state.inner.max_prefix_len, announced);
     let mut pending: Vec<Bytes> = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(RegistryError::Body)?;
@@ -574,18 +577,7 @@ async fn receive_overlay(
             }
             None => {
                 pending.push(chunk);
-                if let Some(header) = validator.header() {
-                    match announced {
-                        Some(announced) if announced != header.file_len => {
-                            return Err(RegistryError::InvalidOverlay(
-                                InvalidOverlay::LengthMismatch {
-                                    announced,
-                                    file_len: header.file_len,
-                                },
-                            ));
-                        }
-                        _ => {}
-                    }
+                if validator.header().is_some() {
                     let multipart = state
                         .store()
                         .put_multipart(&state.location(name))

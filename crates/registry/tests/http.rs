@@ -337,7 +337,8 @@ async fn bad_overlays_are_refused_and_leave_nothing() {
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "{what}");
     }
 
-    // A Content-Length that disagrees with the overlay header.
+    // A Content-Length that disagrees with the overlay header: refused
+    // with the same words as `cloudlet overlay inspect`.
     let r = reg
         .http
         .put(reg.url("app"))
@@ -354,7 +355,14 @@ async fn bad_overlays_are_refused_and_leave_nothing() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let e: ErrorBody = r.json().await.unwrap();
-    assert!(e.error.contains("announces"), "{}", e.error);
+    assert!(
+        e.error.contains(&format!(
+            "Overlay truncated at byte {}, in segment",
+            file.len() - 1
+        )),
+        "{}",
+        e.error
+    );
     assert_eq!(reg.stored_files(), Vec::<PathBuf>::new());
 
     // A refused push leaves the previous version in place.

@@ -5,9 +5,11 @@
 //! parallel test binaries from building it twice.
 //!
 //! [`request`] and [`http`] talk HTTP/1.1 to guest apps (and anything else) with a
-//! small blocking client of this crate's own ([`client`]).
+//! small blocking client of this crate's own ([`client`]). [`damage`] makes
+//! the corruption matrix of damaged overlays.
 
 pub mod client;
+pub mod damage;
 pub mod etcd;
 
 use std::net::{SocketAddr, TcpListener};

@@ -7,7 +7,7 @@ use std::io::Read;
 use clap::Args;
 use cloudlet_api::directory::SearchQuery;
 use cloudlet_client::directory::{DirectoryClient, Discovery, ProbeOptions};
-use cloudlet_overlay::format::{parse_prefix, Header, HEADER_LEN};
+use cloudlet_overlay::format::{Header, HEADER_LEN};
 
 use crate::Output;
 
@@ -130,8 +130,10 @@ pub async fn overlay_base_id(overlay: &str) -> anyhow::Result<String> {
         head.extend_from_slice(&rest);
         head
     };
-    let (_, manifest) = parse_prefix(&prefix)?;
-    Ok(manifest.base_id)
+    // The daemon's own check before it fetches segments (the length is its
+    // to check).
+    let v = cloudlet_overlay::Validation::structure().check_prefix(&prefix, None)?;
+    Ok(v.manifest.base_id)
 }
 
 #[cfg(test)]

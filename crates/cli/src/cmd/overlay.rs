@@ -23,10 +23,12 @@ pub enum OverlayCommand {
     /// An overlay from launch images given directly (disk raw or qcow2 top
     /// over the base disk, RAM file, device state).
     CreateRaw(CreateRawArgs),
-    /// Explain an overlay without its base: sizes by chunk kind, codec,
-    /// dedup sources, base id, app metadata.
+    /// Check an overlay without its base (header, manifest, app metadata,
+    /// length, every segment's hash) and explain it: sizes by chunk kind,
+    /// codec, dedup sources, base id, app metadata.
     Inspect { file: PathBuf },
-    /// Check an overlay against a base: every hash, nothing written.
+    /// Check an overlay against a base: what inspect checks, that it is for
+    /// this base (id and images), every chunk; nothing written.
     Verify {
         file: PathBuf,
         #[arg(long)]
@@ -225,6 +227,7 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
             let b = store.get(&base)?;
             let start = Instant::now();
             let images = BaseImages {
+                id: Some(b.manifest.id.clone()),
                 disk: b.disk_path(),
                 mem: b.memory_path(),
             };

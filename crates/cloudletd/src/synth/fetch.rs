@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cloudlet_overlay::format::{Header, HEADER_LEN};
-use cloudlet_overlay::Manifest;
+use cloudlet_overlay::{Manifest, Validation};
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -39,6 +39,8 @@ pub enum FetchOverlayError {
     Truncated { got: u64, expected: u64 },
     #[error("Not an overlay: {0}")]
     Format(#[from] cloudlet_overlay::FormatError),
+    #[error(transparent)]
+    Invalid(#[from] cloudlet_overlay::InvalidOverlay),
     #[error("Invalid segment fetch order: {reason}")]
     InvalidOrder { reason: String },
     #[error("The segment fetcher stopped: {detail}")]
@@ -105,15 +107,13 @@ impl OverlaySource {
                         })
                     }
                 };
+                let total = total_len(&resp);
                 let stream = resp
                     .bytes_stream()
                     .map(|r| r.map_err(|e| crate::error_chain(&e)));
-                Ok(ByteStream::new(
-                    Box::pin(stream),
-                    start,
-                    skip,
-                    end.map(|e| e - start),
-                ))
+                let mut s = ByteStream::new(Box::pin(stream), start, skip, end.map(|e| e - start));
+                s.total = total;
+                Ok(s)
             }
             OverlaySource::File(path) => {
                 let mut f =
@@ -129,47 +129,41 @@ impl OverlaySource {
                         detail: e.to_string(),
                     }
                 })?;
+                let total = f.metadata().await.ok().map(|m| m.len());
                 let reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match end {
                     Some(e) => Box::new(f.take(e - start)),
                     None => Box::new(f),
                 };
                 let stream = tokio_util::io::ReaderStream::with_capacity(reader, 1 << 20)
                     .map(|r| r.map_err(|e| e.to_string()));
-                Ok(ByteStream::new(
-                    Box::pin(stream),
-                    start,
-                    0,
-                    end.map(|e| e - start),
-                ))
+                let mut s = ByteStream::new(Box::pin(stream), start, 0, end.map(|e| e - start));
+                s.total = total;
+                Ok(s)
             }
         }
     }
 
-    /// Fetch and check the header and manifest.
+    /// Fetch the header and manifest and check them with the validation
+    /// every tool shares (structure, app metadata, the exact length), before
+    /// any segment is fetched; segments are checked as they arrive.
     pub async fn manifest(&self) -> Result<(Header, Manifest, u64), FetchOverlayError> {
         let mut first = self.range(0, Some(FIRST_FETCH)).await?;
         let mut buf = first.read_up_to(FIRST_FETCH).await?;
-        if (buf.len() as u64) < HEADER_LEN as u64 {
-            return Err(FetchOverlayError::Truncated {
-                got: buf.len() as u64,
-                expected: HEADER_LEN as u64,
-            });
-        }
-        let header = Header::parse(&buf[..HEADER_LEN])?;
-        let mrange = header.manifest_range();
-        if (buf.len() as u64) < mrange.end {
-            let mut rest = self.range(buf.len() as u64, Some(mrange.end)).await?;
-            let more = rest.read_up_to(mrange.end - buf.len() as u64).await?;
+        // The length from the answer, else from where a short overlay ended.
+        let len = first
+            .total
+            .or(((buf.len() as u64) < FIRST_FETCH).then_some(buf.len() as u64));
+        let check = Validation::structure();
+        let end = check.prefix_len(&buf[..buf.len().min(HEADER_LEN)])?;
+        // (Not past the end of a shorter overlay: the check says where it
+        // ends.)
+        if (buf.len() as u64) < end.min(len.unwrap_or(u64::MAX)) {
+            let mut rest = self.range(buf.len() as u64, Some(end)).await?;
+            let more = rest.read_up_to(end - buf.len() as u64).await?;
             buf.extend_from_slice(&more);
         }
-        if (buf.len() as u64) < mrange.end {
-            return Err(FetchOverlayError::Truncated {
-                got: buf.len() as u64,
-                expected: mrange.end,
-            });
-        }
-        let manifest = Manifest::parse(&header, &buf[mrange.start as usize..mrange.end as usize])?;
-        Ok((header, manifest, mrange.end))
+        let v = check.check_prefix(&buf, len)?;
+        Ok((v.header, v.manifest, end))
     }
 
     /// The overlay's bytes `range`, by one request of their own (a segment
@@ -189,6 +183,16 @@ impl OverlaySource {
     }
 }
 
+/// The whole file's length from an answer: `Content-Range: bytes a-b/LEN`
+/// of a 206, the `Content-Length` of a 200.
+fn total_len(resp: &reqwest::Response) -> Option<u64> {
+    if resp.status().as_u16() == 200 {
+        return resp.content_length();
+    }
+    let v = resp.headers().get(reqwest::header::CONTENT_RANGE)?;
+    v.to_str().ok()?.rsplit_once('/')?.1.trim().parse().ok()
+}
+
 type Inner = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
 /// A byte stream with exact reads; `skip` bytes at its start are dropped.
@@ -201,6 +205,8 @@ pub struct ByteStream {
     pos: u64,
     limit: Option<u64>,
     counters: Option<Arc<FetchCounters>>,
+    /// The whole overlay's length, when the source tells it.
+    total: Option<u64>,
 }
 
 impl ByteStream {
@@ -213,6 +219,7 @@ impl ByteStream {
             pos: 0,
             limit,
             counters: None,
+            total: None,
         }
     }
 
