@@ -9,10 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use cloudlet_overlay::Validation;
-use cloudlet_package::{package_app, PackageConfig};
 use cloudlet_registry::{RegistryConfig, RegistryState, StorageLocation};
 use cloudlet_testkit::damage::{matrix, Damaged, Expect};
-use cloudlet_testkit::{guest_bin, test_home, tiny_base};
+use cloudlet_testkit::{test_home, tiny_base};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cloudlet");
 const TOKEN: &str = "matrix-token-0123456789";
@@ -21,33 +20,9 @@ const TOKEN: &str = "matrix-token-0123456789";
 pub const SEGMENT_SIZE: u32 = 128 << 10;
 
 /// The kvstore app packaged on the tiny base with [`SEGMENT_SIZE`]: the same
-/// cached file as the daemon's tests build
-/// (`crates/cloudletd/tests/common`, `kvstore_overlay_with`).
+/// cached file as the daemon's tests use.
 async fn kvstore_overlay() -> PathBuf {
-    let (store, base) = tiny_base().await;
-    let dir = test_home().join("overlays");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!(
-        "kvstore-{}-seg{SEGMENT_SIZE}.overlay",
-        &base.manifest.id[..12]
-    ));
-    let lock = cloudlet_testkit::lock_exclusive(&dir.join(".lock"))
-        .await
-        .unwrap();
-    if !out.exists() {
-        let app = tempfile::tempdir().unwrap();
-        std::fs::copy(guest_bin("kvstore"), app.path().join("kvstore")).unwrap();
-        let mut cfg = PackageConfig::new("tiny", "kvstore", "./kvstore --port 8080", 8080, &out);
-        cfg.install_dir = Some(app.path().to_path_buf());
-        cfg.health_path = Some("/health".into());
-        cfg.work_dir = test_home().join("work");
-        cfg.segment_size = Some(SEGMENT_SIZE);
-        package_app(&store, &cfg, |_| {})
-            .await
-            .expect("package kvstore");
-    }
-    drop(lock);
-    out
+    cloudlet_testkit::packaged_kvstore(Some(SEGMENT_SIZE)).await
 }
 
 async fn start_registry(dir: &Path) -> String {

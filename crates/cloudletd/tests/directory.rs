@@ -14,7 +14,7 @@ use cloudlet_api::directory::{Registration, SearchAnswer, SearchQuery};
 use cloudlet_api::CreateVmRequest;
 use cloudlet_client::DirectoryClient;
 use cloudlet_directory::{Background, DirectoryConfig, Serving};
-use common::{kvstore_overlay, qemu_running, start_registry, Daemon, TOKEN};
+use common::{kvstore_overlay, qemu_running, Daemon};
 
 const HEARTBEAT: Duration = Duration::from_millis(1000);
 const LEASE: Duration = Duration::from_millis(2000);
@@ -93,13 +93,8 @@ fn joined(url: &str, lat: f64) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cloudlets_join_move_through_and_leave_the_directory() {
-    let overlay = kvstore_overlay().await;
     let tmp = tempfile::tempdir().unwrap();
-    let registry = start_registry(tmp.path()).await;
-    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
-        .await
-        .unwrap();
-    let overlay_url = format!("{registry}/v1/overlays/kvstore");
+    let (_, overlay_url) = common::registry_with_kvstore(tmp.path()).await;
     let store = tmp.path().join("directory.redb");
     let dir = directory("127.0.0.1:0", &store).await;
 

@@ -619,7 +619,11 @@ async fn the_back_end_follows_the_device_by_itself() {
             if to == "a" { 2 } else { 1 },
             "questions on the way to {to}"
         );
-        assert!(rtt < 10.0, "the RTT came back to the near value: {rtt} ms");
+        // Near is 2 ms each way, far 30 ms: the probe after the move is on
+        // the near side when it is well under the far RTT (60 ms). Under
+        // TCG with another VM test beside it a near probe took 11 ms once,
+        // so no tighter bound than half the far RTT.
+        assert!(rtt < 30.0, "the RTT came back to the near value: {rtt} ms");
         let t = moves.last().unwrap().1;
         assert!(
             t < Duration::from_secs(10),

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cloudlet_api::CreateVmRequest;
-use common::{kvstore_overlay, start_registry, Daemon, TOKEN};
+use common::{registry_with_kvstore, Daemon, TOKEN};
 use serde_json::{json, Value};
 
 /// The run's settings: see the module doc for why each is there.
@@ -77,13 +77,8 @@ fn add_examples(doc: &mut Value, overlay_url: &str, vm_id: &str, base: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn schemathesis_finds_nothing_against_a_live_daemon() {
-    let overlay = kvstore_overlay().await;
     let reg_dir = tempfile::tempdir().unwrap();
-    let registry = start_registry(reg_dir.path()).await;
-    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
-        .await
-        .unwrap();
-    let overlay_url = format!("{registry}/v1/overlays/kvstore");
+    let (_, overlay_url) = registry_with_kvstore(reg_dir.path()).await;
     let d = Daemon::start("[capacity]\nvcpus = 8\nmemory_mib = 8192\nvms = 2\n").await;
     let c = d.client();
     let vm = c
@@ -121,12 +116,8 @@ async fn schemathesis_finds_nothing_against_a_live_daemon() {
 /// The registry (a real one, over a real directory) with the overlay in it.
 #[tokio::test(flavor = "multi_thread")]
 async fn schemathesis_finds_nothing_against_a_live_registry() {
-    let overlay = kvstore_overlay().await;
     let reg_dir = tempfile::tempdir().unwrap();
-    let registry = start_registry(reg_dir.path()).await;
-    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
-        .await
-        .unwrap();
+    let (registry, _) = registry_with_kvstore(reg_dir.path()).await;
     let mut doc: Value = reqwest::get(format!("{registry}/openapi.json"))
         .await
         .unwrap()

@@ -72,6 +72,36 @@ pub async fn tiny_base() -> (BaseStore, BaseVm) {
     (store, base)
 }
 
+/// The kvstore guest app packaged on the tiny base as an overlay with
+/// payload segments of `segment_size` raw bytes (`None`: the default),
+/// built once per size into the shared test home and cached.
+pub async fn packaged_kvstore(segment_size: Option<u32>) -> PathBuf {
+    use cloudlet_package::{package_app, PackageConfig};
+    let (store, base) = tiny_base().await;
+    let dir = test_home().join("overlays");
+    std::fs::create_dir_all(&dir).expect("create the overlay cache");
+    let suffix = segment_size.map(|s| format!("-seg{s}")).unwrap_or_default();
+    let out = dir.join(format!(
+        "kvstore-{}{suffix}.overlay",
+        &base.manifest.id[..12]
+    ));
+    let lock = lock_exclusive(&dir.join(".lock")).await.expect("lock file");
+    if !out.exists() {
+        let app = tempfile::tempdir().expect("temp dir");
+        std::fs::copy(guest_bin("kvstore"), app.path().join("kvstore")).expect("copy kvstore");
+        let mut cfg = PackageConfig::new("tiny", "kvstore", "./kvstore --port 8080", 8080, &out);
+        cfg.install_dir = Some(app.path().to_path_buf());
+        cfg.health_path = Some("/health".into());
+        cfg.work_dir = test_home().join("work");
+        cfg.segment_size = segment_size;
+        package_app(&store, &cfg, |_| {})
+            .await
+            .expect("package kvstore");
+    }
+    drop(lock);
+    out
+}
+
 /// An exclusive lock on `path` (created if missing), held until the file
 /// drops: what builds a shared cached artifact once across the test
 /// processes (and benchmarks) that want it at the same time.

@@ -7,9 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloudlet_client::Client;
-use cloudlet_package::{package_app, PackageConfig};
 use cloudlet_registry::{RegistryConfig, RegistryState, StorageLocation};
-use cloudlet_testkit::{free_port, guest_bin, test_home, tiny_base};
+use cloudlet_testkit::{free_port, tiny_base};
 
 pub const TOKEN: &str = "test-token-0123456789";
 
@@ -21,31 +20,7 @@ pub async fn kvstore_overlay() -> PathBuf {
 /// kvstore packaged with payload segments of `segment_size` raw bytes
 /// (`None`: the default), built once per size and cached.
 pub async fn kvstore_overlay_with(segment_size: Option<u32>) -> PathBuf {
-    let (store, base) = tiny_base().await;
-    let dir = test_home().join("overlays");
-    std::fs::create_dir_all(&dir).unwrap();
-    let suffix = segment_size.map(|s| format!("-seg{s}")).unwrap_or_default();
-    let out = dir.join(format!(
-        "kvstore-{}{suffix}.overlay",
-        &base.manifest.id[..12]
-    ));
-    let lock = cloudlet_testkit::lock_exclusive(&dir.join(".lock"))
-        .await
-        .unwrap();
-    if !out.exists() {
-        let app = tempfile::tempdir().unwrap();
-        std::fs::copy(guest_bin("kvstore"), app.path().join("kvstore")).unwrap();
-        let mut cfg = PackageConfig::new("tiny", "kvstore", "./kvstore --port 8080", 8080, &out);
-        cfg.install_dir = Some(app.path().to_path_buf());
-        cfg.health_path = Some("/health".into());
-        cfg.work_dir = test_home().join("work");
-        cfg.segment_size = segment_size;
-        package_app(&store, &cfg, |_| {})
-            .await
-            .expect("package kvstore");
-    }
-    drop(lock);
-    out
+    cloudlet_testkit::packaged_kvstore(segment_size).await
 }
 
 /// A registry on a free port serving `dir`.
@@ -57,6 +32,18 @@ pub async fn start_registry(dir: &Path) -> String {
     let state = RegistryState::open(&cfg).unwrap();
     tokio::spawn(cloudlet_registry::serve_listener(listener, state));
     format!("http://{addr}")
+}
+
+/// A registry over `dir` with the kvstore overlay pushed as `kvstore`:
+/// the registry's URL and the overlay's.
+pub async fn registry_with_kvstore(dir: &Path) -> (String, String) {
+    let overlay = kvstore_overlay().await;
+    let registry = start_registry(dir).await;
+    cloudlet_registry::push_overlay(&registry, TOKEN, "kvstore", &overlay)
+        .await
+        .unwrap();
+    let url = format!("{registry}/v1/overlays/kvstore");
+    (registry, url)
 }
 
 /// A `cloudletd` process with its own home (sharing the test bases).
