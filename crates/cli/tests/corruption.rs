@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use cloudlet_overlay::Validation;
-use cloudlet_registry::{RegistryConfig, RegistryState, StorageLocation};
 use cloudlet_testkit::damage::{matrix, Damaged, Expect};
 use cloudlet_testkit::{test_home, tiny_base};
 
@@ -26,13 +25,7 @@ async fn kvstore_overlay() -> PathBuf {
 }
 
 async fn start_registry(dir: &Path) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut cfg = RegistryConfig::new(addr, StorageLocation::Dir(dir.to_path_buf()));
-    cfg.push_tokens = vec![TOKEN.into()];
-    let state = RegistryState::open(&cfg).unwrap();
-    tokio::spawn(cloudlet_registry::serve_listener(listener, state));
-    format!("http://{addr}")
+    cloudlet_testkit::local_registry(dir, TOKEN).await
 }
 
 async fn cloudlet(args: &[&str]) -> Output {

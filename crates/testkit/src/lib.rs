@@ -72,6 +72,21 @@ pub async fn tiny_base() -> (BaseStore, BaseVm) {
     (store, base)
 }
 
+/// A real overlay registry over the directory `dir`, on a free loopback
+/// port, taking pushes with `token`: its URL.
+pub async fn local_registry(dir: &Path, token: &str) -> String {
+    use cloudlet_registry::{RegistryConfig, RegistryState, StorageLocation};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the registry");
+    let addr = listener.local_addr().expect("registry address");
+    let mut cfg = RegistryConfig::new(addr, StorageLocation::Dir(dir.to_path_buf()));
+    cfg.push_tokens = vec![token.into()];
+    let state = RegistryState::open(&cfg).expect("open the registry's storage");
+    tokio::spawn(cloudlet_registry::serve_listener(listener, state));
+    format!("http://{addr}")
+}
+
 /// The kvstore guest app packaged on the tiny base as an overlay with
 /// payload segments of `segment_size` raw bytes (`None`: the default),
 /// built once per size into the shared test home and cached.

@@ -7,7 +7,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloudlet_client::Client;
-use cloudlet_registry::{RegistryConfig, RegistryState, StorageLocation};
 use cloudlet_testkit::{free_port, tiny_base};
 
 pub const TOKEN: &str = "test-token-0123456789";
@@ -25,13 +24,7 @@ pub async fn kvstore_overlay_with(segment_size: Option<u32>) -> PathBuf {
 
 /// A registry on a free port serving `dir`.
 pub async fn start_registry(dir: &Path) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut cfg = RegistryConfig::new(addr, StorageLocation::Dir(dir.to_path_buf()));
-    cfg.push_tokens = vec![TOKEN.into()];
-    let state = RegistryState::open(&cfg).unwrap();
-    tokio::spawn(cloudlet_registry::serve_listener(listener, state));
-    format!("http://{addr}")
+    cloudlet_testkit::local_registry(dir, TOKEN).await
 }
 
 /// A registry over `dir` with the kvstore overlay pushed as `kvstore`:
