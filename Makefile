@@ -59,7 +59,7 @@ bench: deps build
 ## The OpenAPI document kept in docs/ (CI checks it matches the code).
 openapi:
 	$(CARGO) run -q -p cloudletd -- --openapi > docs/openapi.json
-	UPDATE_OPENAPI=1 $(CARGO) test -q -p cloudlet-registry --test openapi
+	UPDATE_OPENAPI=1 $(CARGO) test -q -p cloudlet-registry --lib openapi
 
 clean:
 	$(CARGO) clean

@@ -2,6 +2,10 @@
 //! half-started, the daemon keeps serving.
 
 mod common;
+#[path = "bad_input/corruption.rs"]
+mod corruption;
+#[path = "bad_input/damaged_segments.rs"]
+mod damaged_segments;
 
 use cloudlet_api::CreateVmRequest;
 use cloudlet_client::Client;

@@ -7,6 +7,8 @@
 //! deregisters; a directory that goes away does not stop the cloudlet.
 
 mod common;
+#[path = "directory/wan.rs"]
+mod wan;
 
 use std::time::{Duration, Instant};
 

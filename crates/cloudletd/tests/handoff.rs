@@ -1,6 +1,10 @@
 //! Live handoff between two real `cloudletd` processes, on real QEMU.
 
 mod common;
+#[path = "handoff/safety.rs"]
+mod safety;
+#[path = "handoff/wan.rs"]
+mod wan;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -15,13 +15,12 @@
 //! events, which schemathesis would wait on until its timeout (the event
 //! stream has its own tests).
 
-mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cloudlet_api::CreateVmRequest;
-use common::{registry_with_kvstore, Daemon, TOKEN};
+use crate::common::{registry_with_kvstore, Daemon, TOKEN};
 use serde_json::{json, Value};
 
 /// The run's settings: see the module doc for why each is there.

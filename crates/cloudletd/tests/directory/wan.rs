@@ -12,7 +12,6 @@
 //! own order), the second on `far` (`mid` is now full), and each answer
 //! explains the choice and what was left out.
 
-mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -21,7 +20,7 @@ use std::time::{Duration, Instant};
 use cloudlet_client::{Client, DirectoryClient};
 use cloudlet_testkit::tiny_base;
 use cloudlet_wan::{Side, Wan, WanConfig};
-use common::{in_ns, kvstore_overlay, TOKEN};
+use crate::common::{in_ns, kvstore_overlay, TOKEN};
 
 const API_PORT: u16 = 7450;
 const DIR_PORT: u16 = 7470;

@@ -12,7 +12,6 @@
 //!   gone, no file is left, the daemon keeps serving;
 //! - healthy, on a slow link: the progress reaches complete.
 
-mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +21,7 @@ use cloudlet_api::{CreateVmRequest, VmEvent, VmInfo, VmState};
 use cloudlet_overlay::{LaunchPlan, Manifest};
 use cloudlet_testkit::http;
 use cloudletd::synth::heal::SEGMENT_REFETCHES;
-use common::{kvstore_overlay_with, qemu_running, range_server, Daemon, TOKEN};
+use crate::common::{kvstore_overlay_with, qemu_running, range_server, Daemon, TOKEN};
 use tokio::io::AsyncWriteExt;
 
 /// kvstore with small segments (128 KiB: many of them, most not needed

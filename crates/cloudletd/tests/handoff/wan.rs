@@ -3,7 +3,6 @@
 //! link (`cloudlet-wan`). Every client call is made from inside a namespace
 //! (the daemons, their QEMUs and the QEMU port forwards live there).
 
-mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -15,7 +14,7 @@ use cloudlet_api::{AppInfo, HandoffOffer, HandoffReport, VmInfo, VmState};
 use cloudlet_client::{Client, ClientError};
 use cloudlet_testkit::{http, tiny_base};
 use cloudlet_wan::{Side, Wan, WanConfig};
-use common::{in_ns, kvstore_overlay, TOKEN};
+use crate::common::{in_ns, kvstore_overlay, TOKEN};
 
 /// Port every daemon listens on, inside its own namespace.
 const API_PORT: u16 = 7450;

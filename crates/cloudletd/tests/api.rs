@@ -1,0 +1,12 @@
+//! The daemon's API as a contract: its handlers over a fake cloudlet
+//! (`fake`), the OpenAPI document kept in docs/ (`openapi`), and
+//! schemathesis against a live daemon and a live registry (`schemathesis`).
+//! One test binary (each one costs CI a link of the whole daemon).
+
+mod common;
+#[path = "api/fake.rs"]
+mod fake;
+#[path = "api/openapi.rs"]
+mod openapi;
+#[path = "api/schemathesis.rs"]
+mod schemathesis;
