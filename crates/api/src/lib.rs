@@ -5,6 +5,7 @@
 //! renamed, and new fields have defaults, so old clients keep working.
 
 pub mod directory;
+pub mod events;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -140,18 +141,25 @@ pub struct PortMapping {
     pub endpoint: String,
 }
 
-/// Where synthesis stands.
+/// Where a synthesis or a handoff stands (the stages:
+/// [`events::ProgressEvent`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 pub struct Progress {
-    /// `queued`, `fetching`, `applying`, `restoring`, `ready`, `failed`.
+    /// Synthesis: `queued`, `fetching`, `applying`, `restoring`, `ready`,
+    /// `failed`; handoff: `preparing`, `disk`, `memory`, `switchover`,
+    /// `committing`.
     pub stage: String,
     pub bytes_fetched: u64,
     pub bytes_total: u64,
     pub segments_applied: u32,
     pub segments_total: u32,
-    /// Handoff: bytes per second on the link, recently.
+    /// Handoff: bits per second on the link, recently.
     #[serde(default)]
     pub rate_bps: u64,
+    /// Handoff: how fast the guest dirties its memory, bytes per second
+    /// (QEMU's measure, during the `memory` stage).
+    #[serde(default)]
+    pub dirty_rate_bps: u64,
     /// Handoff: QEMU's precopy iteration.
     #[serde(default)]
     pub iteration: u64,
@@ -308,6 +316,15 @@ pub struct HandoffReport {
     /// the source reached it; empty from a source of an earlier release).
     #[serde(default)]
     pub destination_url: String,
+}
+
+impl HandoffReport {
+    /// The VM's downtime: from the source's stop to the destination's
+    /// resume, in whole ms (rounded).
+    pub fn downtime_ms(&self) -> u64 {
+        let us = (self.destination_resume_us - self.source_stop_us).max(0) as u64;
+        (us + 500) / 1000
+    }
 }
 
 /// Version of the cloudlet-to-cloudlet handoff protocol: the calls

@@ -14,16 +14,19 @@
 
 use std::path::Path;
 
+use cloudlet_api::events::HandoffRecord;
 use cloudlet_api::{BaseVmInfo, CloudletInfo, CreateVmRequest, VmInfo};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 
 pub mod directory;
+pub mod events;
 pub mod forward;
 mod http;
 pub mod session;
 
 pub use directory::{Choice, DirectoryClient, Discovery, Probe, ProbeOptions};
+pub use events::Events;
 use http::{chain, Http};
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +194,23 @@ impl Client {
         self.send(self.request(Method::DELETE, "/v1/drain"))
             .await
             .map(|_| ())
+    }
+
+    /// What happens on the cloudlet from now on (`GET /v1/events`).
+    pub async fn events(&self) -> Result<Events, ClientError> {
+        let r = self.request(Method::GET, "/v1/events");
+        Ok(Events::new(self.send(r).await?))
+    }
+
+    /// The handoffs out of the cloudlet, the newest first (`GET /v1/handoffs`).
+    pub async fn handoffs(&self) -> Result<Vec<HandoffRecord>, ClientError> {
+        self.json(self.request(Method::GET, "/v1/handoffs")).await
+    }
+
+    /// One handoff out of the cloudlet, with its course over time.
+    pub async fn get_handoff(&self, handoff_id: &str) -> Result<HandoffRecord, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/handoffs/{handoff_id}")))
+            .await
     }
 
     pub async fn metrics(&self) -> Result<String, ClientError> {

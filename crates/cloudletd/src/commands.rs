@@ -74,8 +74,13 @@ pub trait CloudletOps: Send + Sync + 'static {
         &self,
         hid: &str,
     ) -> impl Future<Output = Result<(), ReceiveHandoffError>> + Send;
-    /// Every change of a VM's state from now on (`GET /v1/events`).
-    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::VmEvent>;
+    /// Every change of a VM's state and the progress of what runs, from
+    /// now on (`GET /v1/events`).
+    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::events::CloudletEvent>;
+    /// The handoffs out of here, the newest first, at most `limit`.
+    fn handoffs(&self, limit: usize) -> Vec<cloudlet_api::events::HandoffRecord>;
+    /// One handoff out of here.
+    fn handoff(&self, handoff_id: &str) -> Option<cloudlet_api::events::HandoffRecord>;
     /// Does `token` open the session of VM `id` (id or name)?
     fn session_opens(&self, id: &str, token: &str) -> bool;
     /// Maintenance: no new work, every VM handed to a neighbour.
@@ -313,6 +318,13 @@ impl CloudletOps for Daemon {
             Err(e) => {
                 self.cloudlet.metrics.synthesis_failed();
                 tracing::warn!(vm_id = %id, "synthesis failed: {e}");
+                progress.finish(
+                    "failed",
+                    crate::progress::Ending {
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                );
                 paths.remove();
                 if let Some(rec) = self.cloudlet.update(&id, |en| {
                     en.record.set_state_or_log(VmState::Failed);
@@ -413,8 +425,16 @@ impl CloudletOps for Daemon {
         self.arrivals.abort(&self.cloudlet, hid).await
     }
 
-    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::VmEvent> {
+    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::events::CloudletEvent> {
         self.cloudlet.store.events()
+    }
+
+    fn handoffs(&self, limit: usize) -> Vec<cloudlet_api::events::HandoffRecord> {
+        self.cloudlet.handoffs.list(limit)
+    }
+
+    fn handoff(&self, handoff_id: &str) -> Option<cloudlet_api::events::HandoffRecord> {
+        self.cloudlet.handoffs.get(handoff_id)
     }
 
     fn session_opens(&self, id: &str, token: &str) -> bool {

@@ -26,6 +26,7 @@ pub mod directory;
 pub mod drain;
 pub mod handoff;
 pub mod metrics;
+pub mod progress;
 pub mod retry;
 pub mod synth;
 pub mod throttle;

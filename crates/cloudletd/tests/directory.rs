@@ -196,36 +196,24 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
     // Both cloudlets' event streams, followed through the move.
     let follow = |url: String| {
         tokio::spawn(async move {
-            let resp = reqwest::get(format!("{url}/v1/events")).await.unwrap();
-            let mut body = futures::StreamExt::boxed(resp.bytes_stream());
+            // Reads need no credential.
+            let mut events = cloudlet_client::Client::new(&url, None)
+                .events()
+                .await
+                .unwrap();
             let mut seen: Vec<cloudlet_api::VmEvent> = Vec::new();
-            let mut buf = String::new();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                let next = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    futures::StreamExt::next(&mut body),
-                )
-                .await;
-                if let Ok(Some(Ok(b))) = next {
-                    buf.push_str(&String::from_utf8_lossy(&b));
-                }
-                while let Some(i) = buf.find("\n\n") {
-                    let frame: String = buf.drain(..i + 2).collect();
-                    if let Some(d) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
-                        if let Ok(e) = serde_json::from_str(d.trim()) {
-                            seen.push(e);
-                        }
-                    }
-                }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, events.next()).await {
+                let Ok(cloudlet_api::events::CloudletEvent::Vm(e)) = ev else {
+                    continue;
+                };
                 // The end of a move: out (moved) or in (running again).
                 use cloudlet_api::VmState as S;
-                let done = seen.iter().any(|e| {
-                    matches!(
-                        (e.from, e.state),
-                        (_, Some(S::Moved)) | (Some(S::Receiving), Some(S::Running))
-                    )
-                });
+                let done = matches!(
+                    (e.from, e.state),
+                    (_, Some(S::Moved)) | (Some(S::Receiving), Some(S::Running))
+                );
+                seen.push(e);
                 if done {
                     break;
                 }

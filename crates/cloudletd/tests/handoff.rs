@@ -1,6 +1,8 @@
 //! Live handoff between two real `cloudletd` processes, on real QEMU.
 
 mod common;
+#[path = "handoff/events.rs"]
+mod events;
 #[path = "handoff/safety.rs"]
 mod safety;
 #[path = "handoff/wan.rs"]

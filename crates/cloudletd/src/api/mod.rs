@@ -13,6 +13,7 @@ pub mod bases;
 pub mod cloudlet;
 pub mod error;
 pub mod handoff;
+pub mod history;
 pub mod openapi;
 pub mod vms;
 
@@ -94,6 +95,8 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
             guard(get(handoff::handoff_arrival::<C>)),
         )
         .route("/v1/events", get(vms::events::<C>))
+        .route("/v1/handoffs", get(history::list_handoffs::<C>))
+        .route("/v1/handoffs/{handoff_id}", get(history::get_handoff::<C>))
         .route("/metrics", get(cloudlet::metrics::<C>))
         .route(
             "/openapi.json",

@@ -13,14 +13,14 @@ use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, ResponseBuilder};
 
-use super::{bases, cloudlet, handoff, vms};
+use super::{bases, cloudlet, handoff, history, vms};
 use utoipa::OpenApi;
 
 /// The OpenAPI 3 document of this API (served at `/openapi.json`).
 #[derive(OpenApi)]
 #[openapi(
     info(title = "cloudlet", description = "Cloudlet REST API: base VMs, VM synthesis, handoff"),
-    paths(cloudlet::cloudlet_info, cloudlet::ping, bases::list_bases, bases::import_base, bases::delete_base, vms::list_vms, vms::create_vm, vms::get_vm, vms::events, vms::delete_vm, cloudlet::metrics, cloudlet::drain, cloudlet::resume, vms::handoff_vm, handoff::handoff_prepare, handoff::handoff_stream, handoff::handoff_commit, handoff::handoff_abort, handoff::handoff_arrival),
+    paths(cloudlet::cloudlet_info, cloudlet::ping, bases::list_bases, bases::import_base, bases::delete_base, vms::list_vms, vms::create_vm, vms::get_vm, vms::events, vms::delete_vm, cloudlet::metrics, cloudlet::drain, cloudlet::resume, vms::handoff_vm, handoff::handoff_prepare, handoff::handoff_stream, handoff::handoff_commit, handoff::handoff_abort, handoff::handoff_arrival, history::list_handoffs, history::get_handoff),
     components(schemas(
         CloudletInfo, BaseVmInfo, VmInfo, CreateVmRequest, ApiError,
         cloudlet_api::Location, cloudlet_api::Resources, cloudlet_api::Flavor, cloudlet_api::VmState,
@@ -29,7 +29,10 @@ use utoipa::OpenApi;
         cloudlet_api::HandoffPrepared, cloudlet_api::HandoffLoaded, cloudlet_api::HandoffCommitted,
         cloudlet_api::AppInfo, cloudlet_api::MemoryDifference, cloudlet_api::DifferingChunk,
         cloudlet_api::directory::Membership, cloudlet_api::DrainReport, cloudlet_api::DrainedVm,
-        cloudlet_api::VmEvent, cloudlet_api::Mobility
+        cloudlet_api::VmEvent, cloudlet_api::Mobility,
+        cloudlet_api::events::ProgressEvent, cloudlet_api::events::Operation,
+        cloudlet_api::events::HandoffRecord, cloudlet_api::events::HandoffSample,
+        cloudlet_api::events::HandoffOutcome
     )),
     modifiers(&BearerAuth, &Complete)
 )]

@@ -107,27 +107,35 @@ pub(super) async fn handoff_vm<C: CloudletOps>(
     Ok(Json(st.ops.handoff_vm(&id, req).await?))
 }
 
-/// Every change of a VM's state on this cloudlet, as server-sent events
-/// (`data:` one `VmEvent` as JSON a line), from the moment of the call.
+/// What happens on this cloudlet, from the moment of the call, as
+/// server-sent events: every change of a VM's state (no `event:` name,
+/// `data:` one `VmEvent` as JSON), the progress of every synthesis and
+/// handoff out (`event: progress`, one `ProgressEvent`), `event: lagged`
+/// when this watcher fell behind (`data:` the events it missed).
 #[utoipa::path(get, path = "/v1/events",
-    responses((status = 200, description = "text/event-stream of VmEvent", body = cloudlet_api::VmEvent)))]
+    responses((status = 200, description = "text/event-stream: VmEvent (default event), ProgressEvent (event: progress), lagged (event: lagged, data: a count)",
+        content_type = "text/event-stream", body = cloudlet_api::VmEvent)))]
 pub(super) async fn events<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
 ) -> axum::response::sse::Sse<
     impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
 > {
     use axum::response::sse::{Event, KeepAlive, Sse};
+    use cloudlet_api::events::CloudletEvent;
     let rx = st.ops.events();
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let ev = match rx.recv().await {
-            Ok(e) => Event::default().data(serde_json::to_string(&e).unwrap_or_default()),
+            Ok(e) => e,
             // A watcher that fell behind is told, and goes on.
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                Event::default().event("lagged").data(n.to_string())
-            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => CloudletEvent::Lagged(n),
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
         };
-        Some((Ok(ev), rx))
+        let sse = Event::default().data(ev.data());
+        let sse = match ev.sse_name() {
+            Some(name) => sse.event(name),
+            None => sse,
+        };
+        Some((Ok(sse), rx))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -14,8 +14,9 @@ use crate::config::CloudletConfig;
 use crate::core::lifecycle::VmLifecycle;
 use crate::core::store::{Store, StoreError, VmRecord};
 use crate::metrics::Metrics;
+use crate::progress::{LiveProgress, Watch};
 use crate::synth::fetch::FetchOverlayError;
-use crate::synth::{SynthProgress, SynthesizeError, VmPaths, STAGE_STREAMING};
+use crate::synth::{SynthesizeError, VmPaths, STAGE_STREAMING};
 
 /// Why a VM could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +82,7 @@ pub enum BaseOpError {
 pub(crate) struct Entry {
     pub(crate) record: VmRecord,
     pub(crate) vm: Option<Arc<Vm>>,
-    pub(crate) progress: Arc<SynthProgress>,
+    pub(crate) progress: Arc<LiveProgress>,
 }
 
 /// The file that marks a cloudlet in maintenance.
@@ -99,6 +100,8 @@ pub struct Cloudlet {
     pub(crate) spares: Arc<crate::synth::spares::Spares>,
     /// Its membership of the directory, and the peers learned there.
     pub(crate) directory: crate::core::membership::Membership,
+    /// The handoffs out of here (`GET /v1/handoffs`).
+    pub(crate) handoffs: crate::handoff::history::HandoffHistory,
     /// In maintenance (`POST /v1/drain`): no new VMs, no moves in. Kept as
     /// the file `home/draining` across restarts.
     draining: std::sync::atomic::AtomicBool,
@@ -142,6 +145,7 @@ impl Cloudlet {
             accel,
             spares: Arc::new(crate::synth::spares::Spares::new(&home)),
             directory: crate::core::membership::Membership::default(),
+            handoffs: crate::handoff::history::HandoffHistory::open(&home),
             draining: std::sync::atomic::AtomicBool::new(home.join(DRAINING).exists()),
         });
         c.recover().await?;
@@ -335,7 +339,7 @@ impl Cloudlet {
     pub(crate) fn reserve(
         &self,
         mut rec: VmRecord,
-    ) -> Result<(Arc<SynthProgress>, Vec<PortForward>), CreateVmError> {
+    ) -> Result<(Arc<LiveProgress>, Vec<PortForward>), CreateVmError> {
         let mut m = self.registry();
         let mut used = Resources::default();
         for e in m.values().filter(|e| holds_resources(e.record.state)) {
@@ -379,8 +383,10 @@ impl Cloudlet {
             .collect();
         self.release_name(&mut m, &rec.name)?;
         self.store.put(&rec)?;
-        let progress = Arc::new(SynthProgress::default());
-        progress.set_stage("queued");
+        let progress = LiveProgress::watched(
+            Watch::synthesis(&rec.id, &rec.name, self.store.event_sender()),
+            "queued",
+        );
         m.insert(
             rec.id.clone(),
             Entry {

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use cloudlet_api::events::CloudletEvent;
 use cloudlet_api::{AppInfo, PortMapping, Progress, StageTiming, VmInfo, VmState};
 use cloudlet_qemu::VmSpec;
 use redb::{Database, ReadableTable, TableDefinition};
@@ -227,8 +228,9 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 
 pub struct Store {
     db: Database,
-    /// Every change of a VM's state, as stored (`GET /v1/events`).
-    events: tokio::sync::broadcast::Sender<cloudlet_api::VmEvent>,
+    /// Every change of a VM's state, as stored, and the progress of what
+    /// runs (`GET /v1/events`).
+    events: tokio::sync::broadcast::Sender<CloudletEvent>,
     /// The state each VM was last stored with.
     last: std::sync::Mutex<std::collections::HashMap<String, VmState>>,
 }
@@ -252,9 +254,15 @@ impl Store {
         })
     }
 
-    /// The state changes from now on.
-    pub fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::VmEvent> {
+    /// The state changes (and progress) from now on.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<CloudletEvent> {
         self.events.subscribe()
+    }
+
+    /// Where the progress of an operation is told (beside the state
+    /// changes, in the order they happen).
+    pub fn event_sender(&self) -> tokio::sync::broadcast::Sender<CloudletEvent> {
+        self.events.clone()
     }
 
     /// Tell the watchers when `rec`'s state differs from the stored one
@@ -269,10 +277,8 @@ impl Store {
         if from == now {
             return;
         }
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let _ = self.events.send(cloudlet_api::VmEvent {
+        let unix_ms = crate::progress::unix_ms();
+        let _ = self.events.send(CloudletEvent::Vm(cloudlet_api::VmEvent {
             vm_id: id.to_string(),
             name: rec.map(|r| r.name.clone()).unwrap_or_default(),
             from,
@@ -283,7 +289,7 @@ impl Store {
             error: rec.and_then(|r| r.error.clone()),
             unix_ms,
             mobility: cloudlet_api::Mobility::of(from, now),
-        });
+        }));
     }
 
     pub fn put(&self, rec: &VmRecord) -> Result<(), StoreError> {

@@ -47,6 +47,7 @@
 pub mod destination;
 mod error;
 mod events;
+pub mod history;
 pub mod peer;
 pub mod source;
 

@@ -18,11 +18,10 @@ use cloudlet_api::StageTiming;
 use cloudlet_overlay::{Applier, ApplyConfig, ApplyOutput, ApplyOverlayError, Manifest};
 use cloudlet_qemu::Vm;
 
+use crate::progress::{Ending, LiveProgress};
 use crate::synth::fetch::{FetchOverlayError, OverlaySource};
 use crate::synth::heal::Healer;
-use crate::synth::{
-    app_ready, io_error, stage, vm_spec, SynthProgress, SynthRequest, SynthesizeError,
-};
+use crate::synth::{app_ready, io_error, stage, vm_spec, SynthRequest, SynthesizeError};
 
 /// Segments in flight between the fetch task and the apply thread.
 const PIPELINE_DEPTH: usize = 8;
@@ -30,7 +29,7 @@ const PIPELINE_DEPTH: usize = 8;
 /// Synthesis that applies the whole overlay before the VM resumes.
 pub(crate) async fn synthesize_full(
     req: SynthRequest<'_>,
-    progress: &SynthProgress,
+    progress: &LiveProgress,
 ) -> Result<(Vm, Vec<StageTiming>), SynthesizeError> {
     let mut timings = Vec::new();
     let start = Instant::now();
@@ -78,7 +77,7 @@ pub(crate) async fn synthesize_full(
         return Err(e);
     }
     timings.push(stage("total", start));
-    progress.set_stage("ready");
+    progress.finish("ready", Ending::default());
     Ok((vm, timings))
 }
 
@@ -90,7 +89,7 @@ async fn fetch_and_apply(
     file_len: u64,
     config: ApplyConfig,
     healer: Healer,
-    progress: &SynthProgress,
+    progress: &LiveProgress,
 ) -> Result<ApplyOutput, SynthesizeError> {
     let data_offset = manifest.data_offset;
     let segments: Vec<(u64, u64)> = manifest

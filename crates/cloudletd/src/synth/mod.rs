@@ -22,17 +22,18 @@
 //!   instead of copying the base while the user waits.
 //!
 //! This module holds what both ways share: the request ([`SynthRequest`]),
-//! the VM's files ([`VmPaths`]), live progress ([`SynthProgress`]), the
+//! the VM's files ([`VmPaths`]), the
 //! stages ([`stage`], [`STAGE_STREAMING`]), the guest's identity and app
 //! check ([`app_ready`]) and the errors. `full` and `early` depend on it and
 //! on `fetch`, never on each other.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudlet_api::{AppInfo, StageTiming};
+
+use crate::progress::LiveProgress;
 use cloudlet_base::BaseVm;
 use cloudlet_overlay::{ApplyOverlayError, LaunchPlan, Manifest};
 use cloudlet_qemu::postcopy::PostcopyStats;
@@ -72,39 +73,6 @@ pub enum SynthesizeError {
 
 /// The synthesis stage of a VM whose memory still streams in (early start).
 pub const STAGE_STREAMING: &str = "ready, memory streaming in";
-
-/// Live counters a client can follow.
-#[derive(Debug, Default)]
-pub struct SynthProgress {
-    pub stage: std::sync::Mutex<String>,
-    pub bytes_fetched: AtomicU64,
-    pub bytes_total: AtomicU64,
-    pub segments_applied: AtomicU32,
-    pub segments_total: AtomicU32,
-    pub rate_bps: AtomicU64,
-    pub iteration: AtomicU64,
-    pub remaining_bytes: AtomicU64,
-}
-
-impl SynthProgress {
-    pub fn set_stage(&self, s: &str) {
-        if let Ok(mut g) = self.stage.lock() {
-            *g = s.to_string();
-        }
-    }
-    pub fn snapshot(&self) -> cloudlet_api::Progress {
-        cloudlet_api::Progress {
-            stage: self.stage.lock().map(|s| s.clone()).unwrap_or_default(),
-            bytes_fetched: self.bytes_fetched.load(Ordering::Relaxed),
-            bytes_total: self.bytes_total.load(Ordering::Relaxed),
-            segments_applied: self.segments_applied.load(Ordering::Relaxed),
-            segments_total: self.segments_total.load(Ordering::Relaxed),
-            rate_bps: self.rate_bps.load(Ordering::Relaxed),
-            iteration: self.iteration.load(Ordering::Relaxed),
-            remaining_bytes: self.remaining_bytes.load(Ordering::Relaxed),
-        }
-    }
-}
 
 /// The app metadata an overlay carries (empty if none).
 pub fn app_info(manifest: &Manifest) -> Result<AppInfo, SynthesizeError> {
@@ -190,7 +158,7 @@ pub struct EarlyStats {
 /// first fetched first.
 pub async fn synthesize(
     req: SynthRequest<'_>,
-    progress: &Arc<SynthProgress>,
+    progress: &Arc<LiveProgress>,
     early_start: bool,
 ) -> Result<Synthesized, SynthesizeError> {
     if early_start && on_tmpfs(&req.paths.run) {

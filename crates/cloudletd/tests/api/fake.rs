@@ -149,8 +149,16 @@ impl CloudletOps for Fake {
         Err(ReceiveHandoffError::UnknownHandoff(hid.into()))
     }
 
-    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::VmEvent> {
+    fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::events::CloudletEvent> {
         tokio::sync::broadcast::channel(1).1
+    }
+
+    fn handoffs(&self, _limit: usize) -> Vec<cloudlet_api::events::HandoffRecord> {
+        Vec::new()
+    }
+
+    fn handoff(&self, _id: &str) -> Option<cloudlet_api::events::HandoffRecord> {
+        None
     }
 
     fn session_opens(&self, _id: &str, _token: &str) -> bool {

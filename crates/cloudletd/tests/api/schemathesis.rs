@@ -15,12 +15,11 @@
 //! events, which schemathesis would wait on until its timeout (the event
 //! stream has its own tests).
 
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cloudlet_api::CreateVmRequest;
 use crate::common::{registry_with_kvstore, Daemon, TOKEN};
+use cloudlet_api::CreateVmRequest;
 use serde_json::{json, Value};
 
 /// The run's settings: see the module doc for why each is there.
@@ -167,13 +166,17 @@ async fn run_schemathesis(doc: &Value, url: &str, config: &str) -> Run {
     let cfg = work.path().join("schemathesis.toml");
     std::fs::write(&cfg, config).unwrap();
     let started = Instant::now();
-    let (schema, url, cfg) = (
+    let (dir, schema, url, cfg) = (
+        work.path().to_path_buf(),
         schema.display().to_string(),
         url.to_string(),
         cfg.display().to_string(),
     );
     let out = tokio::task::spawn_blocking(move || {
+        // Its cache (`.schemathesis/`, crashes it replays) in the run's
+        // own directory: every run starts from the seed alone.
         Command::new("python3")
+            .current_dir(&dir)
             .args([
                 "-c",
                 "import sys; from schemathesis.cli import schemathesis; sys.argv[0] = 'st'; schemathesis()",

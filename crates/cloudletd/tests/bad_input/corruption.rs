@@ -14,14 +14,13 @@
 //! the synthesis as soon as a segment stays bad), so each such case is
 //! allowed 60 s here and runs once, through the URL.
 
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::common::{kvstore_overlay_with, start_registry, Daemon};
 use cloudlet_api::{CreateVmRequest, VmState};
 use cloudlet_client::{Client, ClientError};
 use cloudlet_testkit::damage::{matrix, Area, Damaged, Expect};
-use crate::common::{kvstore_overlay_with, start_registry, Daemon};
 
 const PREFIX_LIMIT: Duration = Duration::from_secs(10);
 const SEGMENT_LIMIT: Duration = Duration::from_secs(60);

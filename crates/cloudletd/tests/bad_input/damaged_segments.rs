@@ -12,16 +12,15 @@
 //!   gone, no file is left, the daemon keeps serving;
 //! - healthy, on a slow link: the progress reaches complete.
 
-
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{kvstore_overlay_with, qemu_running, range_server, Daemon};
 use cloudlet_api::{CreateVmRequest, VmEvent, VmInfo, VmState};
 use cloudlet_overlay::{LaunchPlan, Manifest};
 use cloudlet_testkit::http;
 use cloudletd::synth::heal::SEGMENT_REFETCHES;
-use crate::common::{kvstore_overlay_with, qemu_running, range_server, Daemon, TOKEN};
 use tokio::io::AsyncWriteExt;
 
 /// kvstore with small segments (128 KiB: many of them, most not needed
@@ -167,34 +166,18 @@ fn create(url: &str, name: &str) -> CreateVmRequest {
 /// The VM's events from now on, collected until one puts `name` in
 /// `until` (or 120 s pass).
 fn follow_events(d: &Daemon, until: VmState) -> tokio::task::JoinHandle<Vec<VmEvent>> {
-    let url = format!("{}/v1/events", d.url());
+    let client = d.client();
     tokio::spawn(async move {
-        let resp = reqwest::Client::new()
-            .get(url)
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let mut body = futures::StreamExt::boxed(resp.bytes_stream());
-        let (mut seen, mut buf) = (Vec::<VmEvent>::new(), String::new());
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let next =
-                tokio::time::timeout(Duration::from_secs(1), futures::StreamExt::next(&mut body))
-                    .await;
-            if let Ok(Some(Ok(b))) = next {
-                buf.push_str(&String::from_utf8_lossy(&b));
-            }
-            while let Some(i) = buf.find("\n\n") {
-                let frame: String = buf.drain(..i + 2).collect();
-                if let Some(d) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
-                    if let Ok(e) = serde_json::from_str(d.trim()) {
-                        seen.push(e);
-                    }
+        let mut events = client.events().await.unwrap();
+        let mut seen = Vec::<VmEvent>::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, events.next()).await {
+            if let Ok(cloudlet_api::events::CloudletEvent::Vm(e)) = ev {
+                let end = e.state == Some(until);
+                seen.push(e);
+                if end {
+                    break;
                 }
-            }
-            if seen.iter().any(|e| e.state == Some(until)) {
-                break;
             }
         }
         seen

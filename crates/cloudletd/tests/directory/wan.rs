@@ -12,15 +12,14 @@
 //! own order), the second on `far` (`mid` is now full), and each answer
 //! explains the choice and what was left out.
 
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::{in_ns, kvstore_overlay, TOKEN};
 use cloudlet_client::{Client, DirectoryClient};
 use cloudlet_testkit::tiny_base;
 use cloudlet_wan::{Side, Wan, WanConfig};
-use crate::common::{in_ns, kvstore_overlay, TOKEN};
 
 const API_PORT: u16 = 7450;
 const DIR_PORT: u16 = 7470;

@@ -4,12 +4,11 @@
 //! generation checked at each end), a stale offer, and a peer of another
 //! protocol version.
 
-
 use std::time::Duration;
 
+use crate::common::{kvstore_overlay, qemu_running, Daemon, TOKEN};
 use cloudlet_api::{AppInfo, HandoffOffer, VmState, HANDOFF_PROTOCOL};
 use cloudlet_testkit::http;
-use crate::common::{kvstore_overlay, qemu_running, Daemon, TOKEN};
 
 fn port_of(endpoint: &str) -> u16 {
     endpoint.rsplit(':').next().unwrap().parse().unwrap()

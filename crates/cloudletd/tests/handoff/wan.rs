@@ -3,18 +3,17 @@
 //! link (`cloudlet-wan`). Every client call is made from inside a namespace
 //! (the daemons, their QEMUs and the QEMU port forwards live there).
 
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{in_ns, kvstore_overlay, TOKEN};
 use cloudlet_api::{AppInfo, HandoffOffer, HandoffReport, VmInfo, VmState};
 use cloudlet_client::{Client, ClientError};
 use cloudlet_testkit::{http, tiny_base};
 use cloudlet_wan::{Side, Wan, WanConfig};
-use crate::common::{in_ns, kvstore_overlay, TOKEN};
 
 /// Port every daemon listens on, inside its own namespace.
 const API_PORT: u16 = 7450;

@@ -28,6 +28,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cloudlet_api::events::{HandoffOutcome, HandoffRecord, HANDOFF_HISTORY_VERSION};
 use cloudlet_api::{HandoffOffer, HandoffReport, HandoffRequest, StageTiming, VmState};
 use cloudlet_handoff::converge::{ConvergeConfig, Convergence};
 use cloudlet_handoff::session::SESSION_MAGIC;
@@ -43,7 +44,8 @@ use super::{base_memory, phase, HandoffError};
 use crate::core::cloudlet::Cloudlet;
 use crate::core::lifecycle::VmLifecycle;
 use crate::core::store::VmRecord;
-use crate::synth::{SynthProgress, STAGE_STREAMING};
+use crate::progress::{Ending, LiveProgress, Watch};
+use crate::synth::STAGE_STREAMING;
 use crate::throttle::DutyCycle;
 
 /// How long the whole handoff may take.
@@ -64,7 +66,7 @@ pub struct Source {
     /// The record as the handoff began (state `handing_off`).
     rec: VmRecord,
     peer: Peer,
-    progress: Arc<SynthProgress>,
+    progress: Arc<LiveProgress>,
     start: Instant,
     phases: Vec<StageTiming>,
     /// QEMU's events (STOP, MIGRATION).
@@ -115,23 +117,86 @@ pub async fn handoff_vm(
     req: HandoffRequest,
 ) -> Result<HandoffReport, HandoffError> {
     let start = Instant::now();
+    let started_unix_ms = crate::progress::unix_ms();
     wait_until_streamed(c, id, start + STREAMING_WAIT).await?;
-    let (id, vm, rec, progress) = claim(c, id)?;
-    c.store.put(&rec)?;
     // A URL or a name the directory knows; its token from the request,
     // the static peers or the directory.
     let (dest, known) = c.peer_for(&req.destination);
-    let token = req.token.clone().or(known);
+    let handoff_id = hex::encode(rand::random::<[u8; 8]>());
+    let (id, vm, rec, progress) = claim(c, id, &handoff_id, &dest)?;
+    let name = rec.name.clone();
+    let result = hand_off(
+        c,
+        (start, &handoff_id),
+        (id.clone(), vm, rec),
+        (dest.clone(), req.token.or(known)),
+        progress.clone(),
+    )
+    .await;
+    // The end, told and kept in the history.
+    let (outcome, stage, ending) = match &result {
+        Ok(r) => (
+            HandoffOutcome::Moved,
+            "moved",
+            Ending {
+                downtime_ms: Some(r.downtime_ms()),
+                destination: Some(r.destination_url.clone()),
+                error: None,
+            },
+        ),
+        Err(e) => (
+            HandoffOutcome::Failed,
+            "failed",
+            Ending {
+                error: Some(e.to_string()),
+                ..Ending::default()
+            },
+        ),
+    };
+    progress.finish(stage, ending);
+    let samples = progress.samples();
+    let report = result.as_ref().ok();
+    c.handoffs.record(HandoffRecord {
+        version: HANDOFF_HISTORY_VERSION,
+        handoff_id,
+        vm_id: id,
+        name,
+        destination: report.map_or(dest, |r| r.destination_url.clone()),
+        started_unix_ms,
+        total_ms: start.elapsed().as_millis() as u64,
+        outcome,
+        error: result.as_ref().err().map(|e| e.to_string()),
+        downtime_ms: report.map(|r| r.downtime_ms()),
+        wire_bytes: report.map_or(0, |r| r.wire_bytes),
+        raw_bytes: report.map_or(0, |r| r.raw_bytes),
+        disk_bytes: report.map_or(0, |r| r.disk_bytes),
+        phases: report.map(|r| r.phases.clone()).unwrap_or_default(),
+        switchover_ms: samples
+            .iter()
+            .find(|s| s.stage == "switchover")
+            .map(|s| s.t_ms),
+        samples,
+    });
+    result
+}
+
+/// The handoff of a claimed VM (state `handing_off`, stored here).
+async fn hand_off(
+    c: &Arc<Cloudlet>,
+    (start, handoff_id): (Instant, &str),
+    (id, vm, rec): (String, Arc<Vm>, VmRecord),
+    (dest, token): (String, Option<String>),
+    progress: Arc<LiveProgress>,
+) -> Result<HandoffReport, HandoffError> {
     let Some(token) = token else {
         if let Some(rec) = c.update(&id, |e| e.record.set_state_or_log(VmState::Running)) {
             let _ = c.store.put(&rec);
         }
         return Err(HandoffError::NoToken(dest));
     };
-    let handoff_id = hex::encode(rand::random::<[u8; 8]>());
     let span =
         tracing::info_span!("handoff", side = "source", vm_id = %id, handoff_id = %handoff_id);
-    let peer = Peer::new(&dest, &token, &handoff_id);
+    let peer = Peer::new(&dest, &token, handoff_id);
     let duty = DutyCycle::start(vm.qmp().clone());
     let refusal = Arc::new(OnceCell::new());
     let mut source = Source {
@@ -188,12 +253,14 @@ async fn wait_until_streamed(
     }
 }
 
-/// Mark the VM as handing off (in memory; the caller stores it): only a
-/// running VM with all its memory may.
+/// Mark the VM as handing off, stored (only a running VM with all its
+/// memory may), then watch the handoff's progress.
 fn claim(
     c: &Cloudlet,
     id: &str,
-) -> Result<(String, Arc<Vm>, VmRecord, Arc<SynthProgress>), HandoffError> {
+    handoff_id: &str,
+    dest: &str,
+) -> Result<(String, Arc<Vm>, VmRecord, Arc<LiveProgress>), HandoffError> {
     let mut m = c.registry();
     let key =
         crate::core::cloudlet::key_of(&m, id).ok_or_else(|| HandoffError::NotFound(id.into()))?;
@@ -208,8 +275,19 @@ fn claim(
         return Err(HandoffError::StillStarting(key));
     }
     e.record.set_state_or_log(VmState::HandingOff);
-    e.progress = Arc::default();
-    e.progress.set_stage("preparing");
+    if let Err(err) = c.store.put(&e.record) {
+        e.record.set_state_or_log(VmState::Running);
+        return Err(err.into());
+    }
+    e.progress = LiveProgress::watched(
+        Watch::handoff_out(
+            (&key, &e.record.name),
+            handoff_id,
+            dest,
+            c.store.event_sender(),
+        ),
+        "preparing",
+    );
     Ok((key, vm, e.record.clone(), e.progress.clone()))
 }
 

@@ -165,6 +165,9 @@ impl Source {
             self.progress
                 .remaining_bytes
                 .store(ram.remaining, Ordering::Relaxed);
+            self.progress
+                .dirty_rate_bps
+                .store(ram.dirty_bytes_rate() as u64, Ordering::Relaxed);
             m.conv
                 .observe_qemu(ram.dirty_sync_count, ram.dirty_bytes_rate() as f64);
         }

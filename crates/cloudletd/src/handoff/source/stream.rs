@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::flow::{FrameSender, Session};
 use crate::handoff::{drop_later, mark, HandoffError};
-use crate::synth::SynthProgress;
+use crate::progress::LiveProgress;
 
 /// How long the reader may be held (the control loop drains the link)
 /// before it takes the handoff for abandoned.
@@ -137,7 +137,7 @@ pub(super) struct MigrationReader {
     pub(super) conn: tokio::net::UnixStream,
     pub(super) frames: FrameSender,
     pub(super) sent: Arc<std::sync::atomic::AtomicU64>,
-    pub(super) progress: Arc<SynthProgress>,
+    pub(super) progress: Arc<LiveProgress>,
     /// Set while the link drains before the switchover: QEMU's writes wait.
     pub(super) hold: Arc<AtomicBool>,
     pub(super) vm_id: String,
@@ -158,7 +158,7 @@ impl MigrationReader {
     pub(super) fn new(
         session: &Session,
         conn: tokio::net::UnixStream,
-        progress: &Arc<SynthProgress>,
+        progress: &Arc<LiveProgress>,
         hold: &Arc<AtomicBool>,
         vm_id: &str,
         base: BaseMemory,

@@ -70,17 +70,18 @@ use self::apply::{start_fetch_and_apply, Applied, Background, Parts};
 use self::disk::{start_disk_server, EarlyDisk};
 use self::memory::{stream_memory, EarlyPages, MAIN_BLOCK};
 use self::tail::Tail;
+use crate::progress::LiveProgress;
 use crate::synth::fetch::FetchCounters;
 use crate::synth::{
-    app_ready, io_error, stage, vm_spec, EarlyStats, SynthProgress, SynthRequest, SynthesizeError,
-    Synthesized, STAGE_STREAMING,
+    app_ready, io_error, stage, vm_spec, EarlyStats, SynthRequest, SynthesizeError, Synthesized,
+    STAGE_STREAMING,
 };
 
 /// Synthesis with early start (see the module doc); `plan` says which
 /// segments the memory and the disk wait on.
 pub(crate) async fn synthesize_early(
     req: SynthRequest<'_>,
-    progress: &Arc<SynthProgress>,
+    progress: &Arc<LiveProgress>,
     plan: LaunchPlan,
 ) -> Result<Synthesized, SynthesizeError> {
     let start = Instant::now();
@@ -215,7 +216,7 @@ async fn start_incoming(
 async fn app_ready_reporting(
     vm: &Vm,
     req: &SynthRequest<'_>,
-    progress: &SynthProgress,
+    progress: &LiveProgress,
     st: &Applied,
     counters: &FetchCounters,
     timings: &mut Vec<StageTiming>,
@@ -242,7 +243,7 @@ async fn app_ready_reporting(
 
 /// The fetch and apply figures of an early start into `progress`.
 fn report_progress(
-    progress: &SynthProgress,
+    progress: &LiveProgress,
     st: &Applied,
     counters: &FetchCounters,
     data_offset: u64,

@@ -18,8 +18,9 @@ use tokio::task::JoinHandle;
 use super::apply::{Applied, Parts};
 use super::disk::switch_disk_to_file;
 use super::report_progress;
+use crate::progress::{Ending, LiveProgress};
 use crate::synth::fetch::FetchCounters;
-use crate::synth::{EarlyStats, SynthProgress, SynthesizeError};
+use crate::synth::{EarlyStats, SynthesizeError};
 
 /// What the tail takes over from the start.
 pub(super) struct Tail {
@@ -35,7 +36,7 @@ pub(super) struct Tail {
     /// When the synthesis request came.
     pub start: Instant,
     /// The VM's progress, kept current.
-    pub progress: Arc<SynthProgress>,
+    pub progress: Arc<LiveProgress>,
     /// Where the overlay's segments begin (progress counts the whole file).
     pub data_offset: u64,
 }
@@ -88,7 +89,15 @@ impl Tail {
                 _ = watcher => unreachable!("the watcher never ends"),
             };
             report_progress(&progress, &st2, &counters, data_offset);
-            progress.set_stage(if r.is_ok() { "ready" } else { "failed" });
+            let error = r.as_ref().err().map(|e: &SynthesizeError| e.to_string());
+            let stage = if error.is_none() { "ready" } else { "failed" };
+            progress.finish(
+                stage,
+                Ending {
+                    error,
+                    ..Ending::default()
+                },
+            );
             r
         })
     }
