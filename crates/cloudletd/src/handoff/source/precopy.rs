@@ -167,7 +167,7 @@ impl Source {
                 .store(ram.remaining, Ordering::Relaxed);
             self.progress
                 .dirty_rate_bps
-                .store(ram.dirty_bytes_rate() as u64, Ordering::Relaxed);
+                .store(ram.dirty_bytes_rate(), Ordering::Relaxed);
             m.conv
                 .observe_qemu(ram.dirty_sync_count, ram.dirty_bytes_rate() as f64);
         }
