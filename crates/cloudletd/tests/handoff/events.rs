@@ -33,7 +33,7 @@ fn collect(
     })
 }
 
-fn progress<'a>(seen: &'a [CloudletEvent], op: Operation) -> Vec<&'a ProgressEvent> {
+fn progress(seen: &[CloudletEvent], op: Operation) -> Vec<&ProgressEvent> {
     seen.iter()
         .filter_map(|e| match e {
             CloudletEvent::Progress(p) if p.operation == op => Some(p),
