@@ -14,13 +14,14 @@ set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils linux-image-amd64 busybox-static debootstrap
           e2fsprogs zstd xz-utils iproute2 curl tar binutils util-linux coreutils
-          etcd-server protobuf-compiler libprotobuf-dev)
+          etcd-server protobuf-compiler libprotobuf-dev chromium)
 # program  package  (what cloudlet runs, and where it comes from)
 programs=(
   "qemu-system-x86_64 qemu-system-x86" "qemu-img qemu-utils" "qemu-io qemu-utils"
   "debootstrap debootstrap" "mkfs.ext4 e2fsprogs" "busybox busybox-static"
   "zstd zstd" "xz xz-utils" "ip iproute2" "tc iproute2" "curl curl" "tar tar"
   "strip binutils" "sha256sum coreutils" "etcd etcd-server" "protoc protobuf-compiler"
+  "chromium chromium"
 )
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }

@@ -67,6 +67,9 @@ pub struct CloudletInfo {
     /// configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<directory::Membership>,
+    /// How busy the host is (none where it cannot be read).
+    #[serde(default)]
+    pub load: Option<HostLoad>,
 }
 
 /// A base VM this cloudlet holds (`GET /v1/base-vms`).
@@ -79,6 +82,20 @@ pub struct BaseVmInfo {
     pub disk_size: u64,
     pub accel: String,
     pub recipe: String,
+    /// A ready copy of its disk waits for the next early-start synthesis.
+    #[serde(default)]
+    pub spare_disk: bool,
+}
+
+/// How busy the host is (`/proc/loadavg`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostLoad {
+    /// Runnable threads, averaged over 1, 5 and 15 minutes.
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    /// The host's CPUs (a load above it means waiting for a CPU).
+    pub cpus: u32,
 }
 
 /// Resource limits a VM runs with.

@@ -140,11 +140,22 @@ impl CloudletOps for Daemon {
                 .cloudlet
                 .directory
                 .status(&self.cloudlet.config.directory),
+            load: host_load(),
         }
     }
 
     fn list_bases(&self) -> Result<Vec<BaseVmInfo>, BaseOpError> {
-        Ok(self.cloudlet.bases.list()?.iter().map(base_info).collect())
+        let spares = &self.cloudlet.spares;
+        Ok(self
+            .cloudlet
+            .bases
+            .list()?
+            .iter()
+            .map(|m| BaseVmInfo {
+                spare_disk: spares.ready(&m.id),
+                ..base_info(m)
+            })
+            .collect())
     }
 
     async fn import_base(&self, file: PathBuf) -> Result<BaseVmInfo, BaseOpError> {
@@ -471,4 +482,18 @@ impl CloudletOps for Daemon {
             .metrics
             .render(running, used, self.cloudlet.config.capacity)
     }
+}
+
+/// The host's load averages (`/proc/loadavg`) and CPUs.
+fn host_load() -> Option<cloudlet_api::HostLoad> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut f = text.split_whitespace().map(|v| v.parse::<f64>().ok());
+    let (load1, load5, load15) = (f.next()??, f.next()??, f.next()??);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    Some(cloudlet_api::HostLoad {
+        load1,
+        load5,
+        load15,
+        cpus,
+    })
 }

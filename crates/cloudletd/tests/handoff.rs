@@ -1,6 +1,8 @@
 //! Live handoff between two real `cloudletd` processes, on real QEMU.
 
 mod common;
+#[path = "handoff/dashboard.rs"]
+mod dashboard;
 #[path = "handoff/events.rs"]
 mod events;
 #[path = "handoff/safety.rs"]

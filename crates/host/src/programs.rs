@@ -128,6 +128,13 @@ pub const PROGRAMS: &[Program] = &[
         need: Need::Test,
         version_args: &["--version"],
     },
+    Program {
+        name: "chromium",
+        package: "chromium",
+        used_for: "the dashboard's test opens /ui in a headless browser",
+        need: Need::Test,
+        version_args: &["--version"],
+    },
 ];
 
 /// The first `name` in the directories of `path` (a `PATH` value) that is

@@ -8,6 +8,7 @@
 //! small blocking client of this crate's own ([`client`]). [`damage`] makes
 //! the corruption matrix of damaged overlays.
 
+pub mod browser;
 pub mod client;
 pub mod damage;
 pub mod etcd;

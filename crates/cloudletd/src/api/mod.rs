@@ -15,6 +15,7 @@ pub mod error;
 pub mod handoff;
 pub mod history;
 pub mod openapi;
+mod ui;
 pub mod vms;
 
 pub use error::ApiFailure;
@@ -103,6 +104,10 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
         .route("/health", get(|| async { "ok" }))
+        .route("/ui", get(ui::index))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/style.css", get(ui::style))
         .fallback(|| async {
             ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint")
         })

@@ -29,7 +29,7 @@ use utoipa::OpenApi;
         cloudlet_api::HandoffPrepared, cloudlet_api::HandoffLoaded, cloudlet_api::HandoffCommitted,
         cloudlet_api::AppInfo, cloudlet_api::MemoryDifference, cloudlet_api::DifferingChunk,
         cloudlet_api::directory::Membership, cloudlet_api::DrainReport, cloudlet_api::DrainedVm,
-        cloudlet_api::VmEvent, cloudlet_api::Mobility,
+        cloudlet_api::VmEvent, cloudlet_api::Mobility, cloudlet_api::HostLoad,
         cloudlet_api::events::ProgressEvent, cloudlet_api::events::Operation,
         cloudlet_api::events::HandoffRecord, cloudlet_api::events::HandoffSample,
         cloudlet_api::events::HandoffOutcome

@@ -115,6 +115,7 @@ pub(crate) fn base_info(m: &cloudlet_base::BaseManifest) -> BaseVmInfo {
         disk_size: m.disk_size,
         accel: m.accel.as_str().into(),
         recipe: m.recipe.clone(),
+        spare_disk: false,
     }
 }
 

@@ -49,6 +49,11 @@ impl Spares {
     /// Removes the spare of a base being deleted, at once (a copy under way
     /// goes on from its open file and is removed by the next refill, which
     /// the caller starts).
+    /// A spare of base `base_id` is ready.
+    pub fn ready(&self, base_id: &str) -> bool {
+        self.path(base_id).is_file()
+    }
+
     pub fn discard(&self, base_id: &str) {
         match std::fs::remove_file(self.path(base_id)) {
             Ok(()) => tracing::info!(base_id, "spare disk removed with its base"),

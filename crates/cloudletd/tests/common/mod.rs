@@ -323,3 +323,14 @@ where
         .await
         .expect("task in the namespace")
 }
+
+/// The `cloudlet` binary of this build (built with the workspace).
+pub fn cloudlet_bin() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_cloudletd")).with_file_name("cloudlet");
+    assert!(
+        p.is_file(),
+        "{} is missing: build it first (cargo build -p cloudlet-cli; `make test` does)",
+        p.display()
+    );
+    p
+}

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{in_ns, kvstore_overlay, TOKEN};
+use crate::common::{cloudlet_bin, in_ns, kvstore_overlay, TOKEN};
 use cloudlet_client::{Client, DirectoryClient};
 use cloudlet_testkit::tiny_base;
 use cloudlet_wan::{Side, Wan, WanConfig};
@@ -26,17 +26,6 @@ const DIR_PORT: u16 = 7470;
 const REG_PORT: u16 = 7460;
 /// The device's position (CMU, Pittsburgh).
 const DEVICE: (f64, f64) = (40.4442, -79.9420);
-
-/// The `cloudlet` binary of this build (built with the workspace).
-fn cloudlet_bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_cloudletd")).with_file_name("cloudlet");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it first (cargo build -p cloudlet-cli; `make test` does)",
-        p.display()
-    );
-    p
-}
 
 /// Processes killed when the test ends (cloudletd's QEMUs included).
 type Procs = cloudlet_testkit::Reaper;
