@@ -1,7 +1,5 @@
 //! Shared pieces of cloudlet's benchmarks.
 
-pub mod svg;
-
 use std::time::{Duration, Instant};
 
 use cloudlet_testkit::http;

@@ -333,6 +333,10 @@ pub struct HandoffReport {
     /// the source reached it; empty from a source of an earlier release).
     #[serde(default)]
     pub destination_url: String,
+    /// The handoff's id: its record in the source's history
+    /// (`GET /v1/handoffs/{handoff_id}`), its events, both sides' logs.
+    #[serde(default)]
+    pub handoff_id: String,
 }
 
 impl HandoffReport {

@@ -480,6 +480,7 @@ mod tests {
                 timing("commit", 30),
             ],
             destination_url: String::new(),
+            handoff_id: String::new(),
         }
     }
 

@@ -3,8 +3,8 @@
 
 use std::fmt::Write as _;
 
-use cloudlet_bench::svg::{LineChart, Scale};
 use cloudlet_client::session::SessionEvent;
+use cloudlet_plot::{LineChart, Scale};
 
 use crate::client::{Ping, Write};
 use crate::runs::{Kind, Run};

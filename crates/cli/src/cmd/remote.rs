@@ -3,9 +3,10 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::{Args, Subcommand};
+use cloudlet_api::events::{CloudletEvent, Operation};
 use cloudlet_api::{CreateVmRequest, VmInfo};
 use cloudlet_client::Client;
 
@@ -100,6 +101,8 @@ pub async fn synthesize(
         chosen = client.at(&c.candidate.api_url);
         &chosen
     };
+    // Opened before the request, so that its first stage is seen.
+    let events = client.events().await.ok();
     let create = {
         let client = client.clone();
         let name = name.clone();
@@ -121,17 +124,24 @@ pub async fn synthesize(
             }
         })
     };
-    let vm = follow(client, &name, create, output, |p, secs| {
-        format!(
-            "{secs:>6.1}s  {:<10} {:>7.1}/{:.1} MB  segments {}/{}",
-            p.stage,
-            p.bytes_fetched as f64 / 1e6,
-            p.bytes_total as f64 / 1e6,
-            p.segments_applied,
-            p.segments_total
-        )
-    })
-    .await?;
+    let vm = follow(
+        events,
+        (&name, Operation::Synthesis),
+        create,
+        output,
+        |p, secs| {
+            format!(
+                "{secs:>6.1}s  {:<10} {:>7.1}/{:.1} MB  segments {}/{}",
+                p.stage,
+                p.bytes_fetched as f64 / 1e6,
+                p.bytes_total as f64 / 1e6,
+                p.segments_applied,
+                p.segments_total
+            )
+        },
+    )
+    .await
+    .0?;
     print_vm(&vm, output)?;
     if output == Output::Text {
         println!(
@@ -157,9 +167,31 @@ pub struct HandoffArgs {
         hide_env_values = true
     )]
     pub dest_token: Option<String>,
+    /// Write the handoff's course as an SVG plot to this file: bytes sent,
+    /// the link's rate and the guest's dirty rate over time, the stages
+    /// and the switchover marked.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// The plot of handoff `hid` (from the source's history) to `path`.
+async fn write_plot(
+    client: &Client,
+    hid: &str,
+    path: &std::path::Path,
+    output: Output,
+) -> anyhow::Result<()> {
+    let record = client.get_handoff(hid).await?;
+    std::fs::write(path, cloudlet_plot::handoff(&record))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if output == Output::Text {
+        println!("plot: {}", path.display());
+    }
+    Ok(())
 }
 
 pub async fn handoff(client: &Client, args: HandoffArgs, output: Output) -> anyhow::Result<()> {
+    let events = client.events().await.ok();
     let task = {
         let (c, vm, to, tok) = (
             client.clone(),
@@ -169,17 +201,37 @@ pub async fn handoff(client: &Client, args: HandoffArgs, output: Output) -> anyh
         );
         tokio::spawn(async move { c.handoff(&vm, &to, tok.as_deref()).await })
     };
-    let report = follow(client, &args.vm, task, output, |p, secs| {
+    let line = |p: &cloudlet_api::Progress, secs: f64| {
         format!(
-            "{secs:>6.1}s  {:<11} sent {:>8.1} MB  {:>6.1} Mbit/s  iteration {}  remaining {:.1} MB",
+            "{secs:>6.1}s  {:<11} sent {:>8.1} MB  {:>6.1} Mbit/s  dirty {:>6.1} Mbit/s  iteration {}  remaining {:.1} MB",
             p.stage,
             p.bytes_fetched as f64 / 1e6,
             p.rate_bps as f64 / 1e6,
+            p.dirty_rate_bps as f64 * 8.0 / 1e6,
             p.iteration,
             p.remaining_bytes as f64 / 1e6,
         )
-    })
-    .await?;
+    };
+    let (report, hid) = follow(
+        events,
+        (&args.vm, Operation::HandoffOut),
+        task,
+        output,
+        line,
+    )
+    .await;
+    // The plot, of a failed handoff too (its id from its events).
+    if let Some(path) = &args.plot {
+        let hid = match &report {
+            Ok(r) if !r.handoff_id.is_empty() => Some(r.handoff_id.clone()),
+            _ => hid,
+        };
+        match hid {
+            Some(hid) => write_plot(client, &hid, path, output).await?,
+            None => eprintln!("no plot: the cloudlet told no handoff id"),
+        }
+    }
+    let report = report?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Output::Text => {
@@ -210,38 +262,55 @@ pub async fn handoff(client: &Client, args: HandoffArgs, output: Output) -> anyh
     Ok(())
 }
 
-/// Wait for `task` (a long API call about VM `vm`), showing the VM's
-/// progress on a terminal line meanwhile.
+/// Wait for `task` (a long API call about VM `vm`, its id or name),
+/// showing on a terminal line what the cloudlet tells of its `op` on its
+/// event stream (`events`, opened before the call). Beside the task's
+/// answer: the handoff's id its events carried (a failed one's too).
 async fn follow<T>(
-    client: &Client,
-    vm: &str,
-    task: tokio::task::JoinHandle<Result<T, cloudlet_client::ClientError>>,
+    mut events: Option<cloudlet_client::Events>,
+    (vm, op): (&str, Operation),
+    mut task: tokio::task::JoinHandle<Result<T, cloudlet_client::ClientError>>,
     output: Output,
     line: impl Fn(&cloudlet_api::Progress, f64) -> String,
-) -> anyhow::Result<T> {
-    let start = Instant::now();
+) -> (anyhow::Result<T>, Option<String>) {
     let show = output == Output::Text && std::io::stderr().is_terminal();
-    let mut last = String::new();
+    let (mut last, mut handoff_id) = (String::new(), None);
     let result = loop {
-        if task.is_finished() {
-            break task.await??;
-        }
-        if show {
-            if let Ok(v) = client.get_vm(vm).await {
-                let l = line(&v.progress, start.elapsed().as_secs_f64());
-                if l != last {
-                    eprint!("\r{l}");
-                    let _ = std::io::stderr().flush();
-                    last = l;
-                }
+        let next = async {
+            match events.as_mut() {
+                Some(e) => e.next().await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            r = &mut task => break r,
+            ev = next => match ev {
+                Some(Ok(CloudletEvent::Progress(p)))
+                    if p.operation == op && (p.vm_id == vm || p.name == vm) =>
+                {
+                    handoff_id = p.handoff_id.clone().or(handoff_id);
+                    let l = line(&p.progress, p.elapsed_ms as f64 / 1000.0);
+                    if show && l != last {
+                        eprint!("\r{l}");
+                        let _ = std::io::stderr().flush();
+                        last = l;
+                    }
+                }
+                Some(_) => {}
+                // The stream ended: wait for the answer alone.
+                None => events = None,
+            },
         }
-        tokio::time::sleep(Duration::from_millis(150)).await;
     };
     if !last.is_empty() {
         eprintln!();
     }
-    Ok(result)
+    let result = match result {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    };
+    (result, handoff_id)
 }
 
 pub async fn vm(client: &Client, cmd: VmCommand, output: Output) -> anyhow::Result<()> {

@@ -2,7 +2,8 @@
 //! with a real VM, the page opened with the operator's credential; it shows
 //! the VM with its state, a handoff started from the CLI live (phase and
 //! bytes rising, its chart), then the VM moved, the downtime and the
-//! handoff in the history. Screenshots of each step are kept in
+//! handoff in the history; the CLI writes its plot (`--plot`).
+//! Screenshots of each step and the plot are kept in
 //! `$CLOUDLET_TEST_HOME/screenshots/`.
 
 use std::process::{Command, Stdio};
@@ -64,10 +65,15 @@ async fn the_dashboard_shows_the_vm_and_a_handoff_live_until_it_moved() {
     );
     page.screenshot(&shots.join("ui-1-running.png")).unwrap();
 
-    // The operator moves it with the CLI; the page follows.
+    // The operator moves it with the CLI (and asks for its plot); the
+    // page follows.
+    let plot = shots.join("handoff.svg");
+    let _ = std::fs::remove_file(&plot);
     let cli = Command::new(cloudlet_bin())
         .args(["--cloudlet", &a.url(), "--token", TOKEN, "--output", "json"])
         .args(["handoff", "shown", "--to", &b.url(), "--dest-token", TOKEN])
+        .arg("--plot")
+        .arg(&plot)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -155,5 +161,19 @@ async fn the_dashboard_shows_the_vm_and_a_handoff_live_until_it_moved() {
         "the history's timeline"
     );
     page.screenshot(&shots.join("ui-3-moved.png")).unwrap();
+
+    // The CLI's plot of the same handoff.
+    let svg = std::fs::read_to_string(&plot).expect("the CLI wrote its plot");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    for label in [
+        "bytes sent",
+        "link rate",
+        "guest dirty rate",
+        "switchover",
+        "memory",
+    ] {
+        assert!(svg.contains(label), "{label} in the plot");
+    }
+    assert!(svg.contains(&format!("downtime {} ms", report.downtime_ms())));
     println!("screenshots: {}", shots.display());
 }

@@ -238,6 +238,7 @@ impl Source {
             disk_bytes: m.disk.bytes,
             phases: self.phases.clone(),
             destination_url: self.peer.url().to_string(),
+            handoff_id: self.peer.hid().to_string(),
         }
     }
 }

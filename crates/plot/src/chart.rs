@@ -3,7 +3,7 @@
 //! [`LineChart::render`] to a file a browser opens.
 //!
 //! ```
-//! use cloudlet_bench::svg::{LineChart, Scale};
+//! use cloudlet_plot::{LineChart, Scale};
 //! let mut c = LineChart::new("RTT over time", "time (s)", "RTT (ms)");
 //! c.y_scale = Scale::Log;
 //! c.series("ours", vec![(0.0, 4.0), (1.0, 5.0), (2.0, 4.5)]);
@@ -58,7 +58,7 @@ pub struct LineChart {
 }
 
 /// Colors given to series in turn (colorblind-safe, Okabe-Ito).
-const PALETTE: [&str; 7] = [
+pub(crate) const PALETTE: [&str; 7] = [
     "#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000",
 ];
 
@@ -330,7 +330,7 @@ fn bounds(v: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 
 /// About six round ticks (1, 2 or 5 times a power of ten apart) covering
 /// `[lo, hi]`.
-fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
+pub(crate) fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
     let raw = (hi - lo) / 6.0;
     let mag = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 5.0, 10.0]
@@ -365,7 +365,7 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
     t
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     if (v - v.round()).abs() < 1e-9 * v.abs().max(1.0) && v.abs() < 1e9 {
         format!("{v:.0}")
     } else if v.abs() >= 1.0 {
@@ -375,7 +375,7 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
