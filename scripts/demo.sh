@@ -119,7 +119,7 @@ echo "   first answer: $answer"
 echo "   request -> first answer: $(since "$t")"
 
 echo "== 5. the operator moves it: the running translator goes live to $there (found through the directory, with its token)"
-cl handoff translator --to "$there"
+cl handoff translator --to "$there" --plot "$WORK/handoff.svg"
 endpoint2=$(cl --cloudlet "$there_url" vm show translator --output json | sed -n 's/.*"endpoint": "\(.*\)".*/\1/p' | head -1)
 echo "   answer at the new cloudlet ($endpoint2): $(phone curl -sf "http://$endpoint2/translate?text=good+night+friend")"
 echo "   the first cloudlet keeps a record:"

@@ -67,6 +67,9 @@ struct Args {
     /// QEMU modes to run (default, xbzrle, multifd-zstd); empty to skip.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["default".to_string(), "xbzrle".to_string(), "multifd-zstd".to_string()])]
     qemu_modes: Vec<String>,
+    /// Where each of our handoffs' plot goes (`handoff-RATEmbit-CHURNmibs.svg`).
+    #[arg(long, default_value = "target/handoff-bench")]
+    plots: PathBuf,
     /// Seconds of churn before the move starts.
     #[arg(long, default_value_t = 10)]
     warmup_s: u64,
@@ -354,6 +357,24 @@ async fn run_ours(args: &Args, bin: &Path, rate: f64, churn: u32) -> anyhow::Res
     let link_bytes = s.wan.stats().a_to_b.bytes - before;
     match &result {
         Ok(r) => {
+            // Its course, from the source's history (what /v1/events told).
+            let (client, hid) = (s.a.client(), r.handoff_id.clone());
+            let record = s
+                .wan
+                .run_in(Side::A, async move { client.get_handoff(&hid).await })?
+                .await;
+            let plot = args
+                .plots
+                .join(format!("handoff-{rate}mbit-{churn}mibs.svg"));
+            match record {
+                Ok(Ok(rec)) => {
+                    std::fs::create_dir_all(&args.plots)?;
+                    std::fs::write(&plot, cloudlet_plot::handoff(&rec))?;
+                    eprintln!("  plot: {}", plot.display());
+                }
+                Ok(Err(e)) => eprintln!("  no plot: {e}"),
+                Err(e) => eprintln!("  no plot: {e}"),
+            }
             eprintln!(
                 "  done: total {:.1} s, downtime {:.3} s, wire {:.1} MB",
                 r.total_ms as f64 / 1e3,

@@ -266,7 +266,46 @@ fn main() -> anyhow::Result<()> {
     for n in &notes {
         println!("note: {n}");
     }
+    let plot = root.join("target/synth-bench.svg");
+    std::fs::write(&plot, timeline(&tables, args.delay_ms).render())?;
+    println!(
+        "plot: {} (each synthesis' stages, beside the naive way's)",
+        plot.display()
+    );
     Ok(())
+}
+
+/// Every measured synthesis as a row of its stages (the daemon's
+/// `timings`), each beside the naive way's transfer, decompression and boot.
+fn timeline(tables: &[(f64, Vec<Row>)], delay_ms: u64) -> cloudlet_plot::Timeline {
+    let mut t = cloudlet_plot::Timeline::new(&format!(
+        "VM synthesis: request to the app's first answer ({delay_ms} ms one way)"
+    ));
+    for (rate, rows) in tables {
+        for r in rows {
+            if let Some(o) = &r.ours {
+                let stages: Vec<(String, f64)> = o
+                    .timings
+                    .iter()
+                    .filter(|s| s.stage != "total")
+                    .map(|s| (s.stage.clone(), s.ms as f64))
+                    .collect();
+                t.sequence(&format!("{} {rate} Mbit/s: ours", r.name), &stages);
+            }
+            if let Some(n) = &r.naive {
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                t.sequence(
+                    &format!("{} {rate} Mbit/s: naive", r.name),
+                    &[
+                        ("naive: transfer".into(), ms(n.transfer)),
+                        ("naive: zstd -d".into(), ms(n.decompress)),
+                        ("naive: boot".into(), ms(n.boot)),
+                    ],
+                );
+            }
+        }
+    }
+    t
 }
 
 fn print_table(rate: f64, rows: &[Row], prepared: &[Prepared]) {

@@ -83,6 +83,46 @@ pub struct Registration {
     /// other registered cloudlets (`GET /v1/peers`), never in searches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_token: Option<String>,
+    /// Its latest handoffs out, the newest first (at most
+    /// [`RECENT_MOVES`]): which VM went where (the fleet view).
+    #[serde(default)]
+    pub recent_moves: Vec<FleetMove>,
+}
+
+/// How many handoffs out a registration tells.
+pub const RECENT_MOVES: usize = 10;
+
+/// A handoff out of a cloudlet, as its registration tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FleetMove {
+    pub vm_id: String,
+    pub vm_name: String,
+    /// The destination's API URL.
+    pub to: String,
+    /// When it began, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// The VM runs there (false: the move failed, it stayed).
+    pub moved: bool,
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+}
+
+/// One live cloudlet in `GET /v1/fleet`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FleetEntry {
+    /// As devices see it (no peer token).
+    pub registration: Registration,
+    /// How long its lease still runs (it leaves the fleet at 0 unless it
+    /// heartbeats); none where the store keeps the leases (etcd).
+    pub lease_left_ms: Option<u64>,
+}
+
+/// `GET /v1/fleet`: every live cloudlet, by name, for the fleet view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Fleet {
+    pub cloudlets: Vec<FleetEntry>,
+    pub lease_ms: u64,
+    pub heartbeat_ms: u64,
 }
 
 fn accepting_default() -> bool {

@@ -485,7 +485,7 @@ impl CloudletOps for Daemon {
 }
 
 /// The host's load averages (`/proc/loadavg`) and CPUs.
-fn host_load() -> Option<cloudlet_api::HostLoad> {
+pub(crate) fn host_load() -> Option<cloudlet_api::HostLoad> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     let mut f = text.split_whitespace().map(|v| v.parse::<f64>().ok());
     let (load1, load5, load15) = (f.next()??, f.next()??, f.next()??);

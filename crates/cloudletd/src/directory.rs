@@ -81,12 +81,27 @@ pub fn registration(c: &Cloudlet, api_url: &str) -> Registration {
         flavors: cfg.flavors.clone(),
         capacity: cfg.capacity,
         free: c.free(),
-        load: host_load(),
+        load: crate::commands::host_load().map_or(0.0, |l| {
+            (l.load1 / f64::from(l.cpus) * 100.0).round() / 100.0
+        }),
         accel: c.accel.clone(),
         release: env!("CARGO_PKG_VERSION").into(),
         handoff_protocol: c.handoff_protocol(),
         accepting: !c.draining(),
         peer_token: cfg.tokens.first().cloned(),
+        recent_moves: c
+            .handoffs
+            .list(cloudlet_api::directory::RECENT_MOVES)
+            .into_iter()
+            .map(|h| cloudlet_api::directory::FleetMove {
+                vm_id: h.vm_id,
+                vm_name: h.name,
+                to: h.destination,
+                started_unix_ms: h.started_unix_ms,
+                moved: h.outcome == cloudlet_api::events::HandoffOutcome::Moved,
+                downtime_ms: h.downtime_ms,
+            })
+            .collect(),
     }
 }
 
@@ -98,16 +113,6 @@ fn overlay_of(r: &VmRecord) -> String {
     } else {
         String::new()
     }
-}
-
-/// The 1-minute load average per core.
-fn host_load() -> f64 {
-    let avg = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    (avg / cores * 100.0).round() / 100.0
 }
 
 /// Heartbeats that matter: load moves all the time and goes with the

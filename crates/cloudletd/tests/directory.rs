@@ -266,6 +266,7 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
         e.is_some_and(|e| e.free.vms == cap.vms && e.overlays_cached.is_empty())
     })
     .await;
+    fleet_view_shows_the_move(&dir, (&a, &b), &vm.id, &report).await;
 
     // The credential followed the VM: at B it moves it again (here: the
     // other way is A, which is fine) and deletes nothing else.
@@ -492,4 +493,93 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
     let left = b.client().get_vm(&vms[0].id).await.unwrap();
     assert_eq!(left.state, cloudlet_api::VmState::Moved);
     assert!(qemu_running(&a, &vms[0].id));
+}
+
+/// The directory's fleet view (`/ui`) in headless Chromium, after VM `vm`
+/// moved from A to B: both cloudlets on the map and in the table with
+/// their free capacity and leases, the move as an arc from A to B and in
+/// the list of moves. A screenshot is kept in
+/// `$CLOUDLET_TEST_HOME/screenshots/fleet.png`.
+async fn fleet_view_shows_the_move(
+    dir: &Dir,
+    (a, b): (&Daemon, &Daemon),
+    vm: &str,
+    report: &cloudlet_api::HandoffReport,
+) {
+    // What the source tells the directory of its moves.
+    dir.until("edge-a", Duration::from_secs(3), "its move told", |e| {
+        e.is_some_and(|e| {
+            e.recent_moves.first().is_some_and(|m| {
+                m.vm_id == vm
+                    && m.moved
+                    && m.to == b.url()
+                    && m.downtime_ms == Some(report.downtime_ms())
+            })
+        })
+    })
+    .await;
+    let fleet: cloudlet_api::directory::Fleet = reqwest::get(format!("{}/v1/fleet", dir.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<_> = fleet
+        .cloudlets
+        .iter()
+        .map(|c| c.registration.name.as_str())
+        .collect();
+    assert_eq!(names, ["edge-a", "edge-b"]);
+    assert!(fleet
+        .cloudlets
+        .iter()
+        .all(|c| c.registration.peer_token.is_none()
+            && c.lease_left_ms
+                .is_some_and(|l| l <= LEASE.as_millis() as u64)));
+
+    let mut page = cloudlet_testkit::browser::Browser::launch(1400, 1100)
+        .expect("chromium (make deps installs it)");
+    page.open(&format!("{}/ui", dir.url)).unwrap();
+    let limit = Duration::from_secs(10);
+    for site in ["edge-a", "edge-b"] {
+        page.wait_for(
+            &format!("document.querySelector('[data-site=\"{site}\"] circle') !== null"),
+            limit,
+        )
+        .unwrap();
+    }
+    let cap = fleet.cloudlets[1].registration.capacity.vms;
+    let free_b = page
+        .wait_for(
+            "document.querySelector('#fleet tr[data-cloudlet=\"edge-b\"] .free-vms')?.textContent",
+            limit,
+        )
+        .unwrap();
+    assert_eq!(
+        free_b,
+        format!("{} / {cap}", cap - 1),
+        "edge-b holds the VM"
+    );
+    let arc = page
+        .wait_for(
+            &format!("(() => {{ const p = document.querySelector('path.move[data-move=\"{vm}\"]'); return p && [p.dataset.from, p.dataset.to]; }})()"),
+            limit,
+        )
+        .unwrap();
+    assert_eq!(
+        arc,
+        serde_json::json!(["edge-a", "edge-b"]),
+        "the move on the map"
+    );
+    let row = page
+        .eval(&format!("(() => {{ const r = document.querySelector('#moves tr[data-vm=\"{vm}\"]'); return r && [r.dataset.from, r.dataset.to]; }})()"))
+        .unwrap();
+    assert_eq!(
+        row,
+        serde_json::json!(["edge-a", "edge-b"]),
+        "the move in the list"
+    );
+    let shots = cloudlet_testkit::test_home().join("screenshots");
+    page.screenshot(&shots.join("fleet.png")).unwrap();
+    let _ = a;
 }

@@ -9,7 +9,9 @@
 //! | `GET /v1/cloudlets/{name}` | devices | one entry |
 //! | `GET /v1/cloudlets/{name}/peers` | the cloudlet | the others, with peer tokens |
 //! | `GET /v1/watch?since=` | devices | changes, server-sent events |
+//! | `GET /v1/fleet` | devices, operators | every live cloudlet, leases, recent moves |
 //! | `GET /v1/health` | anyone | store, size, revision |
+//! | `GET /ui` | operators | the fleet view (a page built into the binary) |
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,8 +24,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use cloudlet_api::directory::{
-    Candidate, DirectoryHealth, Excluded, HeldBase, Lease, PeerList, Registration, SearchAnswer,
-    SearchQuery, WatchEvent, WatchKind, WatchQuery,
+    Candidate, DirectoryHealth, Excluded, Fleet, FleetEntry, FleetMove, HeldBase, Lease, PeerList,
+    Registration, SearchAnswer, SearchQuery, WatchEvent, WatchKind, WatchQuery,
 };
 use cloudlet_api::{ApiError, BearerAuth};
 use futures::{Stream, StreamExt};
@@ -126,6 +128,11 @@ pub fn router(dir: Arc<Directory>) -> Router {
         .route("/v1/cloudlets/{name}/peers", get(peers))
         .route("/v1/watch", get(watch))
         .route("/v1/health", get(health))
+        .route("/v1/fleet", get(fleet))
+        .route("/ui", get(crate::ui::index))
+        .route("/ui/", get(crate::ui::index))
+        .route("/ui/fleet.js", get(crate::ui::script))
+        .route("/ui/style.css", get(crate::ui::style))
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
@@ -189,6 +196,14 @@ pub async fn search(
         )
     })?;
     Ok(Json(dir.search(bearer(&headers), &q, Some(peer.ip()))?))
+}
+
+/// Every live cloudlet (no peer tokens), how long its lease still runs,
+/// and its latest handoffs out: the fleet view's data.
+#[utoipa::path(get, path = "/v1/fleet", tag = "search",
+    responses((status = 200, body = Fleet), (status = 401, body = ApiError), (status = 403, body = ApiError)))]
+pub async fn fleet(State(dir): Shared, headers: HeaderMap) -> Result<Json<Fleet>, Failure> {
+    Ok(Json(dir.fleet(bearer(&headers))?))
 }
 
 /// One registered cloudlet (no peer token).
@@ -275,8 +290,9 @@ pub async fn health(State(dir): Shared) -> Json<DirectoryHealth> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "cloudlet directory", description = "The cloud tier: cloudlets register with leases, devices find the best cloudlet for their app"),
-    paths(heartbeat, deregister, search, get_cloudlet, peers, watch, health),
+    paths(heartbeat, deregister, search, get_cloudlet, peers, watch, fleet, health),
     components(schemas(Registration, Lease, SearchAnswer, Candidate, Excluded, HeldBase, PeerList,
+        Fleet, FleetEntry, FleetMove,
         WatchEvent, WatchKind, DirectoryHealth, ApiError,
         cloudlet_api::Location, cloudlet_api::Resources, cloudlet_api::Flavor)),
     modifiers(&BearerAuth)

@@ -16,6 +16,7 @@ pub mod index;
 pub mod rank;
 pub mod service;
 pub mod store;
+mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;

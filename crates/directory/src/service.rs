@@ -8,7 +8,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use cloudlet_api::directory::{
-    DirectoryHealth, Lease, PeerList, Registration, SearchAnswer, SearchQuery, REGISTRATION_FORMAT,
+    DirectoryHealth, Fleet, FleetEntry, Lease, PeerList, Registration, SearchAnswer, SearchQuery,
+    REGISTRATION_FORMAT,
 };
 
 use crate::config::DirectoryConfig;
@@ -240,6 +241,31 @@ impl Directory {
             .collect();
         peers.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(PeerList { peers })
+    }
+
+    /// Every live cloudlet, by name, as devices see them, with how long
+    /// each one's lease still runs (the fleet view).
+    pub fn fleet(&self, token: Option<&str>) -> Result<Fleet, QueryError> {
+        self.authorize_device(token)?;
+        let now = std::time::Instant::now();
+        let mut cloudlets: Vec<FleetEntry> = self
+            .store
+            .index()
+            .live()
+            .iter()
+            .map(|e| FleetEntry {
+                registration: public(&e.reg),
+                lease_left_ms: e
+                    .expires
+                    .map(|x| x.saturating_duration_since(now).as_millis() as u64),
+            })
+            .collect();
+        cloudlets.sort_by(|a, b| a.registration.name.cmp(&b.registration.name));
+        Ok(Fleet {
+            cloudlets,
+            lease_ms: self.config.lease_ms,
+            heartbeat_ms: self.config.heartbeat_ms,
+        })
     }
 
     pub fn health(&self) -> DirectoryHealth {

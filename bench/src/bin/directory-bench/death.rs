@@ -74,6 +74,7 @@ fn small_reg(name: &str, base: &str) -> Registration {
         handoff_protocol: 1,
         accepting: true,
         peer_token: None,
+        recent_moves: Vec::new(),
     }
 }
 

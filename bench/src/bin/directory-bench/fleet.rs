@@ -195,6 +195,7 @@ fn registration(i: usize, rng: &mut StdRng) -> Registration {
         handoff_protocol: 1,
         accepting: true,
         peer_token: Some(format!("peer-{:032x}", rng.gen::<u128>())),
+        recent_moves: Vec::new(),
         name,
     }
 }

@@ -90,6 +90,7 @@ pub fn reg(name: &str, lat: f64, lon: f64, bases: &[&str], free_vms: u32) -> Reg
         handoff_protocol: 1,
         accepting: true,
         peer_token: Some(format!("peer-{name}")),
+        recent_moves: Vec::new(),
     }
 }
 
