@@ -557,3 +557,25 @@ mod whole_tests {
         }
     }
 }
+
+/// The headers of a file of the dashboards (the daemon's `/ui`, the
+/// directory's `/ui`): its type; never cached stale; scripts and styles
+/// from the server itself only (the pages' bars and colors are style
+/// attributes); never framed, never sniffed.
+pub fn dashboard_headers(content_type: &'static str) -> http::HeaderMap {
+    use http::header::{self, HeaderValue};
+    let mut h = http::HeaderMap::new();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h
+}

@@ -4,7 +4,6 @@
 //! `GET /v1/fleet` like any client, with the credential it is given
 //! (`/ui#token=...`) where the directory asks for one.
 
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 const INDEX: &str = include_str!("../ui/index.html");
@@ -12,30 +11,26 @@ const SCRIPT: &str = include_str!("../ui/fleet.js");
 /// One stylesheet for both dashboards (the cloudlet's and this one).
 const STYLE: &str = include_str!("../../cloudletd/ui/style.css");
 
-const POLICY: &str =
-    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'";
-
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+pub(crate) async fn index() -> Response {
     (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::CONTENT_SECURITY_POLICY, POLICY),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body,
+        cloudlet_api::dashboard_headers("text/html; charset=utf-8"),
+        INDEX,
     )
         .into_response()
 }
 
-pub(crate) async fn index() -> Response {
-    asset("text/html; charset=utf-8", INDEX)
-}
-
 pub(crate) async fn script() -> Response {
-    asset("text/javascript; charset=utf-8", SCRIPT)
+    (
+        cloudlet_api::dashboard_headers("text/javascript; charset=utf-8"),
+        SCRIPT,
+    )
+        .into_response()
 }
 
 pub(crate) async fn style() -> Response {
-    asset("text/css; charset=utf-8", STYLE)
+    (
+        cloudlet_api::dashboard_headers("text/css; charset=utf-8"),
+        STYLE,
+    )
+        .into_response()
 }

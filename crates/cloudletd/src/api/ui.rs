@@ -5,39 +5,32 @@
 //! the credential the operator gives it (`/ui#token=...`, or its form):
 //! the page itself holds no data.
 
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 const INDEX: &str = include_str!("../../ui/index.html");
 const SCRIPT: &str = include_str!("../../ui/app.js");
 const STYLE: &str = include_str!("../../ui/style.css");
 
-/// Scripts and styles from this daemon only (the bars' widths are style
-/// attributes).
-const POLICY: &str =
-    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'";
-
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+pub(super) async fn index() -> Response {
     (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::CONTENT_SECURITY_POLICY, POLICY),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body,
+        cloudlet_api::dashboard_headers("text/html; charset=utf-8"),
+        INDEX,
     )
         .into_response()
 }
 
-pub(super) async fn index() -> Response {
-    asset("text/html; charset=utf-8", INDEX)
-}
-
 pub(super) async fn script() -> Response {
-    asset("text/javascript; charset=utf-8", SCRIPT)
+    (
+        cloudlet_api::dashboard_headers("text/javascript; charset=utf-8"),
+        SCRIPT,
+    )
+        .into_response()
 }
 
 pub(super) async fn style() -> Response {
-    asset("text/css; charset=utf-8", STYLE)
+    (
+        cloudlet_api::dashboard_headers("text/css; charset=utf-8"),
+        STYLE,
+    )
+        .into_response()
 }
