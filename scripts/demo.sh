@@ -94,6 +94,7 @@ until_ok 200 up || { tail -5 "$WORK"/*.log; exit 1; }
 # Both registered (they do so as they start).
 registered() { [ "$(phone curl -sf "http://$DIR/v1/health" | sed -n 's/.*"registered":\([0-9]*\).*/\1/p')" = 2 ]; }
 until_ok 50 registered
+echo "   dashboards (from the phone's network, e.g. ip netns exec $WAN_NS_A chromium URL): http://$API/ui and http://$API2/ui (each cloudlet, #token=TOKEN), http://$DIR/ui (the fleet)"
 export CLOUDLET_URL=http://$API CLOUDLET_TOKEN=$TOKEN
 cl() { phone $BIN/cloudlet "$@"; }
 # Leftovers of an interrupted earlier run (daemons re-adopt running VMs).
