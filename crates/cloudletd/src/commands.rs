@@ -140,7 +140,7 @@ impl CloudletOps for Daemon {
                 .cloudlet
                 .directory
                 .status(&self.cloudlet.config.directory),
-            load: host_load(),
+            load: crate::core::cloudlet::host_load(),
         }
     }
 
@@ -482,18 +482,4 @@ impl CloudletOps for Daemon {
             .metrics
             .render(running, used, self.cloudlet.config.capacity)
     }
-}
-
-/// The host's load averages (`/proc/loadavg`) and CPUs.
-pub(crate) fn host_load() -> Option<cloudlet_api::HostLoad> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    let mut f = text.split_whitespace().map(|v| v.parse::<f64>().ok());
-    let (load1, load5, load15) = (f.next()??, f.next()??, f.next()??);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    Some(cloudlet_api::HostLoad {
-        load1,
-        load5,
-        load15,
-        cpus,
-    })
 }

@@ -81,7 +81,7 @@ pub fn registration(c: &Cloudlet, api_url: &str) -> Registration {
         flavors: cfg.flavors.clone(),
         capacity: cfg.capacity,
         free: c.free(),
-        load: crate::commands::host_load().map_or(0.0, |l| {
+        load: crate::core::cloudlet::host_load().map_or(0.0, |l| {
             (l.load1 / f64::from(l.cpus) * 100.0).round() / 100.0
         }),
         accel: c.accel.clone(),

@@ -1,5 +1,5 @@
 //! The handoff history: `GET /v1/handoffs`, `GET /v1/handoffs/{handoff_id}`
-//! (kept by `handoff::history`).
+//! (kept by `core::handoffs`).
 
 use std::sync::Arc;
 

@@ -101,7 +101,7 @@ pub struct Cloudlet {
     /// Its membership of the directory, and the peers learned there.
     pub(crate) directory: crate::core::membership::Membership,
     /// The handoffs out of here (`GET /v1/handoffs`).
-    pub(crate) handoffs: crate::handoff::history::HandoffHistory,
+    pub(crate) handoffs: crate::core::handoffs::HandoffHistory,
     /// In maintenance (`POST /v1/drain`): no new VMs, no moves in. Kept as
     /// the file `home/draining` across restarts.
     draining: std::sync::atomic::AtomicBool,
@@ -146,7 +146,7 @@ impl Cloudlet {
             accel,
             spares: Arc::new(crate::synth::spares::Spares::new(&home)),
             directory: crate::core::membership::Membership::default(),
-            handoffs: crate::handoff::history::HandoffHistory::open(&home),
+            handoffs: crate::core::handoffs::HandoffHistory::open(&home),
             draining: std::sync::atomic::AtomicBool::new(home.join(DRAINING).exists()),
         });
         c.recover().await?;
@@ -491,4 +491,18 @@ fn warm_bases(bases: &BaseStore) {
             }
         }
     }
+}
+
+/// The host's load averages (`/proc/loadavg`) and CPUs.
+pub(crate) fn host_load() -> Option<cloudlet_api::HostLoad> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut f = text.split_whitespace().map(|v| v.parse::<f64>().ok());
+    let (load1, load5, load15) = (f.next()??, f.next()??, f.next()??);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    Some(cloudlet_api::HostLoad {
+        load1,
+        load5,
+        load15,
+        cpus,
+    })
 }

@@ -47,7 +47,6 @@
 pub mod destination;
 mod error;
 mod events;
-pub mod history;
 pub mod peer;
 pub mod source;
 
