@@ -21,6 +21,9 @@
 //! ```
 //! It also reports, per run, the information the move needed: the unique
 //! pages of the final memory that differ from the base, after zstd -19.
+//! While a move runs, its progress comes from the source's `/v1/events`;
+//! after it, its plot (`cloudlet_plot::handoff`, from the source's history)
+//! goes to `--plots DIR` (`handoff-RATEmbit-CHURNmibs.svg`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -337,23 +340,18 @@ async fn run_ours(args: &Args, bin: &Path, rate: f64, churn: u32) -> anyhow::Res
         s.vm_id.clone(),
         s.b.as_ref().unwrap().url.clone(),
     );
+    // Progress on stderr, as the source tells it on /v1/events (followed
+    // from before the handoff starts until its last event).
+    let watcher = {
+        let client = s.a.client();
+        s.wan.run_in(Side::A, follow_progress(client))?
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let handle = s.wan.run_in(Side::A, async move {
         client.handoff(&id, &dest, Some(TOKEN)).await
     })?;
-    // Progress on stderr (bytes on the link: the daemon's progress is live
-    // only during synthesis).
-    let t = Instant::now();
-    tokio::pin!(handle);
-    let result = loop {
-        tokio::select! {
-            r = &mut handle => break r?.map_err(anyhow::Error::from),
-            _ = tokio::time::sleep(Duration::from_secs(10)) => eprintln!(
-                "  {:>5.1} s: {:.1} MB on the link",
-                t.elapsed().as_secs_f64(),
-                (s.wan.stats().a_to_b.bytes - before) as f64 / 1e6
-            ),
-        }
-    };
+    let result = handle.await?.map_err(anyhow::Error::from);
+    let _ = tokio::time::timeout(Duration::from_secs(5), watcher).await;
     let link_bytes = s.wan.stats().a_to_b.bytes - before;
     match &result {
         Ok(r) => {
@@ -418,6 +416,43 @@ async fn run_ours(args: &Args, bin: &Path, rate: f64, churn: u32) -> anyhow::Res
         link_bytes,
         needed,
     })
+}
+
+/// The source's handoff progress events, one line on stderr at each stage
+/// and at most every 5 s within one, until the handoff's last event.
+async fn follow_progress(client: Client) {
+    use cloudlet_api::events::{CloudletEvent, Operation};
+    let Ok(mut events) = client.events().await else {
+        eprintln!("  (no progress: GET /v1/events failed)");
+        return;
+    };
+    let (mut stage, mut told) = (String::new(), Instant::now());
+    while let Some(Ok(ev)) = events.next().await {
+        let CloudletEvent::Progress(p) = ev else {
+            continue;
+        };
+        if p.operation != Operation::HandoffOut {
+            continue;
+        }
+        if p.stage != stage || told.elapsed() >= Duration::from_secs(5) || p.done {
+            let c = &p.progress;
+            eprintln!(
+                "  {:>6.1} s  {:<11} sent {:>7.1} MB  link {:>6.1} Mbit/s  dirty {:>6.1} Mbit/s  memory left {:>7.1} MB  pass {}",
+                p.elapsed_ms as f64 / 1e3,
+                p.stage,
+                c.bytes_fetched as f64 / 1e6,
+                c.rate_bps as f64 / 1e6,
+                c.dirty_rate_bps as f64 * 8.0 / 1e6,
+                c.remaining_bytes as f64 / 1e6,
+                c.iteration
+            );
+            stage = p.stage.clone();
+            told = Instant::now();
+        }
+        if p.done {
+            return;
+        }
+    }
 }
 
 enum QemuOutcome {
