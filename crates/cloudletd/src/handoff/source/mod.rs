@@ -390,6 +390,10 @@ impl Source {
             .await?;
         let mut disk = DiskSync::new(self.vm.spec().disk_path.clone(), base.disk_path());
         disk.send_changes(&session.frames()?, None).await?;
+        // Bytes sent, as the memory stage counts them (the session's).
+        self.progress
+            .bytes_fetched
+            .store(session.sent(), std::sync::atomic::Ordering::Relaxed);
         self.phases.push(phase("disk", t));
         Ok(disk)
     }
