@@ -132,6 +132,7 @@ fn target(dir: &Path, name: &str, port: u16) -> RestoreTarget {
         ports: vec![PortForward {
             guest: 8080,
             host: port,
+            bind: None,
         }],
     }
 }

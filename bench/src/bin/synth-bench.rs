@@ -507,6 +507,7 @@ fn naive(
         vec![PortForward {
             guest: 8080,
             host: COLD_BOOT_PORT,
+            bind: None,
         }],
     );
     spec.disk_format = DiskFormat::Raw;

@@ -91,6 +91,7 @@ async fn ram_file_of_the_wrong_size_is_refused() {
         ports: vec![PortForward {
             guest: 8080,
             host: free_port(),
+            bind: None,
         }],
     };
     let err = restore_snapshot(&snap, target)

@@ -70,6 +70,7 @@ async fn a_saved_vm_runs_before_its_memory_has_arrived() {
         vec![PortForward {
             guest: KV_PORT,
             host,
+            bind: None,
         }]
     };
     let spec = base.spec(

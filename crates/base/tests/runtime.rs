@@ -40,6 +40,7 @@ fn target(dir: &Path, name: &str, host_port: u16) -> RestoreTarget {
         ports: vec![PortForward {
             guest: KV_PORT,
             host: host_port,
+            bind: None,
         }],
     }
 }
@@ -60,6 +61,7 @@ async fn cold_boot_then_state_survives_save_kill_restore() {
         vec![PortForward {
             guest: KV_PORT,
             host: port,
+            bind: None,
         }],
     );
     let vm = Vm::boot(spec).await.expect("cold boot");

@@ -29,6 +29,12 @@ pub struct CloudletConfig {
     pub tokens: Vec<String>,
     /// Host ports handed to VM port forwards: `[first, last]`.
     pub host_ports: [u16; 2],
+    /// The host address VM port forwards listen on: where the apps'
+    /// clients come from. Default: `public_host` when it is an IP address
+    /// (the endpoint clients are given), else every address (`0.0.0.0`,
+    /// said in the log at start). A forward on every address is reachable
+    /// from every network of the host.
+    pub vm_port_bind: Option<std::net::IpAddr>,
     /// Other cloudlets VMs may be handed off to, with the token each accepts.
     pub peers: Vec<Peer>,
     /// This cloudlet's own API address as devices and peers reach it (in
@@ -128,6 +134,7 @@ impl Default for CloudletConfig {
             default_flavor: "small".into(),
             tokens: vec![],
             host_ports: [20000, 29999],
+            vm_port_bind: None,
             peers: vec![],
             advertise_url: None,
             directory: vec![],
@@ -158,6 +165,13 @@ fn host_memory_mib() -> u64 {
 }
 
 impl CloudletConfig {
+    /// Where VM port forwards listen ([`CloudletConfig::vm_port_bind`]).
+    pub fn port_bind(&self) -> std::net::IpAddr {
+        self.vm_port_bind
+            .or_else(|| self.public_host.parse().ok())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
     /// Read a TOML file; missing fields take their defaults.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -198,6 +212,26 @@ mod tests {
         assert_eq!(c.name, "edge-1");
         assert_eq!(c.default_flavor, "small");
         assert!(c.flavor("small").is_some());
+    }
+
+    #[test]
+    fn vm_ports_listen_where_the_endpoint_says() {
+        let mut c = CloudletConfig::default();
+        assert_eq!(
+            c.port_bind().to_string(),
+            "127.0.0.1",
+            "the default public host"
+        );
+        c.public_host = "10.251.0.2".into();
+        assert_eq!(c.port_bind().to_string(), "10.251.0.2");
+        c.public_host = "edge-1.example".into();
+        assert!(c.port_bind().is_unspecified(), "a name: every address");
+        c.vm_port_bind = Some("192.0.2.1".parse().unwrap());
+        assert_eq!(
+            c.port_bind().to_string(),
+            "192.0.2.1",
+            "the operator's choice"
+        );
     }
 
     #[test]

@@ -10,6 +10,24 @@ use common::{
     TOKEN,
 };
 
+/// The IPv4 addresses a TCP socket listens on at `port` (`/proc/net/tcp`).
+fn listeners(port: u16) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (addr, p) = f.get(1)?.split_once(':')?;
+            // State 0A: LISTEN. The address is little-endian hex.
+            (f.get(3) == Some(&"0A") && u16::from_str_radix(p, 16).ok()? == port).then(|| {
+                let a = u32::from_str_radix(addr, 16).unwrap_or(0);
+                std::net::Ipv4Addr::from(a.swap_bytes()).to_string()
+            })
+        })
+        .collect()
+}
+
 /// The spare base disk of daemon `d`, once it is ready.
 async fn wait_for_spare(d: &Daemon) -> std::path::PathBuf {
     let dir = d.home.join("spares");
@@ -61,6 +79,17 @@ async fn synthesize_use_and_delete_kvstore_from_a_registry() {
         })
         .await
         .expect("synthesis");
+    // Its port listens where its endpoint says (the default public host,
+    // 127.0.0.1), not on every address of the host.
+    assert_eq!(
+        vm.ports[0].endpoint,
+        format!("127.0.0.1:{}", vm.ports[0].host)
+    );
+    assert_eq!(
+        listeners(vm.ports[0].host),
+        ["127.0.0.1"],
+        "the VM's port forward listens on the endpoint's address only"
+    );
     let disk = d.home.join("vms").join(&vm.id).join("disk.raw");
     assert_eq!(
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&disk).unwrap()),

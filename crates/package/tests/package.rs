@@ -94,6 +94,7 @@ async fn packaged_kvstore_resumes_with_its_state() {
         vec![PortForward {
             guest: 8080,
             host: port,
+            bind: None,
         }],
     );
     spec.disk_format = DiskFormat::Raw;

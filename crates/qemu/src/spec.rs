@@ -34,6 +34,9 @@ impl Accel {
 pub struct PortForward {
     pub guest: u16,
     pub host: u16,
+    /// The host address it listens on (none: every address of the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// The machine: what must be identical on both sides of a save/restore.
@@ -201,8 +204,9 @@ impl VmSpec {
         ]);
         let mut netdev = "user,id=net0".to_string();
         for p in &self.ports {
-            // Every host address: clients on the network reach the app.
-            netdev.push_str(&format!(",hostfwd=tcp::{}-:{}", p.host, p.guest));
+            // Where clients come from (no address: every address).
+            let addr = p.bind.map(|a| a.to_string()).unwrap_or_default();
+            netdev.push_str(&format!(",hostfwd=tcp:{addr}:{}-:{}", p.host, p.guest));
         }
         push(&[
             "-netdev",
@@ -273,6 +277,7 @@ mod tests {
             ports: vec![PortForward {
                 guest: 8080,
                 host: 40000,
+                bind: None,
             }],
             run_dir: "/run/vm".into(),
         }
@@ -283,6 +288,10 @@ mod tests {
         let a = spec().to_args(false).join(" ");
         assert!(a.contains("mem-path=/run/a,,b/ram,share=on"), "{a}");
         assert!(a.contains("hostfwd=tcp::40000-:8080"));
+        let mut bound = spec();
+        bound.ports[0].bind = Some([10, 0, 0, 7].into());
+        let a = bound.to_args(false).join(" ");
+        assert!(a.contains("hostfwd=tcp:10.0.0.7:40000-:8080"), "{a}");
         assert!(a.contains("romfile="));
         // Guest discards (fstrim before a save) must reach the disk file:
         // trimmed clusters then read back as zeros.

@@ -149,6 +149,12 @@ impl Cloudlet {
             handoffs: crate::core::handoffs::HandoffHistory::open(&home),
             draining: std::sync::atomic::AtomicBool::new(home.join(DRAINING).exists()),
         });
+        let bind = c.config.port_bind();
+        if bind.is_unspecified() {
+            tracing::warn!(public_host = %c.config.public_host, "VM ports listen on every address of this host (public_host is not an address; set vm_port_bind to where clients come from)");
+        } else {
+            tracing::info!(%bind, "VM ports listen on this address");
+        }
         c.recover().await?;
         // Keep the bases in the page cache: synthesis copies its base in
         // the first second, and a base pushed out by other work costs
@@ -321,15 +327,17 @@ impl Cloudlet {
             .flat_map(|e| e.record.ports.iter().map(|p| p.host))
             .collect();
         let [lo, hi] = self.config.host_ports;
+        let bind = self.config.port_bind();
         let mut out = Vec::new();
         let mut next = lo;
         for &g in guest {
             let port = (next..=hi)
-                .find(|p| !taken.contains(p) && TcpListener::bind(("0.0.0.0", *p)).is_ok())
+                .find(|p| !taken.contains(p) && TcpListener::bind((bind, *p)).is_ok())
                 .ok_or(CreateVmError::NoPorts(lo, hi))?;
             out.push(PortForward {
                 guest: g,
                 host: port,
+                bind: Some(bind),
             });
             next = port.saturating_add(1);
         }
