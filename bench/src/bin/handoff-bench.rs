@@ -125,7 +125,7 @@ impl NsDaemon {
         let _ = std::fs::remove_dir_all(&vm_dir);
         let addr = format!("{}:{API_PORT}", wan.addr(side));
         let config = dir.path().join("cloudletd.toml");
-        std::fs::write(
+        cloudlet_testkit::write_private(
             &config,
             format!(
                 "name = \"bench-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [21000, 21099]\nadvertise_url = \"http://{addr}\"\nverify_memory = {}\nhandoff_rate_cap = {}\n",

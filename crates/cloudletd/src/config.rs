@@ -172,11 +172,23 @@ impl CloudletConfig {
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
     }
 
-    /// Read a TOML file; missing fields take their defaults.
+    /// Read a TOML file; missing fields take their defaults. A file that
+    /// holds credentials (tokens, peer tokens, the directory token) must
+    /// be readable by its owner only (`crate::secrets`).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("Invalid config {}: {e}", path.display()))
+        let c: CloudletConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("Invalid config {}: {e}", path.display()))?;
+        if c.holds_credentials() {
+            crate::secrets::check_private(path)?;
+        }
+        Ok(c)
+    }
+
+    /// Tokens of its own or of its peers, or a directory credential.
+    pub fn holds_credentials(&self) -> bool {
+        !self.tokens.is_empty() || !self.peers.is_empty() || self.directory_token.is_some()
     }
 
     /// This cloudlet's API URL as others reach it: `advertise_url`, else

@@ -32,13 +32,11 @@ pub fn credential(c: &Cloudlet) -> std::io::Result<String> {
         return Ok(t.clone());
     }
     let path = c.config.home.join("directory-credential");
-    match std::fs::read_to_string(&path) {
+    match crate::secrets::read_own(&path) {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         _ => {
             let t = hex::encode(rand::random::<[u8; 24]>());
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &t)?;
-            std::fs::rename(&tmp, &path)?;
+            crate::secrets::write_private(&path, &t)?;
             Ok(t)
         }
     }

@@ -109,12 +109,13 @@ async fn main() -> anyhow::Result<()> {
     }
     if config.tokens.is_empty() {
         let path = config.home.join("token");
-        let token = match std::fs::read_to_string(&path) {
+        let token = match cloudletd::secrets::read_own(&path) {
             Ok(t) => t.trim().to_string(),
             Err(_) => {
                 let t = hex::encode(rand::random::<[u8; 16]>());
                 std::fs::create_dir_all(&config.home)?;
-                std::fs::write(&path, &t).with_context(|| format!("Writing {}", path.display()))?;
+                cloudletd::secrets::write_private(&path, &t)
+                    .with_context(|| format!("Writing {}", path.display()))?;
                 t
             }
         };

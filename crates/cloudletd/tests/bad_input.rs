@@ -167,3 +167,71 @@ fn other_base_overlay(dir: &std::path::Path) -> std::path::PathBuf {
     cloudlet_overlay::create_overlay(&cfg, &out).unwrap();
     out
 }
+
+/// A config that holds tokens and that others may read refuses the start,
+/// saying what to run; a daemon that makes its own token keeps it 0600.
+#[test]
+fn credentials_are_kept_from_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (home, vm_dir) = (dir.path().join("home"), dir.path().join("vms"));
+    let base = format!(
+        "listen = \"127.0.0.1:0\"\nhome = \"{}\"\nvm_dir = \"{}\"\n",
+        home.display(),
+        vm_dir.display()
+    );
+    let exposed = dir.path().join("exposed.toml");
+    std::fs::write(&exposed, format!("{base}tokens = [\"s3cret-token\"]\n")).unwrap();
+    std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+        .arg("--config")
+        .arg(&exposed)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "started with an exposed config: {said}"
+    );
+    assert!(
+        said.contains("others may read it (mode 644)") && said.contains("chmod 600"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("s3cret-token"),
+        "the token is not printed: {said}"
+    );
+
+    // Without tokens the file is no secret (0644 is fine); the token the
+    // daemon makes for itself is written 0600.
+    let plain = dir.path().join("plain.toml");
+    std::fs::write(&plain, &base).unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut d = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+        .arg("--config")
+        .arg(&plain)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = home.join("token");
+    let start = std::time::Instant::now();
+    while !token.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no token made"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mode = std::fs::metadata(&token).unwrap().permissions().mode() & 0o777;
+    let _ = d.kill();
+    let _ = d.wait();
+    assert_eq!(mode, 0o600, "home/token");
+}

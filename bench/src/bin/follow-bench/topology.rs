@@ -230,7 +230,7 @@ impl World {
             40.44 + 0.01 * i as f64
         );
         let config = dir.join("cloudletd.toml");
-        std::fs::write(
+        cloudlet_testkit::write_private(
             &config,
             format!(
                 "name = \"{name}\"\nlisten = \"{leaf}:{API_PORT}\"\npublic_host = \"{leaf}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [{first}, {}]\n{directory}{location}",

@@ -76,7 +76,7 @@ impl Daemon {
         } else {
             "verify_memory = true\n"
         };
-        std::fs::write(
+        cloudlet_testkit::write_private(
             &config,
             format!(
                 "name = \"{name}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\n{verify}host_ports = [{first}, {}]\n{extra_config}",

@@ -59,7 +59,7 @@ fn start_cloudlet(
     let addr = format!("{}:{API_PORT}", link.addr(Side::B));
     let (first, last) = cloudlet_testkit::port_block();
     let config = dir.join(name).join("cloudletd.toml");
-    std::fs::write(
+    cloudlet_testkit::write_private(
         &config,
         format!(
             "name = \"{name}\"\nlisten = \"{addr}\"\npublic_host = \"{}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [{first}, {}]\ndirectory = [\"http://{}:{DIR_PORT}\"]\n{extra}",

@@ -41,7 +41,7 @@ impl NsDaemon {
         let addr = format!("{}:{API_PORT}", wan.addr(side));
         let (first, last) = cloudlet_testkit::port_block();
         let config = dir.path().join("cloudletd.toml");
-        std::fs::write(
+        cloudlet_testkit::write_private(
             &config,
             format!(
                 "name = \"wan-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nverify_memory = true\nhost_ports = [{first}, {}]\nadvertise_url = \"http://{addr}\"\n{extra_config}",
