@@ -288,6 +288,22 @@ pub fn kill_processes_with(needle: &str) {
     }
 }
 
+/// Write a file that holds credentials (a daemon's config with tokens):
+/// mode 0600, as `cloudletd` requires of such a file.
+pub fn write_private(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = path.as_ref();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(contents.as_ref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,20 +333,4 @@ mod tests {
         assert_eq!((resp.status, resp.text().as_str()), (200, "ok"));
         assert!(server.join().unwrap().starts_with("POST /x HTTP/1.1\r\n"));
     }
-}
-
-/// Write a file that holds credentials (a daemon's config with tokens):
-/// mode 0600, as `cloudletd` requires of such a file.
-pub fn write_private(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let path = path.as_ref();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(contents.as_ref())
 }
