@@ -14,12 +14,9 @@ const SERIES = [
   { key: 'dirty', name: 'dirty (MB/s)', color: '#dc2626', scale: v => v / 1e6 },
 ];
 
-const $ = (sel, el = document) => el.querySelector(sel);
-const esc = s => String(s ?? '').replace(/[&<>"']/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
 const mb = b => (b / 1e6).toFixed(1) + ' MB';
 const mbit = b => (b / 1e6).toFixed(1) + ' Mbit/s';
 const secs = ms => (ms / 1000).toFixed(ms < 10000 ? 2 : 1) + ' s';
-const sleep = ms => new Promise(r => setTimeout(r, ms));
 
 const state = {
   token: null,
@@ -31,19 +28,8 @@ const state = {
   refreshTimer: null,
 };
 
-// The credential: from the page's fragment (#token=..., never sent to a
-// server), else the one given in this tab before.
-function loadToken() {
-  const m = location.hash.match(/token=([^&]+)/);
-  if (m) {
-    sessionStorage.setItem('cloudlet-token', decodeURIComponent(m[1]));
-    history.replaceState(null, '', location.pathname);
-  }
-  state.token = sessionStorage.getItem('cloudlet-token');
-}
-
 function headers() {
-  return state.token ? { Authorization: 'Bearer ' + state.token } : {};
+  return authHeaders(state.token);
 }
 
 async function api(path) {
@@ -318,15 +304,12 @@ function refreshAll() {
   refreshHistory().catch(() => {});
 }
 
-$('#login').addEventListener('submit', ev => {
-  ev.preventDefault();
-  sessionStorage.setItem('cloudlet-token', $('#token').value);
-  state.token = $('#token').value;
-  $('#login').hidden = true;
+onLogin(token => {
+  state.token = token;
   refreshAll();
 });
 
-loadToken();
+state.token = takeToken();
 refreshAll();
 follow();
 // Ages and load move on by themselves.

@@ -132,6 +132,7 @@ pub fn router(dir: Arc<Directory>) -> Router {
         .route("/ui", get(crate::ui::index))
         .route("/ui/", get(crate::ui::index))
         .route("/ui/fleet.js", get(crate::ui::script))
+        .route("/ui/common.js", get(crate::ui::common))
         .route("/ui/style.css", get(crate::ui::style))
         .route(
             "/openapi.json",

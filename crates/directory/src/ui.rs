@@ -7,6 +7,8 @@
 use axum::response::{IntoResponse, Response};
 
 const INDEX: &str = include_str!("../ui/index.html");
+/// What both dashboards' scripts share.
+const COMMON: &str = include_str!("../../cloudletd/ui/common.js");
 const SCRIPT: &str = include_str!("../ui/fleet.js");
 /// One stylesheet for both dashboards (the cloudlet's and this one).
 const STYLE: &str = include_str!("../../cloudletd/ui/style.css");
@@ -31,6 +33,14 @@ pub(crate) async fn style() -> Response {
     (
         cloudlet_api::dashboard_headers("text/css; charset=utf-8"),
         STYLE,
+    )
+        .into_response()
+}
+
+pub(crate) async fn common() -> Response {
+    (
+        cloudlet_api::dashboard_headers("text/javascript; charset=utf-8"),
+        COMMON,
     )
         .into_response()
 }

@@ -5,22 +5,10 @@
 // served from the directory's binary.
 'use strict';
 
-const $ = (sel, el = document) => el.querySelector(sel);
-const esc = s => String(s ?? '').replace(/[&<>"']/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
-const sleep = ms => new Promise(r => setTimeout(r, ms));
 let token = null;
 
-function loadToken() {
-  const m = location.hash.match(/token=([^&]+)/);
-  if (m) {
-    sessionStorage.setItem('cloudlet-token', decodeURIComponent(m[1]));
-    history.replaceState(null, '', location.pathname);
-  }
-  token = sessionStorage.getItem('cloudlet-token');
-}
-
 async function fetchFleet() {
-  const r = await fetch('/v1/fleet', { headers: token ? { Authorization: 'Bearer ' + token } : {} });
+  const r = await fetch('/v1/fleet', { headers: authHeaders(token) });
   if (r.status === 401 || r.status === 403) {
     $('#login').hidden = false;
     throw new Error('credential');
@@ -128,12 +116,7 @@ async function run() {
   }
 }
 
-$('#login').addEventListener('submit', ev => {
-  ev.preventDefault();
-  sessionStorage.setItem('cloudlet-token', $('#token').value);
-  token = $('#token').value;
-  $('#login').hidden = true;
-});
+onLogin(t => { token = t; });
 
-loadToken();
+token = takeToken();
 run();

@@ -107,6 +107,7 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
         .route("/ui", get(ui::index))
         .route("/ui/", get(ui::index))
         .route("/ui/app.js", get(ui::script))
+        .route("/ui/common.js", get(ui::common))
         .route("/ui/style.css", get(ui::style))
         .fallback(|| async {
             ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "No such endpoint")
