@@ -48,7 +48,7 @@ lint:
 	$(CARGO) run -q -p check-layout -- --baseline tools/check-layout/baseline.txt
 
 test: deps doctor-tests guest lint
-	$(CARGO) test --workspace -- --test-threads=2
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 demo: deps build
 	./scripts/demo.sh

@@ -2,7 +2,7 @@
 //! directory over HTTP (in-process, embedded store), a real kvstore VM on
 //! QEMU. What a cloudlet tells follows its VMs; a handoff finds its
 //! destination by name and its token through the directory; a cloudlet
-//! killed with SIGKILL leaves the answers within two heartbeats and is
+//! killed with SIGKILL leaves the answers within its lease and is
 //! back within one after a restart, its VM accounted; SIGTERM
 //! deregisters; a directory that goes away does not stop the cloudlet.
 
@@ -19,7 +19,9 @@ use cloudlet_directory::{Background, DirectoryConfig, Serving};
 use common::{kvstore_overlay, qemu_running, Daemon};
 
 const HEARTBEAT: Duration = Duration::from_millis(1000);
-const LEASE: Duration = Duration::from_millis(2000);
+/// Three heartbeats: a cloudlet whose heartbeat is held up by a busy
+/// machine (two guests migrating on two cores) keeps its entry.
+const LEASE: Duration = Duration::from_millis(3000);
 
 struct Dir {
     url: String,
@@ -72,6 +74,18 @@ impl Dir {
         what: &str,
         ok: impl Fn(Option<&Registration>) -> bool,
     ) -> Duration {
+        self.until_told(name, within, what, ok, String::new).await
+    }
+
+    /// [`Dir::until`], telling `log()` (the cloudlet's side) if not.
+    async fn until_told(
+        &self,
+        name: &str,
+        within: Duration,
+        what: &str,
+        ok: impl Fn(Option<&Registration>) -> bool,
+        log: impl Fn() -> String,
+    ) -> Duration {
         let start = Instant::now();
         loop {
             let e = self.entry(name).await;
@@ -80,11 +94,18 @@ impl Dir {
             }
             assert!(
                 start.elapsed() < within,
-                "{name}: not {what} within {within:?}: {e:?}"
+                "{name}: not {what} within {within:?}: {e:?}\n{}",
+                log()
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// The last `n` lines of `log`.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn joined(url: &str, lat: f64) -> String {
@@ -276,21 +297,15 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
         .unwrap_err();
     assert_eq!(wrong.status(), Some(401), "{wrong}");
 
-    // SIGKILL: B leaves every answer within two heartbeats (the lease).
+    // SIGKILL: B leaves every answer within its lease.
     b.kill();
     let gone = dir
-        .until(
-            "edge-b",
-            2 * HEARTBEAT + Duration::from_millis(500),
-            "gone",
-            |e| e.is_none(),
-        )
+        .until("edge-b", LEASE + Duration::from_millis(500), "gone", |e| {
+            e.is_none()
+        })
         .await;
-    println!("edge-b killed: gone from the directory after {gone:?} (heartbeat {HEARTBEAT:?})");
-    assert!(
-        gone <= 2 * HEARTBEAT + Duration::from_millis(100),
-        "{gone:?}"
-    );
+    println!("edge-b killed: gone from the directory after {gone:?} (lease {LEASE:?})");
+    assert!(gone <= LEASE + Duration::from_millis(100), "{gone:?}");
     let ans = dir.search(SearchQuery::default()).await;
     assert!(ans.candidates.iter().all(|c| c.name != "edge-b"));
     // Restarted: back within one heartbeat of its API answering, with the
@@ -440,9 +455,14 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
         cloudlet_api::VmState::Running,
         "the refused move leaves the VM serving where it is"
     );
-    dir.until("drain-a", Duration::from_secs(2), "not accepting", |e| {
-        e.is_some_and(|e| !e.accepting)
-    })
+    let a_log = || tail(&a.log(), 30);
+    dir.until_told(
+        "drain-a",
+        LEASE + HEARTBEAT,
+        "not accepting",
+        |e| e.is_some_and(|e| !e.accepting),
+        a_log,
+    )
     .await;
     let ans = dir.search(SearchQuery::default()).await;
     let left = ans.excluded.iter().find(|e| e.name == "drain-a").unwrap();
@@ -453,9 +473,13 @@ async fn drain_hands_every_vm_to_a_neighbour_and_takes_no_new_work() {
     a.restart().await;
     refused_vm(&a).await;
     a.client().resume().await.unwrap();
-    dir.until("drain-a", Duration::from_secs(2), "accepting", |e| {
-        e.is_some_and(|e| e.accepting)
-    })
+    dir.until_told(
+        "drain-a",
+        LEASE + HEARTBEAT,
+        "accepting",
+        |e| e.is_some_and(|e| e.accepting),
+        || tail(&a.log(), 30),
+    )
     .await;
 
     // A device's session moves its VM among the candidates it measured

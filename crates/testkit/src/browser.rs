@@ -20,6 +20,10 @@ use serde_json::{json, Value};
 
 /// How long one DevTools command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the browser may take to answer its first command: a first
+/// start on a fresh machine reads ~300 MB of program from a cold disk
+/// (20 s seen on an idle machine), slower still beside busy guests.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct Browser {
     child: Child,
@@ -28,7 +32,8 @@ pub struct Browser {
     next_id: u64,
     /// The page's session (`Target.attachToTarget`, flat mode).
     session: Option<String>,
-    _profile: tempfile::TempDir,
+    /// Its profile, and its log (`chromium.log`).
+    profile: tempfile::TempDir,
 }
 
 /// The Chromium program: `$CLOUDLET_CHROMIUM`, else Debian's `chromium`.
@@ -53,6 +58,7 @@ impl Browser {
         let profile = tempfile::tempdir().map_err(|e| e.to_string())?;
         let (cmd_read, cmd_write) = pipe().map_err(|e| e.to_string())?;
         let (out_read, out_write) = pipe().map_err(|e| e.to_string())?;
+        let log = File::create(profile.path().join("chromium.log")).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(chromium());
         cmd.args([
             "--headless=new",
@@ -70,7 +76,7 @@ impl Browser {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(log);
         // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -112,18 +118,44 @@ impl Browser {
                 }
             }
         });
-        Ok(Browser {
+        let mut b = Browser {
             child,
             commands,
             answers,
             next_id: 0,
             session: None,
-            _profile: profile,
-        })
+            profile,
+        };
+        b.call_within("Browser.getVersion", json!({}), false, START_TIMEOUT)?;
+        Ok(b)
+    }
+
+    /// Why the browser does not answer: whether it still runs, and the
+    /// end of what it printed.
+    fn trouble(&mut self) -> String {
+        let state = match self.child.try_wait() {
+            Ok(Some(status)) => format!("chromium exited ({status})"),
+            _ => "chromium still runs".to_string(),
+        };
+        let log =
+            std::fs::read_to_string(self.profile.path().join("chromium.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!("{state}; its last lines:\n{}", tail.join("\n"))
     }
 
     /// Send `method` (to the page once one is open) and wait for its answer.
     fn call(&mut self, method: &str, params: Value, to_page: bool) -> Result<Value, String> {
+        self.call_within(method, params, to_page, COMMAND_TIMEOUT)
+    }
+
+    fn call_within(
+        &mut self,
+        method: &str,
+        params: Value,
+        to_page: bool,
+        limit: Duration,
+    ) -> Result<Value, String> {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = json!({ "id": id, "method": method, "params": params });
@@ -133,16 +165,30 @@ impl Browser {
         }
         let mut bytes = serde_json::to_vec(&msg).map_err(|e| e.to_string())?;
         bytes.push(0);
-        self.commands
-            .write_all(&bytes)
-            .map_err(|e| format!("{method}: the browser is gone: {e}"))?;
-        let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
+        if let Err(e) = self.commands.write_all(&bytes) {
+            return Err(format!(
+                "{method}: the browser is gone: {e}; {}",
+                self.trouble()
+            ));
+        }
+        let deadline = std::time::Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let v = self
-                .answers
-                .recv_timeout(left)
-                .map_err(|_| format!("{method}: no answer in {COMMAND_TIMEOUT:?}"))?;
+            let v = match self.answers.recv_timeout(left) {
+                Ok(v) => v,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "{method}: no answer in {limit:?}; {}",
+                        self.trouble()
+                    ))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(format!(
+                        "{method}: the browser closed its pipe; {}",
+                        self.trouble()
+                    ))
+                }
+            };
             if v["id"].as_u64() != Some(id) {
                 continue; // an event, or another command's late answer
             }
