@@ -18,6 +18,10 @@ WORK=$PWD/target/demo
 export CLOUDLET_HOME="${CLOUDLET_HOME:-$WORK/home}"
 TOKEN=demo-token-$$
 mkdir -p "$WORK" "$CLOUDLET_HOME"
+# Credentials in a private file (or the environment), never on a command
+# line: every user of the host sees those in `ps`.
+TOKEN_FILE=$WORK/token
+(umask 077 && echo "$TOKEN" >"$TOKEN_FILE")
 
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f s", b - a }'; }
@@ -76,14 +80,14 @@ API=$WAN_ADDR_B:7450
 API2=$WAN_ADDR_B1:7450
 rm -rf "$WORK/registry" "$WORK/directory.redb"
 bg_in "$WAN_NS_A" $BIN/cloudlet registry serve "$WORK/registry" --listen "0.0.0.0:${REG##*:}" \
-  --push-token "$TOKEN" >"$WORK/registry.log" 2>&1
+  --push-token-file "$TOKEN_FILE" >"$WORK/registry.log" 2>&1
 bg_in "$WAN_NS_A" $BIN/cloudlet directory serve --listen "0.0.0.0:${DIR##*:}" --store "$WORK/directory.redb" \
   --heartbeat-ms 1000 --lease-ms 3000 >"$WORK/directory.log" 2>&1
 # Two cloudlets 4 km apart in Pittsburgh (same base VMs).
-bg_in "$WAN_NS_B" $BIN/cloudletd --listen "$API" --public-host "$WAN_ADDR_B" --token "$TOKEN" \
+bg_in "$WAN_NS_B" $BIN/cloudletd --listen "$API" --public-host "$WAN_ADDR_B" --token-file "$TOKEN_FILE" \
   --name edge-1 --directory "http://$DIR" --location "40.4433,-79.9436,CMU campus" >"$WORK/cloudletd.log" 2>&1
 mkdir -p "$WORK/home2" && ln -sfn "$CLOUDLET_HOME/bases" "$WORK/home2/bases"
-bg_in "$WAN_NS_B1" $BIN/cloudletd --listen "$API2" --public-host "$WAN_ADDR_B1" --token "$TOKEN" \
+bg_in "$WAN_NS_B1" $BIN/cloudletd --listen "$API2" --public-host "$WAN_ADDR_B1" --token-file "$TOKEN_FILE" \
   --name edge-2 --home "$WORK/home2" --vm-dir /dev/shm/cloudlet-edge-2 --directory "http://$DIR" \
   --location "40.4406,-79.9959,Downtown" >"$WORK/cloudletd2.log" 2>&1
 up() {
@@ -101,7 +105,7 @@ cl() { phone $BIN/cloudlet "$@"; }
 cl vm delete translator >/dev/null 2>&1 || true
 cl --cloudlet "http://$API2" vm delete translator >/dev/null 2>&1 || true
 cl info
-cl registry push "$WORK/translator.overlay" --registry "http://$REG" --name translator --registry-token "$TOKEN"
+cl registry push "$WORK/translator.overlay" --registry "http://$REG" --name translator --registry-token-file "$TOKEN_FILE"
 OVERLAY=http://$REG/v1/overlays/translator
 
 echo "== 4. a phone near CMU finds its cloudlet through the directory and asks it for its translator"

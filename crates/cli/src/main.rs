@@ -82,17 +82,19 @@ fn main() -> anyhow::Result<()> {
             Command::Base(c) => cmd::base::run(c, &home, cli.output).await,
             Command::Overlay(c) => cmd::overlay::run(c, &home, cli.output).await,
             Command::Synthesize(a) => {
-                cmd::remote::synthesize(&cli.target.client(&home), a, cli.output).await
+                cmd::remote::synthesize(&cli.target.client(&home)?, a, cli.output).await
             }
-            Command::Vm(c) => cmd::remote::vm(&cli.target.client(&home), c, cli.output).await,
-            Command::Info => cmd::remote::info(&cli.target.client(&home), cli.output).await,
+            Command::Vm(c) => cmd::remote::vm(&cli.target.client(&home)?, c, cli.output).await,
+            Command::Info => cmd::remote::info(&cli.target.client(&home)?, cli.output).await,
             Command::Handoff(a) => {
-                cmd::remote::handoff(&cli.target.client(&home), a, cli.output).await
+                cmd::remote::handoff(&cli.target.client(&home)?, a, cli.output).await
             }
-            Command::Drain(a) => cmd::remote::drain(&cli.target.client(&home), a, cli.output).await,
+            Command::Drain(a) => {
+                cmd::remote::drain(&cli.target.client(&home)?, a, cli.output).await
+            }
             Command::Registry(c) => cmd::registry::run(c, cli.output).await,
             Command::Follow(a) => {
-                let token = cli.target.client_token(&home);
+                let token = cli.target.client_token(&home)?;
                 cmd::follow::follow(a, token, cli.output).await
             }
             Command::Discover(a) => cmd::discover::discover(a, cli.output).await,

@@ -57,6 +57,8 @@ async fn every_tool_gives_the_same_verdict_on_every_damaged_copy() {
     let store = tempfile::tempdir().unwrap();
     let registry = start_registry(store.path()).await;
     let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("registry-token");
+    cloudlet_testkit::write_private(&token_file, TOKEN).unwrap();
     let mut cases = matrix(&good);
     assert_eq!(cases.len(), 28);
     cases.push(Damaged {
@@ -91,8 +93,8 @@ async fn every_tool_gives_the_same_verdict_on_every_damaged_copy() {
                 &registry,
                 "--name",
                 &case.name,
-                "--registry-token",
-                TOKEN,
+                "--registry-token-file",
+                token_file.to_str().unwrap(),
             ])
             .await,
         );

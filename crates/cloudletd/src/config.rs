@@ -174,14 +174,14 @@ impl CloudletConfig {
 
     /// Read a TOML file; missing fields take their defaults. A file that
     /// holds credentials (tokens, peer tokens, the directory token) must
-    /// be readable by its owner only (`crate::secrets`).
+    /// be readable by its owner only (`cloudlet_trust::secrets`).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", path.display()))?;
         let c: CloudletConfig = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("Invalid config {}: {e}", path.display()))?;
         if c.holds_credentials() {
-            crate::secrets::check_private(path)?;
+            cloudlet_trust::secrets::check_private(path)?;
         }
         Ok(c)
     }

@@ -32,11 +32,11 @@ pub fn credential(c: &Cloudlet) -> std::io::Result<String> {
         return Ok(t.clone());
     }
     let path = c.config.home.join("directory-credential");
-    match crate::secrets::read_own(&path) {
+    match cloudlet_trust::secrets::read_own(&path) {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         _ => {
             let t = hex::encode(rand::random::<[u8; 24]>());
-            crate::secrets::write_private(&path, &t)?;
+            cloudlet_trust::secrets::write_private(&path, &t)?;
             Ok(t)
         }
     }

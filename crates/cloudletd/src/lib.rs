@@ -28,7 +28,6 @@ pub mod handoff;
 pub mod metrics;
 pub mod progress;
 pub mod retry;
-pub mod secrets;
 pub mod synth;
 pub mod throttle;
 

@@ -39,9 +39,11 @@ struct Args {
     /// Cloudlet name (overrides the config).
     #[arg(long)]
     name: Option<String>,
-    /// Bearer token for changes (added to the config's).
-    #[arg(long, env = "CLOUDLET_TOKEN")]
-    token: Option<String>,
+    /// A file whose first line is a bearer token for changes (added to the
+    /// config's; the file must be mode 0600). Or `$CLOUDLET_TOKEN`. Never
+    /// the token itself: a command line is visible to every user (`ps`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Where this cloudlet stands, `LAT,LON[,LABEL]` (overrides the
     /// config; the directory ranks by it).
     #[arg(long, value_parser = parse_location, allow_hyphen_values = true)]
@@ -104,17 +106,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(l) = args.location {
         config.location = l;
     }
-    if let Some(t) = args.token {
+    if let Some(t) =
+        cloudlet_trust::secrets::credential_from(args.token_file.as_deref(), "CLOUDLET_TOKEN")?
+    {
         config.tokens.push(t);
     }
     if config.tokens.is_empty() {
         let path = config.home.join("token");
-        let token = match cloudletd::secrets::read_own(&path) {
+        let token = match cloudlet_trust::secrets::read_own(&path) {
             Ok(t) => t.trim().to_string(),
             Err(_) => {
                 let t = hex::encode(rand::random::<[u8; 16]>());
                 std::fs::create_dir_all(&config.home)?;
-                cloudletd::secrets::write_private(&path, &t)
+                cloudlet_trust::secrets::write_private(&path, &t)
                     .with_context(|| format!("Writing {}", path.display()))?;
                 t
             }

@@ -234,4 +234,166 @@ fn credentials_are_kept_from_other_users() {
     let _ = d.kill();
     let _ = d.wait();
     assert_eq!(mode, 0o600, "home/token");
+
+    // No credential on a command line (every user sees it in `ps`): the
+    // flags that took one are gone, clap points to the file instead; a
+    // token file others may read is refused, by the daemon and the CLI.
+    let run = |bin: &str, args: &[&std::ffi::OsStr]| {
+        let out = Command::new(bin)
+            .args(args)
+            .env_remove("CLOUDLET_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), said)
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let daemon = env!("CARGO_BIN_EXE_cloudletd");
+    let cli = common::cloudlet_bin();
+    let cli = cli.to_str().unwrap();
+    for (bin, args) in [
+        (
+            daemon,
+            vec![
+                os("--config"),
+                plain.clone().into(),
+                os("--token"),
+                os("s3cret-token"),
+            ],
+        ),
+        (cli, vec![os("--token"), os("s3cret-token"), os("info")]),
+        (
+            cli,
+            vec![
+                os("handoff"),
+                os("vm"),
+                os("--to"),
+                os("x"),
+                os("--dest-token"),
+                os("s3cret-token"),
+            ],
+        ),
+        (
+            cli,
+            vec![
+                os("registry"),
+                os("push"),
+                os("f"),
+                os("--registry-token"),
+                os("s3cret-token"),
+            ],
+        ),
+    ] {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (ok, said) = run(bin, &args);
+        assert!(
+            !ok && said.contains("unexpected argument"),
+            "{args:?}: {said}"
+        );
+        assert!(
+            said.contains("-token-file"),
+            "{args:?}: the file flag is named: {said}"
+        );
+    }
+    let open_token = dir.path().join("open-token");
+    std::fs::write(&open_token, "s3cret-token\n").unwrap();
+    std::fs::set_permissions(&open_token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (bin, args) in [
+        (
+            daemon,
+            vec![
+                os("--config"),
+                plain.clone().into(),
+                os("--token-file"),
+                open_token.clone().into(),
+            ],
+        ),
+        (
+            cli,
+            vec![os("--token-file"), open_token.clone().into(), os("info")],
+        ),
+    ] {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (ok, said) = run(bin, &args);
+        assert!(!ok, "{args:?}: {said}");
+        assert!(
+            said.contains("others may read it (mode 644)") && said.contains("chmod 600"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("s3cret-token"), "{said}");
+    }
+}
+
+/// A daemon given its token in a private file takes it, and the CLI given
+/// the same file is let in, where a wrong token (from the environment) is
+/// refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_file_lets_in_its_holder_only() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let port = cloudlet_testkit::free_port();
+    let config = dir.path().join("cloudletd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nhome = \"{}\"\nvm_dir = \"{}\"\n",
+            dir.path().join("home").display(),
+            dir.path().join("vms").display()
+        ),
+    )
+    .unwrap();
+    let token_file = dir.path().join("token");
+    cloudlet_testkit::write_private(&token_file, "file-token-0123456789\n").unwrap();
+    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--token-file")
+        .arg(&token_file)
+        .env_remove("CLOUDLET_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    assert!(
+        cloudlet_testkit::until_healthy(
+            &[format!("{url}/health")],
+            std::time::Duration::from_secs(30)
+        )
+        .await,
+        "the daemon did not come up"
+    );
+    let cli = |token: Option<&str>, file: Option<&std::path::Path>| {
+        let mut c = tokio::process::Command::new(common::cloudlet_bin());
+        c.args(["--cloudlet", &url, "vm", "delete", "no-such-vm"])
+            .arg("--home")
+            .arg(dir.path().join("cli-home"))
+            .env_remove("CLOUDLET_TOKEN");
+        if let Some(t) = token {
+            c.env("CLOUDLET_TOKEN", t);
+        }
+        if let Some(f) = file {
+            c.arg("--token-file").arg(f);
+        }
+        async move {
+            let out = c.output().await.unwrap();
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+    };
+    let held = cli(None, Some(&token_file)).await;
+    assert!(held.contains("404") || held.contains("not found"), "{held}");
+    let wrong = cli(Some("wrong-token-0123456789"), None).await;
+    assert!(wrong.contains("401"), "{wrong}");
+    assert!(
+        !std::fs::exists(dir.path().join("home/token")).unwrap(),
+        "the given token is used, none made"
+    );
+    let _ = d.kill().await;
 }

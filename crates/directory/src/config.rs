@@ -71,10 +71,14 @@ pub enum ConfigError {
     Parse { path: String, detail: String },
     #[error("Invalid config: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Exposed(#[from] cloudlet_trust::secrets::SecretError),
 }
 
 impl DirectoryConfig {
-    /// Read a TOML file; missing fields take their defaults.
+    /// Read a TOML file; missing fields take their defaults. A file that
+    /// holds credentials (cloudlets' or devices') must be readable by its
+    /// owner only.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             path: path.display().to_string(),
@@ -85,6 +89,9 @@ impl DirectoryConfig {
             detail: e.to_string(),
         })?;
         c.check()?;
+        if !c.cloudlets.is_empty() || !c.device_tokens.is_empty() {
+            cloudlet_trust::secrets::check_private(path)?;
+        }
         Ok(c)
     }
 

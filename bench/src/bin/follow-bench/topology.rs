@@ -163,7 +163,7 @@ impl World {
             .arg(work.join("registry"))
             .arg("--listen")
             .arg(format!("0.0.0.0:{REG_PORT}"))
-            .args(["--push-token", TOKEN]);
+            .env("CLOUDLET_REGISTRY_TOKEN", TOKEN);
         self.spawn_logged(0, Side::A, c, &work.join("registry.log"))?;
         let hub_ip = cloudlet_wan::A_ADDR;
         self.dir_url = format!("http://{hub_ip}:{DIR_PORT}");
@@ -190,7 +190,7 @@ impl World {
                 c.args(["registry", "push"])
                     .arg(overlay)
                     .args(["--registry", &reg_url, "--name", "kvstore"])
-                    .args(["--registry-token", TOKEN])
+                    .env("CLOUDLET_REGISTRY_TOKEN", TOKEN)
                     .env("CLOUDLET_LOG", "warn")
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped());

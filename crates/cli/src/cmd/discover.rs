@@ -17,10 +17,11 @@ pub struct FindArgs {
     /// The directory (its instances' URLs, comma-separated).
     #[arg(long, env = "CLOUDLET_DIRECTORY", value_delimiter = ',')]
     pub directory: Vec<String>,
-    /// The device's credential at the directory (default: anonymous, where
+    /// A file (mode 0600) holding the device's credential at the
+    /// directory (default: $CLOUDLET_DEVICE_TOKEN, else anonymous, where
     /// the directory allows it).
-    #[arg(long, env = "CLOUDLET_DEVICE_TOKEN", hide_env_values = true)]
-    pub device_token: Option<String>,
+    #[arg(long)]
+    pub device_token_file: Option<std::path::PathBuf>,
     /// Where the device is, `LAT,LON` (ranks by geographic distance).
     #[arg(long, value_parser = parse_near, allow_hyphen_values = true)]
     pub near: Option<(f64, f64)>,
@@ -47,6 +48,17 @@ pub struct DiscoverArgs {
     pub n: usize,
 }
 
+impl FindArgs {
+    /// The device's credential: `--device-token-file`, else
+    /// `$CLOUDLET_DEVICE_TOKEN`, else none.
+    pub fn device_token(&self) -> anyhow::Result<Option<String>> {
+        Ok(cloudlet_trust::secrets::credential_from(
+            self.device_token_file.as_deref(),
+            "CLOUDLET_DEVICE_TOKEN",
+        )?)
+    }
+}
+
 fn parse_near(s: &str) -> Result<(f64, f64), String> {
     let (a, b) = s
         .split_once(',')
@@ -70,7 +82,7 @@ pub async fn find(
     if f.directory.is_empty() {
         anyhow::bail!("no directory: give --directory URL (or set CLOUDLET_DIRECTORY)");
     }
-    let client = DirectoryClient::new(&f.directory, f.device_token.clone());
+    let client = DirectoryClient::new(&f.directory, f.device_token()?);
     let q = SearchQuery {
         lat: f.near.map(|n| n.0),
         lon: f.near.map(|n| n.1),

@@ -83,7 +83,7 @@ pub async fn follow(args: FollowArgs, token: Option<String>, output: Output) -> 
     if args.find.directory.is_empty() {
         anyhow::bail!("no directory: give --directory URL (or set CLOUDLET_DIRECTORY)");
     }
-    let directory = DirectoryClient::new(&args.find.directory, args.find.device_token.clone());
+    let directory = DirectoryClient::new(&args.find.directory, args.find.device_token()?);
     let mut session = match (&args.attach, &args.overlay) {
         (Some(file), _) => {
             let state: SessionState = serde_json::from_slice(&std::fs::read(file)?)?;

@@ -6,7 +6,12 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use cloudlet_registry::{RegistryConfig, StorageLocation};
 
+use cloudlet_trust::secrets::{credential_from, read_credential};
+
 use crate::Output;
+
+/// The environment variable that may hold the registry's push token.
+const REGISTRY_TOKEN: &str = "CLOUDLET_REGISTRY_TOKEN";
 
 #[derive(Subcommand)]
 pub enum RegistryCommand {
@@ -15,9 +20,10 @@ pub enum RegistryCommand {
         storage: String,
         #[arg(long, default_value = "127.0.0.1:7460")]
         listen: SocketAddr,
-        /// Token that allows pushing (repeatable).
-        #[arg(long = "push-token", env = "CLOUDLET_REGISTRY_TOKEN")]
-        tokens: Vec<String>,
+        /// A file (mode 0600) holding a token that allows pushing
+        /// (repeatable; or $CLOUDLET_REGISTRY_TOKEN).
+        #[arg(long = "push-token-file")]
+        token_files: Vec<PathBuf>,
     },
     /// Push an overlay file to a registry.
     Push {
@@ -31,12 +37,10 @@ pub enum RegistryCommand {
         /// Name in the registry (default: the file name without extension).
         #[arg(long)]
         name: Option<String>,
-        #[arg(
-            long = "registry-token",
-            env = "CLOUDLET_REGISTRY_TOKEN",
-            hide_env_values = true
-        )]
-        token: String,
+        /// A file (mode 0600) holding a token the registry accepts for
+        /// pushes (default: $CLOUDLET_REGISTRY_TOKEN).
+        #[arg(long = "registry-token-file")]
+        token_file: Option<PathBuf>,
     },
     /// List the overlays a registry holds.
     List {
@@ -54,19 +58,31 @@ pub async fn run(cmd: RegistryCommand, output: Output) -> anyhow::Result<()> {
         RegistryCommand::Serve {
             storage,
             listen,
-            tokens,
+            token_files,
         } => {
             let storage: StorageLocation = storage.parse()?;
             let mut config = RegistryConfig::new(listen, storage);
-            config.push_tokens = tokens;
+            for f in &token_files {
+                config.push_tokens.push(read_credential(f)?);
+            }
+            if token_files.is_empty() {
+                config
+                    .push_tokens
+                    .extend(credential_from(None, REGISTRY_TOKEN)?);
+            }
             cloudlet_registry::serve(config).await?;
         }
         RegistryCommand::Push {
             file,
             registry,
             name,
-            token,
+            token_file,
         } => {
+            let token = credential_from(token_file.as_deref(), REGISTRY_TOKEN)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "a push needs the registry's token: --registry-token-file FILE (or ${REGISTRY_TOKEN})"
+                )
+            })?;
             let name = name.unwrap_or_else(|| {
                 file.file_stem()
                     .map(|s| s.to_string_lossy().into_owned())

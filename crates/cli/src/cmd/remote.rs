@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use cloudlet_api::events::{CloudletEvent, Operation};
 use cloudlet_api::{CreateVmRequest, VmInfo};
 use cloudlet_client::Client;
+use cloudlet_trust::secrets::credential_from;
 
 use crate::Output;
 
@@ -23,23 +24,27 @@ pub struct Target {
         default_value = "http://127.0.0.1:7450"
     )]
     pub url: String,
-    /// Bearer token (default: $CLOUDLET_TOKEN, else the local daemon's token file).
-    #[arg(long, global = true, env = "CLOUDLET_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// A file (mode 0600) whose first line is the bearer token (default:
+    /// $CLOUDLET_TOKEN, else the local daemon's token file). Never the
+    /// token itself: a command line is visible to every user (`ps`).
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Target {
-    pub fn client(&self, home: &std::path::Path) -> Client {
-        Client::new(&self.url, self.client_token(home))
+    pub fn client(&self, home: &std::path::Path) -> anyhow::Result<Client> {
+        Ok(Client::new(&self.url, self.client_token(home)?))
     }
 
-    /// The token: given, else the local daemon's token file.
-    pub fn client_token(&self, home: &std::path::Path) -> Option<String> {
-        self.token.clone().or_else(|| {
+    /// The token: from `--token-file`, else `$CLOUDLET_TOKEN`, else the
+    /// local daemon's token file.
+    pub fn client_token(&self, home: &std::path::Path) -> anyhow::Result<Option<String>> {
+        let given = credential_from(self.token_file.as_deref(), "CLOUDLET_TOKEN")?;
+        Ok(given.or_else(|| {
             std::fs::read_to_string(home.join("token"))
                 .ok()
                 .map(|t| t.trim().to_string())
-        })
+        }))
     }
 }
 
@@ -160,13 +165,10 @@ pub struct HandoffArgs {
     /// source cloudlet joined (which then gives the token too).
     #[arg(long = "to")]
     pub to: String,
-    /// Token the destination accepts (default: the source's configured peer token).
-    #[arg(
-        long = "dest-token",
-        env = "CLOUDLET_DEST_TOKEN",
-        hide_env_values = true
-    )]
-    pub dest_token: Option<String>,
+    /// A file (mode 0600) holding the token the destination accepts
+    /// (default: $CLOUDLET_DEST_TOKEN, else the source's peer token for it).
+    #[arg(long)]
+    pub dest_token_file: Option<PathBuf>,
     /// Write the handoff's course as an SVG plot to this file: bytes sent,
     /// the link's rate and the guest's dirty rate over time, the stages
     /// and the switchover marked.
@@ -197,7 +199,7 @@ pub async fn handoff(client: &Client, args: HandoffArgs, output: Output) -> anyh
             client.clone(),
             args.vm.clone(),
             args.to.clone(),
-            args.dest_token.clone(),
+            credential_from(args.dest_token_file.as_deref(), "CLOUDLET_DEST_TOKEN")?,
         );
         tokio::spawn(async move { c.handoff(&vm, &to, tok.as_deref()).await })
     };

@@ -130,6 +130,8 @@ async fn cloud_tier(
 ) -> (String, String) {
     // The cloud tier, in the hub: the directory and the registry.
     let hub_ip = cloudlet_wan::A_ADDR;
+    let token_file = dir.join("registry-token");
+    cloudlet_testkit::write_private(&token_file, TOKEN).unwrap();
     let (out, err) = log_file(&dir.join("directory.log"));
     let mut c = Command::new(cloudlet_bin());
     c.args(["directory", "serve", "--listen"])
@@ -146,7 +148,8 @@ async fn cloud_tier(
         .arg(dir.join("registry"))
         .arg("--listen")
         .arg(format!("0.0.0.0:{REG_PORT}"))
-        .args(["--push-token", TOKEN])
+        .arg("--push-token-file")
+        .arg(&token_file)
         .stdout(out)
         .stderr(err);
     procs.children.push(hub.spawn_in(Side::A, c).unwrap());
@@ -168,8 +171,8 @@ async fn cloud_tier(
             &reg_url,
             "--name",
             "kvstore",
-            "--registry-token",
-            TOKEN,
+            "--registry-token-file",
+            token_file.to_str().unwrap(),
         ],
     );
     let overlay_url = format!("{reg_url}/v1/overlays/kvstore");

@@ -70,8 +70,10 @@ async fn the_dashboard_shows_the_vm_and_a_handoff_live_until_it_moved() {
     let plot = shots.join("handoff.svg");
     let _ = std::fs::remove_file(&plot);
     let cli = Command::new(cloudlet_bin())
-        .args(["--cloudlet", &a.url(), "--token", TOKEN, "--output", "json"])
-        .args(["handoff", "shown", "--to", &b.url(), "--dest-token", TOKEN])
+        .args(["--cloudlet", &a.url(), "--output", "json"])
+        .args(["handoff", "shown", "--to", &b.url()])
+        .env("CLOUDLET_TOKEN", TOKEN)
+        .env("CLOUDLET_DEST_TOKEN", TOKEN)
         .arg("--plot")
         .arg(&plot)
         .stdout(Stdio::piped())
