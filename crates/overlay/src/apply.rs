@@ -801,6 +801,9 @@ pub fn read_manifest<R: Read>(reader: &mut R) -> Result<(Header, Manifest)> {
     let mut head = [0u8; HEADER_LEN];
     let n = read_full(reader, &mut head)?;
     let header = Header::parse(&head[..n])?;
+    // A signed overlay's signature block (judged by `Validation`, not here).
+    let block = header.manifest_offset - HEADER_LEN as u64;
+    io::copy(&mut reader.take(block), &mut io::sink()).map_err(ApplyOverlayError::ReadOverlay)?;
     let mut stored = Vec::new();
     reader
         .take(header.manifest_len)

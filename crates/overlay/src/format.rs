@@ -31,6 +31,11 @@
 //! | 40 | 8 | total file length |
 //! | 48 | 32 | hash of the stored manifest bytes |
 //! | 80 | 16 | reserved, zero |
+//!
+//! Version 2 is version 1 signed: the bytes between the header and the
+//! manifest (`128..manifest_offset`) hold a signature block, documented in
+//! [`crate::signature`]; nothing else differs. Version 1 has none
+//! (`manifest_offset` is 128). `create` writes version 1, `sign` version 2.
 //! | 96 | 32 | hash of header bytes 0..96 |
 //!
 //! # Manifest (one zstd frame; the decompressed encoding below)
@@ -96,8 +101,10 @@ use serde::Serialize;
 
 /// Magic bytes at the start of every overlay file.
 pub const MAGIC: [u8; 8] = *b"CLOVLY\r\n";
-/// The format version this crate writes and reads.
+/// The format version this crate writes (unsigned) and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The format version of a signed overlay (read too).
+pub const SIGNED_FORMAT_VERSION: u32 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 128;
 /// Default chunk size, for both disk and memory.
@@ -128,7 +135,9 @@ pub enum FormatError {
     Truncated { offset: u64, needed: u64 },
     #[error("Bad magic bytes: not a cloudlet overlay")]
     BadMagic,
-    #[error("Unsupported overlay format version {found} (this build reads version {supported})")]
+    #[error(
+        "Unsupported overlay format version {found} (this build reads versions 1 to {supported})"
+    )]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("Header hash mismatch: the header is corrupted")]
     HeaderHashMismatch,
@@ -316,10 +325,10 @@ impl Header {
             });
         }
         let version = u32::from_le_bytes(arr(&bytes[8..12]));
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != SIGNED_FORMAT_VERSION {
             return Err(FormatError::UnsupportedVersion {
                 found: version,
-                supported: FORMAT_VERSION,
+                supported: SIGNED_FORMAT_VERSION,
             });
         }
         if bytes.len() < HEADER_LEN {
@@ -348,8 +357,17 @@ impl Header {
             file_len: u64::from_le_bytes(arr(&b[40..48])),
             manifest_hash: arr(&b[48..80]),
         };
-        if h.manifest_offset != HEADER_LEN as u64 {
-            return Err(bad("manifest_offset", format!("{}", h.manifest_offset)));
+        let signature_len = h.manifest_offset.wrapping_sub(HEADER_LEN as u64);
+        let fits = if version == FORMAT_VERSION {
+            signature_len == 0
+        } else {
+            crate::signature::BLOCK_LEN_RANGE.contains(&signature_len)
+        };
+        if h.manifest_offset < HEADER_LEN as u64 || !fits {
+            return Err(bad(
+                "manifest_offset",
+                format!("{} (format version {version})", h.manifest_offset),
+            ));
         }
         if h.manifest_raw_len > MAX_MANIFEST_RAW_LEN {
             return Err(bad(
@@ -367,6 +385,11 @@ impl Header {
             ));
         }
         Ok(h)
+    }
+
+    /// Byte range of the signature block (empty when unsigned).
+    pub fn signature_range(&self) -> std::ops::Range<u64> {
+        HEADER_LEN as u64..self.manifest_offset
     }
 
     /// Byte range of the stored manifest.
@@ -918,60 +941,5 @@ pub fn parse_prefix(bytes: &[u8]) -> Result<(Header, Manifest), FormatError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_roundtrip() {
-        let h = Header {
-            format_version: FORMAT_VERSION,
-            manifest_offset: HEADER_LEN as u64,
-            manifest_len: 10,
-            manifest_raw_len: 20,
-            file_len: 1000,
-            manifest_hash: [7; 32],
-        };
-        let b = h.encode();
-        assert_eq!(Header::parse(&b).unwrap(), h);
-        let mut c = b;
-        c[0] ^= 1;
-        assert_eq!(Header::parse(&c), Err(FormatError::BadMagic));
-        let mut c = b;
-        c[8] = 2;
-        assert!(matches!(
-            Header::parse(&c),
-            Err(FormatError::UnsupportedVersion { found: 2, .. })
-        ));
-        let mut c = b;
-        c[30] ^= 1;
-        assert_eq!(Header::parse(&c), Err(FormatError::HeaderHashMismatch));
-        for n in 0..HEADER_LEN {
-            assert!(Header::parse(&b[..n]).is_err());
-        }
-    }
-
-    #[test]
-    fn metadata_length_is_bounded() {
-        let mut raw = Vec::new();
-        raw.extend_from_slice(&4096u32.to_le_bytes());
-        raw.extend_from_slice(&0u16.to_le_bytes());
-        raw.extend_from_slice(&((MAX_METADATA_LEN + 1) as u32).to_le_bytes());
-        raw.extend(std::iter::repeat(b'a').take(MAX_METADATA_LEN + 1));
-        let err = Manifest::decode(&raw).unwrap_err();
-        assert!(err.to_string().contains("metadata length"), "{err}");
-        // Shorter than announced: refused, no panic.
-        let mut raw = raw[..6].to_vec();
-        raw.extend_from_slice(&100u32.to_le_bytes());
-        raw.extend_from_slice(b"short");
-        assert!(Manifest::decode(&raw).is_err());
-    }
-
-    #[test]
-    fn chunk_lengths() {
-        assert_eq!(chunk_count(0, 4096), 0);
-        assert_eq!(chunk_count(4097, 4096), 2);
-        assert_eq!(chunk_len(4097, 4096, 1), 1);
-        assert_eq!(chunk_len(4097, 4096, 2), 0);
-        assert_eq!(chunk_len(4097, 4096, u64::MAX), 0);
-    }
-}
+#[path = "format_tests.rs"]
+mod tests;

@@ -8,6 +8,8 @@
 //!   [`verify`] checks it against a base.
 //! - [`apply_overlay`] rebuilds the launch images; [`Applier`] does the same
 //!   segment by segment, as they arrive.
+//! - [`signature`]: signed overlays (who made one, until when), judged by a
+//!   [`signature::SignaturePolicy`] before any segment is fetched.
 //! - [`LaunchPlan`] says which segments a VM needs before it can start
 //!   early, and which segment each memory page waits on.
 //!
@@ -22,6 +24,7 @@ pub mod format;
 mod fsutil;
 pub mod fuzzing;
 mod inspect;
+pub mod signature;
 pub mod validate;
 
 pub use apply::{

@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::format::{FormatError, Header, Manifest, HEADER_LEN, MAX_MANIFEST_RAW_LEN};
+use crate::signature::{Signature, SignatureError, SignaturePolicy};
 
 /// How much of an overlay a [`Validation`] checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,6 +95,9 @@ pub enum InvalidOverlay {
     PrefixTooLarge { needed: u64, limit: u64 },
     #[error("Overlay already refused")]
     Refused,
+    /// Its signature is refused by the reader's [`SignaturePolicy`].
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
 }
 
 fn expected(place: &Place, file_len: &Option<u64>) -> String {
@@ -138,6 +142,9 @@ pub struct ValidOverlay {
     pub manifest: Manifest,
     /// The app metadata, if the overlay carries any.
     pub app: Option<AppMetadata>,
+    /// Its signature (format version 2), if signed; checked against a
+    /// policy only when the validation has one ([`Validation::signatures`]).
+    pub signature: Option<Signature>,
 }
 
 impl ValidOverlay {
@@ -163,9 +170,14 @@ pub struct AppMetadata {
     /// The command the app was started with (for the record).
     #[serde(default)]
     pub command: Option<String>,
+    /// The app's version, as its developer names it (1 to 64 bytes, no
+    /// control characters); a signature covers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 const MAX_APP_NAME_LEN: usize = 128;
+const MAX_APP_VERSION_LEN: usize = 64;
 const MAX_HEALTH_PATH_LEN: usize = 1024;
 
 /// Checks an overlay's app metadata: empty (no app), or JSON of
@@ -197,6 +209,14 @@ pub fn check_metadata(metadata: &[u8]) -> Result<Option<AppMetadata>, InvalidOve
             "app name {:?} holds control characters",
             app.name
         )));
+    }
+    if let Some(v) = &app.version {
+        if v.is_empty() || v.len() > MAX_APP_VERSION_LEN || v.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "app version {:?} must be 1 to {MAX_APP_VERSION_LEN} bytes, no control characters",
+                v.chars().take(80).collect::<String>()
+            )));
+        }
     }
     for (i, &p) in app.ports.iter().enumerate() {
         if p == 0 {
@@ -278,6 +298,7 @@ pub struct Validation {
     level: Level,
     base_id: Option<String>,
     max_prefix_len: u64,
+    signatures: Option<(SignaturePolicy, u64)>,
 }
 
 impl Default for Validation {
@@ -292,7 +313,15 @@ impl Validation {
             level,
             base_id: None,
             max_prefix_len: DEFAULT_MAX_PREFIX_LEN,
+            signatures: None,
         }
+    }
+
+    /// Judge the overlay's signature by `policy` at Unix time `now`, with
+    /// the header and manifest (before any segment).
+    pub fn signatures(mut self, policy: SignaturePolicy, now: u64) -> Validation {
+        self.signatures = Some((policy, now));
+        self
     }
 
     /// [`Level::Structure`].
@@ -360,6 +389,10 @@ impl Validation {
         let r = header.manifest_range();
         let manifest = Manifest::parse(&header, &prefix[r.start as usize..r.end as usize])?;
         let app = check_metadata(&manifest.metadata)?;
+        let s = header.signature_range();
+        let signature = (!s.is_empty())
+            .then(|| Signature::parse(&prefix[s.start as usize..s.end as usize]))
+            .transpose()?;
         if let Some(expected) = &self.base_id {
             if &manifest.base_id != expected {
                 return Err(InvalidOverlay::WrongBase {
@@ -372,7 +405,11 @@ impl Validation {
             header,
             manifest,
             app,
+            signature,
         };
+        if let Some((policy, now)) = &self.signatures {
+            policy.check(&v, *now)?;
+        }
         if let Some(len) = len {
             check_len(&v, len)?;
         }

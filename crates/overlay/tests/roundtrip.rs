@@ -56,6 +56,7 @@ proptest! {
                         ports: ports.into_iter().collect(),
                         health_path,
                         command,
+                        version: None,
                     })
                     .unwrap()
                 }),

@@ -262,21 +262,25 @@ pub fn matrix(overlay: &[u8]) -> Vec<Damaged> {
 }
 
 /// `overlay` with its manifest replaced by `m` (re-encoded, compressed and
-/// hashed; the header rewritten to match), the segments unchanged.
+/// hashed; the header rewritten to match), the segments unchanged, and its
+/// signature block, if signed, kept as it was (what an attacker who
+/// changed a signed overlay would make).
 pub fn rewrite(overlay: &[u8], m: &Manifest) -> Vec<u8> {
     let (header, old) = parse_prefix(overlay).expect("a valid overlay");
     let raw = m.encode();
     let stored = zstd::bulk::compress(&raw, 3).expect("zstd");
     let segments = &overlay[old.data_offset as usize..];
+    let block = &overlay[HEADER_LEN..header.manifest_offset as usize];
     let h = Header {
         format_version: header.format_version,
-        manifest_offset: HEADER_LEN as u64,
+        manifest_offset: header.manifest_offset,
         manifest_len: stored.len() as u64,
         manifest_raw_len: raw.len() as u64,
-        file_len: (HEADER_LEN + stored.len() + segments.len()) as u64,
+        file_len: (HEADER_LEN + block.len() + stored.len() + segments.len()) as u64,
         manifest_hash: *blake3::hash(&stored).as_bytes(),
     };
     let mut out = h.encode().to_vec();
+    out.extend_from_slice(block);
     out.extend_from_slice(&stored);
     out.extend_from_slice(segments);
     out
