@@ -465,6 +465,9 @@ pub struct AppInfo {
     /// The command the app was started with (for the record).
     #[serde(default)]
     pub command: Option<String>,
+    /// The app's version, as its developer names it (a signature covers it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// The OpenAPI security scheme of every cloudlet service (`bearer`: an

@@ -233,7 +233,8 @@ impl CloudletOps for Daemon {
             }
         }
         // Everything that can be refused is refused before anything starts.
-        let (header, manifest, _) = source.manifest().await?;
+        let policy = self.cloudlet.config.signature_policy();
+        let (header, manifest, _) = source.manifest(&policy).await?;
         let app: AppInfo =
             app_info(&manifest).map_err(|e| CreateVmError::Metadata(e.to_string()))?;
         let base = self.cloudlet.resolve(&manifest.base_id)?;

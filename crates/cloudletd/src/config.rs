@@ -91,6 +91,15 @@ pub struct CloudletConfig {
     /// disk have arrived and stream its memory in behind it (QEMU postcopy;
     /// needs `vm_dir` on a tmpfs). On by default.
     pub early_start: bool,
+    /// Keys whose overlay signatures this cloudlet accepts: the lines of
+    /// `cloudlet overlay keygen`'s `.pub` files (`cloudlet-ed25519 SIGNER
+    /// HEX`); several, for rotation. Given any, an overlay signed by
+    /// another key is refused. A signed overlay must verify and be
+    /// unexpired whatever this holds. Judged from the header and manifest,
+    /// before any segment is fetched.
+    pub trusted_keys: Vec<cloudlet_overlay::signature::TrustedKey>,
+    /// Refuse unsigned overlays (needs `trusted_keys`).
+    pub require_signed_overlays: bool,
 }
 
 /// Another cloudlet.
@@ -148,6 +157,8 @@ impl Default for CloudletConfig {
             handoff_test_exit_after_commit: false,
             handoff_rate_cap: true,
             early_start: true,
+            trusted_keys: vec![],
+            require_signed_overlays: false,
         }
     }
 }
@@ -183,7 +194,21 @@ impl CloudletConfig {
         if c.holds_credentials() {
             cloudlet_trust::secrets::check_private(path)?;
         }
+        if c.require_signed_overlays && c.trusted_keys.is_empty() {
+            anyhow::bail!(
+                "Invalid config {}: require_signed_overlays needs trusted_keys (the .pub lines of `cloudlet overlay keygen`): every overlay would be refused",
+                path.display()
+            );
+        }
         Ok(c)
+    }
+
+    /// What this cloudlet accepts of overlays' signatures.
+    pub fn signature_policy(&self) -> cloudlet_overlay::signature::SignaturePolicy {
+        cloudlet_overlay::signature::SignaturePolicy {
+            required: self.require_signed_overlays,
+            trusted: self.trusted_keys.clone(),
+        }
     }
 
     /// Tokens of its own or of its peers, or a directory credential.

@@ -206,7 +206,7 @@ async fn registry_natural_order_is_one_request() {
         .unwrap();
 
     let source = url(format!("{registry}/v1/overlays/app"));
-    let (_h, fetched, _end) = source.manifest().await.unwrap();
+    let (_h, fetched, _end) = source.manifest(&Default::default()).await.unwrap();
     assert_eq!(fetched, m);
     let order = file_order(&m);
     let mut f = SegmentFetcher::start(source, &m, &order, &FetchConfig::default()).unwrap();
@@ -465,7 +465,7 @@ async fn local_file_with_plan_order_and_demand() {
     let wanted = *plan.fetch_order.last().unwrap();
     assert!(plan.pages_waiting_on(wanted) > 0);
     let source = OverlaySource::File(file.clone());
-    let (_h, fetched, _) = source.manifest().await.unwrap();
+    let (_h, fetched, _) = source.manifest(&Default::default()).await.unwrap();
     assert_eq!(fetched, m);
     let mut f =
         SegmentFetcher::start(source, &m, &plan.fetch_order, &FetchConfig::default()).unwrap();

@@ -98,6 +98,40 @@ pub struct OverlayInfo {
     pub launch_hash: String,
     pub base_disk_hash: String,
     pub base_mem_hash: String,
+    /// Its signature, if signed (set by [`inspect`] and [`verify`]).
+    pub signature: Option<SignatureInfo>,
+}
+
+/// An overlay's signature, as inspect tells it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SignatureInfo {
+    pub signer: String,
+    /// The key's line as a reader trusts it (`cloudlet-ed25519 SIGNER HEX`).
+    pub public_key: String,
+    pub fingerprint: String,
+    /// Unix seconds.
+    pub signed_at: u64,
+    pub expires_at: u64,
+    /// The signature is the one its key made over this overlay.
+    pub verifies: bool,
+}
+
+impl SignatureInfo {
+    pub fn of(v: &ValidOverlay) -> Option<SignatureInfo> {
+        let s = v.signature.as_ref()?;
+        Some(SignatureInfo {
+            signer: s.signer.clone(),
+            public_key: crate::signature::TrustedKey {
+                signer: s.signer.clone(),
+                public_key: s.public_key,
+            }
+            .to_string(),
+            fingerprint: s.fingerprint(),
+            signed_at: s.signed_at,
+            expires_at: s.expires_at,
+            verifies: s.verifies(&v.header.manifest_hash, v.app.as_ref()),
+        })
+    }
 }
 
 /// Why an overlay could not be inspected: it is unreadable or not valid
@@ -108,7 +142,10 @@ pub type InspectOverlayError = ValidateOverlayError;
 /// and every segment's hash, no base needed) and explains it.
 pub fn inspect(path: &Path) -> Result<OverlayInfo, InspectOverlayError> {
     let v = Validation::full().check_file(path)?;
-    Ok(info(&v.header, &v.manifest))
+    Ok(OverlayInfo {
+        signature: SignatureInfo::of(&v),
+        ..info(&v.header, &v.manifest)
+    })
 }
 
 /// Explains a parsed header and manifest.
@@ -150,6 +187,7 @@ pub fn info(header: &format::Header, m: &Manifest) -> OverlayInfo {
         launch_hash: hex::encode(m.launch_hash),
         base_disk_hash: hex::encode(m.base_disk_hash),
         base_mem_hash: hex::encode(m.base_mem_hash),
+        signature: None,
     }
 }
 
@@ -161,6 +199,19 @@ impl fmt::Display for OverlayInfo {
             (_, 0) => writeln!(f, "app metadata     none")?,
             (Some(t), _) => writeln!(f, "app metadata     {t}")?,
             (None, n) => writeln!(f, "app metadata     {n} bytes (binary)")?,
+        }
+        match &self.signature {
+            None => writeln!(f, "signature        none (unsigned)")?,
+            Some(s) => writeln!(
+                f,
+                "signature        {} by {} (key {}), signed at {}, expires at {} (Unix time)\n                 {}",
+                if s.verifies { "valid" } else { "BAD" },
+                s.signer,
+                s.fingerprint,
+                s.signed_at,
+                s.expires_at,
+                s.public_key
+            )?,
         }
         writeln!(f, "chunk size       {}", self.chunk_size)?;
         writeln!(
@@ -250,9 +301,11 @@ pub fn verify(path: &Path, base: &BaseImages) -> Result<OverlayInfo, VerifyOverl
     if let Some(id) = &base.id {
         check = check.base(id.clone());
     }
+    let v = check.check_file(path)?;
+    let signature = SignatureInfo::of(&v);
     let ValidOverlay {
         header, manifest, ..
-    } = check.check_file(path)?;
+    } = v;
     for (image, p, size, expected) in [
         (
             Image::Disk,
@@ -279,7 +332,10 @@ pub fn verify(path: &Path, base: &BaseImages) -> Result<OverlayInfo, VerifyOverl
         }
     }
     apply::verify_against_base(path, &base.disk, &base.mem)?;
-    Ok(info(&header, &manifest))
+    Ok(OverlayInfo {
+        signature,
+        ..info(&header, &manifest)
+    })
 }
 
 /// Image hash of a file, or None when its size is not `size`.

@@ -40,7 +40,7 @@ pub use early::{EarlyStartError, LaunchPlan};
 pub use format::{FormatError, Hash, Header, Image, Manifest, FORMAT_VERSION};
 pub use inspect::{
     chunk_stats, info, inspect, verify, BaseImages, ChunkStats, InspectOverlayError, KindStats,
-    OverlayInfo, VerifyOverlayError,
+    OverlayInfo, SignatureInfo, VerifyOverlayError,
 };
 pub use validate::{
     check_metadata, AppMetadata, InvalidOverlay, Level, ValidOverlay, ValidateOverlayError,

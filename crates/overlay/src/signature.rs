@@ -278,6 +278,19 @@ impl fmt::Display for TrustedKey {
     }
 }
 
+impl serde::Serialize for TrustedKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TrustedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TrustedKey, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// What a reader accepts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SignaturePolicy {

@@ -45,6 +45,8 @@ pub struct PackageConfig {
     pub base: String,
     /// App name (stored in the overlay's metadata).
     pub app_name: String,
+    /// App version (stored in the overlay's metadata, when given).
+    pub app_version: Option<String>,
     /// Host directory copied recursively to [`APP_DIR`] (modes kept).
     pub install_dir: Option<PathBuf>,
     /// Shell commands run in the guest, in [`APP_DIR`], one after the other.
@@ -95,6 +97,7 @@ impl PackageConfig {
         PackageConfig {
             base: base.into(),
             app_name: app_name.into(),
+            app_version: None,
             install_dir: None,
             install_commands: Vec::new(),
             install_timeout: Duration::from_secs(30 * 60),
@@ -120,6 +123,7 @@ impl PackageConfig {
             ports: self.ports.clone(),
             health_path: self.health_path.clone(),
             command: Some(self.run_command.clone()),
+            version: self.app_version.clone(),
         }
     }
 }

@@ -5,4 +5,9 @@
 //! credential reaches a program through such a file or its environment,
 //! never its command line (which every user of the host sees in `ps`).
 
+//!
+//! [`keys`]: overlay developers' Ed25519 signing keys (files, 0600) and
+//! their public halves, which daemons and registries trust.
+
+pub mod keys;
 pub mod secrets;

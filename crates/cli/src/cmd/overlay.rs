@@ -46,6 +46,48 @@ pub enum OverlayCommand {
         #[arg(long)]
         state: PathBuf,
     },
+    /// Make a signing key for overlays: FILE (mode 0600, keep it secret)
+    /// and FILE.pub (the line a cloudlet or registry trusts, for its
+    /// `trusted_keys`).
+    Keygen {
+        /// Who signs: 1 to 128 letters, digits, '.', '_', '-' or '@'.
+        #[arg(long)]
+        signer: String,
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Sign an overlay (checked whole first): who made it and until when
+    /// it may be used, over its manifest (base, app and version, every
+    /// segment). Rewrites the file, or writes OUT.
+    Sign {
+        file: PathBuf,
+        /// The signing key file (from `overlay keygen`, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// How long the signature holds: N followed by d, h, m or s.
+        #[arg(long, default_value = "90d", value_parser = parse_valid_for)]
+        valid_for: u64,
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `90d`, `12h`, `30m`, `45s`: in seconds.
+fn parse_valid_for(s: &str) -> Result<u64, String> {
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let per = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(format!("{s:?}: N followed by d, h, m or s (e.g. 90d)")),
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: N followed by d, h, m or s (e.g. 90d)"))?;
+    n.checked_mul(per)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("{s:?}: more than zero, less than forever"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +145,9 @@ pub struct CreateArgs {
     /// App name (default: the install directory's name, else "app").
     #[arg(long)]
     name: Option<String>,
+    /// App version (kept in the overlay; a signature covers it).
+    #[arg(long)]
+    app_version: Option<String>,
     /// Shell command run once the app answers, before the save (repeatable).
     #[arg(long = "warmup-cmd")]
     warmup_cmd: Vec<String>,
@@ -164,6 +209,7 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
             });
             let mut cfg = PackageConfig::new(&a.base, name, &a.run, a.ports[0], &a.out);
             cfg.ports = a.ports.clone();
+            cfg.app_version = a.app_version.clone();
             cfg.install_dir = a.install.clone();
             cfg.install_commands = a.install_cmd.clone();
             cfg.warmup_commands = a.warmup_cmd.clone();
@@ -207,6 +253,73 @@ pub async fn run(cmd: OverlayCommand, home: &Path, output: Output) -> anyhow::Re
             display.clear();
             let report = report.with_context(|| format!("Creating {}", a.out.display()))?;
             print_report(&report, output)
+        }
+        OverlayCommand::Keygen { signer, out } => {
+            let k = cloudlet_trust::keys::generate(&signer, &out)?;
+            let public = cloudlet_trust::keys::public_path(&out);
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "signer": signer,
+                        "key": out,
+                        "public_key_file": public,
+                        "public_key": k.public().to_string(),
+                    })
+                ),
+                Output::Text => println!(
+                    "signing key {} (keep it secret), public key {}:\n{}",
+                    out.display(),
+                    public.display(),
+                    k.public()
+                ),
+            }
+            Ok(())
+        }
+        OverlayCommand::Sign {
+            file,
+            key,
+            valid_for,
+            out,
+        } => {
+            let k = cloudlet_trust::keys::load(&key)?;
+            let now = cloudlet_overlay::signature::unix_now();
+            let dest = out.unwrap_or_else(|| file.clone());
+            let sig = tokio::task::spawn_blocking({
+                let (file, dest) = (file.clone(), dest.clone());
+                move || {
+                    cloudlet_overlay::signature::sign_file(
+                        &file,
+                        &dest,
+                        &k.key,
+                        &k.signer,
+                        now,
+                        now + valid_for,
+                    )
+                }
+            })
+            .await?
+            .with_context(|| format!("Signing {}", file.display()))?;
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "overlay": dest,
+                        "signer": sig.signer,
+                        "fingerprint": sig.fingerprint(),
+                        "signed_at": sig.signed_at,
+                        "expires_at": sig.expires_at,
+                    })
+                ),
+                Output::Text => println!(
+                    "signed {} as {} (key {}), valid for {} days",
+                    dest.display(),
+                    sig.signer,
+                    sig.fingerprint(),
+                    valid_for / 86_400
+                ),
+            }
+            Ok(())
         }
         OverlayCommand::Inspect { file } => {
             let info = inspect(&file).with_context(|| format!("Inspecting {}", file.display()))?;

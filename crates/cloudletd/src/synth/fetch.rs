@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cloudlet_overlay::format::{Header, HEADER_LEN};
+use cloudlet_overlay::signature::{unix_now, SignaturePolicy};
 use cloudlet_overlay::{Manifest, Validation};
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -24,6 +25,10 @@ use tokio::task::{JoinHandle, JoinSet};
 /// How many bytes the first request asks for: the header and, usually, the
 /// whole manifest, in one round trip.
 const FIRST_FETCH: u64 = 256 * 1024;
+/// The first request's bytes when signatures are judged: the header and
+/// the largest signature block, no more.
+const SIGNED_FIRST_FETCH: u64 =
+    HEADER_LEN as u64 + *cloudlet_overlay::signature::BLOCK_LEN_RANGE.end();
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchOverlayError {
@@ -144,16 +149,27 @@ impl OverlaySource {
     }
 
     /// Fetch the header and manifest and check them with the validation
-    /// every tool shares (structure, app metadata, the exact length), before
-    /// any segment is fetched; segments are checked as they arrive.
-    pub async fn manifest(&self) -> Result<(Header, Manifest, u64), FetchOverlayError> {
-        let mut first = self.range(0, Some(FIRST_FETCH)).await?;
-        let mut buf = first.read_up_to(FIRST_FETCH).await?;
+    /// every tool shares (structure, app metadata, the exact length, the
+    /// signature by `policy`), before any segment is fetched; segments are
+    /// checked as they arrive. With a policy that names keys or requires
+    /// signatures, the first request asks for the header and signature
+    /// block only and the second for exactly the manifest (one round trip
+    /// more), so that no payload byte crosses the link before the
+    /// signature is judged; else one request of [`FIRST_FETCH`] bytes
+    /// usually holds both.
+    pub async fn manifest(
+        &self,
+        policy: &SignaturePolicy,
+    ) -> Result<(Header, Manifest, u64), FetchOverlayError> {
+        let judged = policy.required || !policy.trusted.is_empty();
+        let first_len = if judged { SIGNED_FIRST_FETCH } else { FIRST_FETCH };
+        let mut first = self.range(0, Some(first_len)).await?;
+        let mut buf = first.read_up_to(first_len).await?;
         // The length from the answer, else from where a short overlay ended.
         let len = first
             .total
-            .or(((buf.len() as u64) < FIRST_FETCH).then_some(buf.len() as u64));
-        let check = Validation::structure();
+            .or(((buf.len() as u64) < first_len).then_some(buf.len() as u64));
+        let check = Validation::structure().signatures(policy.clone(), unix_now());
         let end = check.prefix_len(&buf[..buf.len().min(HEADER_LEN)])?;
         // (Not past the end of a shorter overlay: the check says where it
         // ends.)

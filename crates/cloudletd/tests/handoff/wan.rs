@@ -608,6 +608,7 @@ async fn garbage_and_wrong_tokens_are_refused_and_leave_nothing_behind() {
             ports: vec![8080],
             health_path: Some("/health".into()),
             command: None,
+            version: None,
         },
         overlay: "none".into(),
         source: "http://nowhere".into(),
