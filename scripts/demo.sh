@@ -58,9 +58,16 @@ if [ ! -f "$WORK/translator.overlay" ]; then
 else
   echo "   cached: $WORK/translator.overlay"
 fi
+# The developer signs it (a key made for this run): the registry and the
+# cloudlets below take only overlays signed by this key.
+rm -f "$WORK/developer.key" "$WORK/developer.key.pub"
+$BIN/cloudlet overlay keygen --signer translator-dev -o "$WORK/developer.key" | tail -1
+$BIN/cloudlet overlay sign "$WORK/translator.overlay" --key "$WORK/developer.key" --valid-for 1d \
+  -o "$WORK/translator.signed.overlay"
 # (Into a file first: `| head` would close the pipe under a writer.)
-$BIN/cloudlet overlay inspect "$WORK/translator.overlay" >"$WORK/translator.inspect"
-head -12 "$WORK/translator.inspect"
+$BIN/cloudlet overlay inspect "$WORK/translator.signed.overlay" >"$WORK/translator.inspect"
+head -6 "$WORK/translator.inspect"
+printf 'trusted_keys = ["%s"]\nrequire_signed_overlays = true\n' "$(cat "$WORK/developer.key.pub")" >"$WORK/edge.toml"
 
 echo "== 3. the network: the phone's (with the cloud tier: an overlay registry and a directory), and two cloudlets each behind its own link"
 # Leftovers of an interrupted earlier run.
@@ -80,14 +87,14 @@ API=$WAN_ADDR_B:7450
 API2=$WAN_ADDR_B1:7450
 rm -rf "$WORK/registry" "$WORK/directory.redb"
 bg_in "$WAN_NS_A" $BIN/cloudlet registry serve "$WORK/registry" --listen "0.0.0.0:${REG##*:}" \
-  --push-token-file "$TOKEN_FILE" >"$WORK/registry.log" 2>&1
+  --push-token-file "$TOKEN_FILE" --trusted-key "$WORK/developer.key.pub" --require-signed >"$WORK/registry.log" 2>&1
 bg_in "$WAN_NS_A" $BIN/cloudlet directory serve --listen "0.0.0.0:${DIR##*:}" --store "$WORK/directory.redb" \
   --heartbeat-ms 1000 --lease-ms 3000 >"$WORK/directory.log" 2>&1
 # Two cloudlets 4 km apart in Pittsburgh (same base VMs).
-bg_in "$WAN_NS_B" $BIN/cloudletd --listen "$API" --public-host "$WAN_ADDR_B" --token-file "$TOKEN_FILE" \
+bg_in "$WAN_NS_B" $BIN/cloudletd --config "$WORK/edge.toml" --listen "$API" --public-host "$WAN_ADDR_B" --token-file "$TOKEN_FILE" \
   --name edge-1 --directory "http://$DIR" --location "40.4433,-79.9436,CMU campus" >"$WORK/cloudletd.log" 2>&1
 mkdir -p "$WORK/home2" && ln -sfn "$CLOUDLET_HOME/bases" "$WORK/home2/bases"
-bg_in "$WAN_NS_B1" $BIN/cloudletd --listen "$API2" --public-host "$WAN_ADDR_B1" --token-file "$TOKEN_FILE" \
+bg_in "$WAN_NS_B1" $BIN/cloudletd --config "$WORK/edge.toml" --listen "$API2" --public-host "$WAN_ADDR_B1" --token-file "$TOKEN_FILE" \
   --name edge-2 --home "$WORK/home2" --vm-dir /dev/shm/cloudlet-edge-2 --directory "http://$DIR" \
   --location "40.4406,-79.9959,Downtown" >"$WORK/cloudletd2.log" 2>&1
 up() {
@@ -105,7 +112,11 @@ cl() { phone $BIN/cloudlet "$@"; }
 cl vm delete translator >/dev/null 2>&1 || true
 cl --cloudlet "http://$API2" vm delete translator >/dev/null 2>&1 || true
 cl info
-cl registry push "$WORK/translator.overlay" --registry "http://$REG" --name translator --registry-token-file "$TOKEN_FILE"
+cl registry push "$WORK/translator.signed.overlay" --registry "http://$REG" --name translator --registry-token-file "$TOKEN_FILE"
+if cl registry push "$WORK/translator.overlay" --registry "http://$REG" --name unsigned --registry-token-file "$TOKEN_FILE" >"$WORK/unsigned-push.log" 2>&1; then
+  echo "an unsigned overlay was accepted by a registry that requires signatures"; exit 1
+fi
+echo "   (the unsigned one is refused: $(tail -1 "$WORK/unsigned-push.log"))"
 OVERLAY=http://$REG/v1/overlays/translator
 
 echo "== 4. a phone near CMU finds its cloudlet through the directory and asks it for its translator"

@@ -6,6 +6,8 @@ mod common;
 mod corruption;
 #[path = "bad_input/damaged_segments.rs"]
 mod damaged_segments;
+#[path = "bad_input/signatures.rs"]
+mod signatures;
 
 use cloudlet_api::CreateVmRequest;
 use cloudlet_client::Client;

@@ -204,12 +204,12 @@ impl fmt::Display for OverlayInfo {
             None => writeln!(f, "signature        none (unsigned)")?,
             Some(s) => writeln!(
                 f,
-                "signature        {} by {} (key {}), signed at {}, expires at {} (Unix time)\n                 {}",
+                "signature        {} by {} (key {}), signed {}, expires {}\n                 {}",
                 if s.verifies { "valid" } else { "BAD" },
                 s.signer,
                 s.fingerprint,
-                s.signed_at,
-                s.expires_at,
+                crate::signature::utc(s.signed_at),
+                crate::signature::utc(s.expires_at),
                 s.public_key
             )?,
         }

@@ -316,7 +316,7 @@ pub enum SignatureError {
         trusted: String,
     },
     #[error(
-        "Expired signature: signed by {signer}, valid until {expires_at} (Unix time), now is {now}"
+        "Expired signature: signed by {signer}, valid until {}, now is {}", utc(*.expires_at), utc(*.now)
     )]
     Expired {
         signer: String,
@@ -376,6 +376,27 @@ impl SignaturePolicy {
         }
         Ok(Some(sig))
     }
+}
+
+/// Unix time `secs` as a UTC date and time, `2026-12-03 20:05:00 UTC`.
+pub fn utc(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Now, in Unix seconds.

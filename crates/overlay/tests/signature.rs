@@ -172,6 +172,14 @@ fn signed_overlays_are_judged_before_any_segment() {
 }
 
 #[test]
+fn dates_are_told_in_utc() {
+    use cloudlet_overlay::signature::utc;
+    assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+    assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+    assert_eq!(utc(1_796_328_324), "2026-12-03 20:05:24 UTC");
+}
+
+#[test]
 fn trusted_key_lines_are_checked() {
     let k = trusted("ops@acme", &key(3));
     assert_eq!(k.to_string().parse::<TrustedKey>().unwrap(), k);

@@ -40,6 +40,7 @@ impl RegistryError {
     pub fn kind(&self) -> &'static str {
         match self {
             RegistryError::InvalidName { .. } => "invalid_name",
+            RegistryError::InvalidOverlay(InvalidOverlay::Signature(_)) => "untrusted_overlay",
             RegistryError::InvalidOverlay(_) => "invalid_overlay",
             RegistryError::Body(_) => "bad_request",
             RegistryError::Unauthorized => "unauthorized",

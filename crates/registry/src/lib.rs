@@ -30,6 +30,7 @@
 //! |---|---|---|
 //! | `invalid_name` | 400 | the overlay name is not `[A-Za-z0-9._-]{1,128}` or starts with a dot |
 //! | `invalid_overlay` | 400 | a pushed body is not a complete, intact overlay |
+//! | `untrusted_overlay` | 400 | a pushed overlay's signature is bad or expired, or not by a trusted key, or missing where the registry requires one (`RegistryConfig::signatures`) |
 //! | `bad_request` | 400 | the request body could not be read |
 //! | `unauthorized` | 401 | a push or delete without a valid bearer token |
 //! | `not_found` | 404 | no overlay of that name |

@@ -21,6 +21,7 @@ use crate::error::RegistryError;
 use crate::range::parse_range;
 use crate::storage::{OpenStorageError, StorageLocation};
 use crate::validate::{push_check, DEFAULT_MAX_PREFIX_LEN};
+use cloudlet_overlay::signature::SignaturePolicy;
 use cloudlet_overlay::ValidOverlay;
 
 /// What an operator gives to run a registry (`cloudlet registry serve`).
@@ -33,6 +34,9 @@ pub struct RegistryConfig {
     /// Bearer tokens allowed to push and delete. Empty: the registry is
     /// read-only.
     pub push_tokens: Vec<String>,
+    /// What a push must carry of a signature (default: a signed overlay
+    /// must verify and be unexpired; unsigned ones are taken).
+    pub signatures: SignaturePolicy,
 }
 
 impl RegistryConfig {
@@ -42,6 +46,7 @@ impl RegistryConfig {
             listen,
             storage,
             push_tokens: Vec::new(),
+            signatures: SignaturePolicy::default(),
         }
     }
 }
@@ -59,6 +64,7 @@ struct Inner {
     /// Hashes of the push tokens (compared in constant time).
     push_tokens: Vec<blake3::Hash>,
     max_prefix_len: u64,
+    signatures: SignaturePolicy,
 }
 
 impl std::fmt::Debug for RegistryState {
@@ -92,14 +98,24 @@ impl RegistryState {
                     .map(|t| blake3::hash(t.as_bytes()))
                     .collect(),
                 max_prefix_len: DEFAULT_MAX_PREFIX_LEN,
+                signatures: SignaturePolicy::default(),
             }),
         }
+    }
+
+    /// Pushes must pass `policy` (see [`RegistryConfig::signatures`]).
+    pub fn with_signatures(mut self, policy: SignaturePolicy) -> RegistryState {
+        Arc::get_mut(&mut self.inner)
+            .expect("set before the state is shared")
+            .signatures = policy;
+        self
     }
 
     /// Opens the storage of a configuration.
     pub fn open(config: &RegistryConfig) -> Result<RegistryState, OpenStorageError> {
         let (store, prefix) = config.storage.open()?;
-        Ok(RegistryState::new(store, prefix, &config.push_tokens))
+        Ok(RegistryState::new(store, prefix, &config.push_tokens)
+            .with_signatures(config.signatures.clone()))
     }
 
     fn location(&self, name: &str) -> ObjectPath {
@@ -560,7 +576,11 @@ async fn receive_overlay(
 ) -> Result<ValidOverlay, RegistryError> {
     // With a Content-Length, a body of the wrong length is refused as soon
     // as the header and manifest have passed.
-    let mut validator = push_check(state.inner.max_prefix_len, announced);
+    let mut validator = push_check(
+        state.inner.max_prefix_len,
+        announced,
+        &state.inner.signatures,
+    );
     let mut pending: Vec<Bytes> = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(RegistryError::Body)?;

@@ -9,15 +9,24 @@
 //! prefix is kept in memory. The registry holds no bases: an overlay for
 //! any base id is accepted.
 
+use cloudlet_overlay::signature::{unix_now, SignaturePolicy};
 use cloudlet_overlay::validate::{OverlayStream, Validation};
 
 /// Default limit on the header plus the stored manifest: 64 MiB.
 pub const DEFAULT_MAX_PREFIX_LEN: u64 = 64 << 20;
 
 /// The check of one pushed body of `announced` bytes (its
-/// `Content-Length`, if any).
-pub(crate) fn push_check(max_prefix_len: u64, announced: Option<u64>) -> OverlayStream {
-    let mut s = Validation::full().prefix_limit(max_prefix_len).stream();
+/// `Content-Length`, if any), its signature judged by `policy` (with the
+/// header and manifest, before the segments).
+pub(crate) fn push_check(
+    max_prefix_len: u64,
+    announced: Option<u64>,
+    policy: &SignaturePolicy,
+) -> OverlayStream {
+    let mut s = Validation::full()
+        .prefix_limit(max_prefix_len)
+        .signatures(policy.clone(), unix_now())
+        .stream();
     if let Some(n) = announced {
         s.expect_len(n);
     }
@@ -42,7 +51,7 @@ mod tests {
     }
 
     fn check(bytes: &[u8], piece: usize) -> Result<ValidOverlay, InvalidOverlay> {
-        let mut v = push_check(DEFAULT_MAX_PREFIX_LEN, None);
+        let mut v = push_check(DEFAULT_MAX_PREFIX_LEN, None, &SignaturePolicy::default());
         for c in bytes.chunks(piece.max(1)) {
             v.feed(c)?;
         }
@@ -64,7 +73,7 @@ mod tests {
 
     #[test]
     fn refuses_garbage_early() {
-        let mut v = push_check(DEFAULT_MAX_PREFIX_LEN, None);
+        let mut v = push_check(DEFAULT_MAX_PREFIX_LEN, None, &SignaturePolicy::default());
         assert!(matches!(
             v.feed(b"GET / HTTP/1.1\r\n"),
             Err(InvalidOverlay::Format(
@@ -96,7 +105,11 @@ mod tests {
             }
         );
         // Told at once when the length is announced.
-        let mut v = push_check(DEFAULT_MAX_PREFIX_LEN, Some(long.len() as u64));
+        let mut v = push_check(
+            DEFAULT_MAX_PREFIX_LEN,
+            Some(long.len() as u64),
+            &SignaturePolicy::default(),
+        );
         assert!(matches!(
             v.feed(&long[..4096]),
             Err(InvalidOverlay::TrailingData { extra: 1, .. })
@@ -105,7 +118,7 @@ mod tests {
 
     #[test]
     fn refuses_a_manifest_over_the_limit() {
-        let mut v = push_check(200, None);
+        let mut v = push_check(200, None, &SignaturePolicy::default());
         assert!(matches!(
             v.feed(overlay()),
             Err(InvalidOverlay::PrefixTooLarge { limit: 200, .. })

@@ -23,12 +23,20 @@ struct Registry {
 
 impl Registry {
     async fn start(tokens: &[&str]) -> Registry {
+        Registry::start_with(tokens, Default::default()).await
+    }
+
+    async fn start_with(
+        tokens: &[&str],
+        signatures: cloudlet_overlay::signature::SignaturePolicy,
+    ) -> Registry {
         let store = tempfile::tempdir().unwrap();
         let mut config = RegistryConfig::new(
             "127.0.0.1:0".parse().unwrap(),
             StorageLocation::Dir(store.path().join("data")),
         );
         config.push_tokens = tokens.iter().map(|t| t.to_string()).collect();
+        config.signatures = signatures;
         let state = RegistryState::open(&config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -592,4 +600,56 @@ async fn serve_reports_a_busy_address() {
     );
     let err = cloudlet_registry::serve(config).await.unwrap_err();
     assert!(format!("{err:#}").contains("Cannot listen on"), "{err:#}");
+}
+
+/// A registry that requires signatures by its trusted key takes an overlay
+/// so signed and refuses, storing nothing, an unsigned one and one signed
+/// by another key, each with `untrusted_overlay` and why.
+#[tokio::test]
+async fn a_registry_can_require_signed_pushes() {
+    use cloudlet_overlay::signature::{sign_file, unix_now, SignaturePolicy, TrustedKey};
+    let trusted = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let policy = SignaturePolicy {
+        required: true,
+        trusted: vec![TrustedKey {
+            signer: "acme".into(),
+            public_key: trusted.verifying_key().to_bytes(),
+        }],
+    };
+    let r = Registry::start_with(&[TOKEN], policy).await;
+    let (path, unsigned) = r.overlay("app", 3);
+    let now = unix_now();
+    let signed_path = r.work.path().join("signed");
+    sign_file(&path, &signed_path, &trusted, "acme", now, now + 60).unwrap();
+    let other_path = r.work.path().join("other");
+    let other = ed25519_dalek::SigningKey::from_bytes(&[6; 32]);
+    sign_file(&path, &other_path, &other, "acme", now, now + 60).unwrap();
+    for (what, body, says) in [
+        ("unsigned", unsigned, "Unsigned overlay"),
+        (
+            "other key",
+            std::fs::read(&other_path).unwrap(),
+            "unknown key",
+        ),
+    ] {
+        let resp = r.put("app", Some(TOKEN), body).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{what}");
+        let e: ErrorBody = resp.json().await.unwrap();
+        assert_eq!(e.kind, "untrusted_overlay", "{what}: {e:?}");
+        assert!(e.error.contains(says), "{what}: {e:?}");
+        assert!(r.stored_files().is_empty(), "{what}: nothing stored");
+    }
+    let signed = std::fs::read(&signed_path).unwrap();
+    let resp = r.put("app", Some(TOKEN), signed.clone()).await;
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let got = r
+        .http
+        .get(r.url("app"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &signed[..]);
 }

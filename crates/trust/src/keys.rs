@@ -82,7 +82,10 @@ pub fn generate(signer: &str, path: &Path) -> Result<SigningKey, KeyError> {
     let text = format!("{TAG}\nsigner {signer}\nsecret {}\n", hex::encode(seed));
     write(path, secrets::write_private(path, &text))?;
     let public = public_path(path);
-    write(&public, std::fs::write(&public, format!("{}\n", k.public())))?;
+    write(
+        &public,
+        std::fs::write(&public, format!("{}\n", k.public())),
+    )?;
     Ok(k)
 }
 
@@ -145,7 +148,11 @@ mod tests {
         assert!(e.contains("chmod 600"), "{e}");
         let junk = dir.path().join("junk");
         crate::secrets::write_private(&junk, "hello\n").unwrap();
-        assert!(load(&junk).err().unwrap().to_string().contains("not a signing key"));
+        assert!(load(&junk)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not a signing key"));
         assert!(generate("no spaces", &dir.path().join("x")).is_err());
     }
 }

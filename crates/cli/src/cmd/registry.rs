@@ -24,6 +24,14 @@ pub enum RegistryCommand {
         /// (repeatable; or $CLOUDLET_REGISTRY_TOKEN).
         #[arg(long = "push-token-file")]
         token_files: Vec<PathBuf>,
+        /// A public key file (`.pub` of `cloudlet overlay keygen`) whose
+        /// signatures pushes may carry (repeatable); given any, an overlay
+        /// signed by another key is refused.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<PathBuf>,
+        /// Refuse unsigned pushes (needs --trusted-key).
+        #[arg(long, requires = "trusted_keys")]
+        require_signed: bool,
     },
     /// Push an overlay file to a registry.
     Push {
@@ -59,6 +67,8 @@ pub async fn run(cmd: RegistryCommand, output: Output) -> anyhow::Result<()> {
             storage,
             listen,
             token_files,
+            trusted_keys,
+            require_signed,
         } => {
             let storage: StorageLocation = storage.parse()?;
             let mut config = RegistryConfig::new(listen, storage);
@@ -69,6 +79,16 @@ pub async fn run(cmd: RegistryCommand, output: Output) -> anyhow::Result<()> {
                 config
                     .push_tokens
                     .extend(credential_from(None, REGISTRY_TOKEN)?);
+            }
+            config.signatures.required = require_signed;
+            for f in &trusted_keys {
+                let line = std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", f.display()))?;
+                let key = line
+                    .trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                config.signatures.trusted.push(key);
             }
             cloudlet_registry::serve(config).await?;
         }

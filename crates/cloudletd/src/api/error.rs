@@ -161,9 +161,9 @@ fn create_vm_status(e: &CreateVmError) -> (StatusCode, &'static str) {
                 (StatusCode::BAD_GATEWAY, "overlay_unreachable")
             }
             // Well formed, but not signed as this cloudlet requires.
-            E::Overlay(FetchOverlayError::Invalid(cloudlet_overlay::InvalidOverlay::Signature(_))) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "untrusted_overlay")
-            }
+            E::Overlay(FetchOverlayError::Invalid(
+                cloudlet_overlay::InvalidOverlay::Signature(_),
+            )) => (StatusCode::UNPROCESSABLE_ENTITY, "untrusted_overlay"),
             E::Overlay(_) | E::Metadata(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_overlay"),
             E::BaseNotHeld { .. } => (StatusCode::CONFLICT, "base_not_held"),
             E::FlavorTooSmall { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "flavor_too_small"),

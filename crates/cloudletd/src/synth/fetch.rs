@@ -162,7 +162,11 @@ impl OverlaySource {
         policy: &SignaturePolicy,
     ) -> Result<(Header, Manifest, u64), FetchOverlayError> {
         let judged = policy.required || !policy.trusted.is_empty();
-        let first_len = if judged { SIGNED_FIRST_FETCH } else { FIRST_FETCH };
+        let first_len = if judged {
+            SIGNED_FIRST_FETCH
+        } else {
+            FIRST_FETCH
+        };
         let mut first = self.range(0, Some(first_len)).await?;
         let mut buf = first.read_up_to(first_len).await?;
         // The length from the answer, else from where a short overlay ended.
