@@ -9,5 +9,11 @@
 //! [`keys`]: overlay developers' Ed25519 signing keys (files, 0600) and
 //! their public halves, which daemons and registries trust.
 
+//!
+//! [`pki`]: a fleet's own CA and the certificates it issues; [`tls`]: the
+//! rustls settings of every listener, and the listener itself.
+
 pub mod keys;
+pub mod pki;
 pub mod secrets;
+pub mod tls;
