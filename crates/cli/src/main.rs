@@ -17,6 +17,10 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// The fleet CA's certificate (`ca.pem` of `cloudlet pki init`): the
+    /// only one trusted for `https://` cloudlets (or $CLOUDLET_CA).
+    #[arg(long, global = true)]
+    ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     target: cmd::remote::Target,
     #[command(subcommand)]
@@ -61,6 +65,10 @@ enum Command {
     /// The directory of the cloud tier: cloudlets register, devices search.
     #[command(subcommand)]
     Directory(cmd::directory::DirectoryCommand),
+    /// The fleet's certificate authority: TLS for every service, mutual
+    /// TLS between cloudlets.
+    #[command(subcommand)]
+    Pki(cmd::pki::PkiCommand),
     /// What this machine has for cloudlet and what it lacks, each with what
     /// to do about it; exits non-zero when the main job cannot run.
     Doctor(cmd::doctor::DoctorArgs),
@@ -76,6 +84,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let home = cli.home.unwrap_or_else(cloudlet_base::default_home);
+    if let Some(ca) = &cli.ca {
+        // Before any thread starts: every client of this run reads it.
+        std::env::set_var(cloudlet_client::FLEET_CA_ENV, ca);
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         match cli.command {
@@ -99,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Discover(a) => cmd::discover::discover(a, cli.output).await,
             Command::Directory(c) => cmd::directory::run(c, &home, cli.output).await,
+            Command::Pki(c) => cmd::pki::run(c, cli.output),
             Command::Doctor(a) => {
                 let code = cmd::doctor::run(a, &home, cli.output).await?;
                 std::process::exit(code)

@@ -9,6 +9,10 @@ use serde::de::DeserializeOwned;
 
 use crate::ClientError;
 
+/// The environment variable naming the fleet CA's certificate (PEM) that
+/// clients trust for `https://` cloudlets.
+pub const FLEET_CA_ENV: &str = "CLOUDLET_CA";
+
 #[derive(Debug, Clone)]
 pub(crate) struct Http {
     pub(crate) base: String,
@@ -41,12 +45,26 @@ impl Http {
         Http::new(base_url, self.token.clone(), self.http.clone())
     }
 
-    /// A reqwest client with the connect timeout every call uses.
+    /// A reqwest client with the connect timeout every call uses; it
+    /// trusts the fleet CA in `$CLOUDLET_CA` (a PEM file) when set, and then
+    /// no other.
     pub(crate) fn default_client() -> reqwest::Client {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_default()
+        let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(path) = std::env::var_os(FLEET_CA_ENV) {
+            match std::fs::read(&path).map(|pem| reqwest::Certificate::from_pem(&pem)) {
+                Ok(Ok(ca)) => {
+                    b = b
+                        .use_rustls_tls()
+                        .tls_built_in_root_certs(false)
+                        .add_root_certificate(ca);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("{}: not a CA certificate: {e}", path.to_string_lossy())
+                }
+                Err(e) => tracing::warn!("{}: {e}", path.to_string_lossy()),
+            }
+        }
+        b.build().unwrap_or_default()
     }
 
     pub(crate) fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {

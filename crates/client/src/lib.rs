@@ -27,6 +27,7 @@ pub mod session;
 
 pub use directory::{Choice, DirectoryClient, Discovery, Probe, ProbeOptions};
 pub use events::Events;
+pub use http::FLEET_CA_ENV;
 use http::{chain, Http};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,13 @@ impl Client {
     pub fn new(base_url: &str, token: Option<String>) -> Self {
         Client {
             http: Http::new(base_url, token, Http::default_client()),
+        }
+    }
+
+    /// A client over `http` (e.g. one that trusts a given CA).
+    pub fn with_http(base_url: &str, token: Option<String>, http: reqwest::Client) -> Self {
+        Client {
+            http: Http::new(base_url, token, http),
         }
     }
 

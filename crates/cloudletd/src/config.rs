@@ -100,6 +100,12 @@ pub struct CloudletConfig {
     pub trusted_keys: Vec<cloudlet_overlay::signature::TrustedKey>,
     /// Refuse unsigned overlays (needs `trusted_keys`).
     pub require_signed_overlays: bool,
+    /// Serve the API over TLS only (`cert`, `key` from `cloudlet pki
+    /// issue`, `ca` the fleet's): the handoff endpoints then take only
+    /// callers with a certificate of the fleet CA (mutual TLS between
+    /// cloudlets), and this cloudlet calls its peers with its own
+    /// certificate, trusting only the fleet CA.
+    pub tls: Option<cloudlet_trust::tls::TlsConfig>,
 }
 
 /// Another cloudlet.
@@ -159,6 +165,7 @@ impl Default for CloudletConfig {
             early_start: true,
             trusted_keys: vec![],
             require_signed_overlays: false,
+            tls: None,
         }
     }
 }
@@ -224,10 +231,11 @@ impl CloudletConfig {
         if let Some(u) = &self.advertise_url {
             return u.trim_end_matches('/').to_string();
         }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         if bound.ip().is_unspecified() {
-            format!("http://{}:{}", self.public_host, bound.port())
+            format!("{scheme}://{}:{}", self.public_host, bound.port())
         } else {
-            format!("http://{bound}")
+            format!("{scheme}://{bound}")
         }
     }
 

@@ -62,19 +62,26 @@ pub async fn serve(
         let url = cloudlet.config.api_url(listener.local_addr()?);
         tokio::spawn(directory::run(cloudlet.clone(), url));
     }
+    let tls = match &cloudlet.config.tls {
+        Some(t) => {
+            handoff::peer::use_fleet_tls(t)?;
+            Some(cloudlet_trust::tls::server_config(t)?)
+        }
+        None => None,
+    };
     let state = Arc::new(api::AppState {
         tokens: cloudlet.config.tokens.clone(),
         spool: cloudlet.config.home.join("spool"),
+        fleet_only_handoffs: tls.is_some(),
         ops: Daemon::new(cloudlet),
     });
-    use axum::serve::ListenerExt;
-    // Small answers (a handoff's "loaded", a commit) must not wait for
-    // Nagle: they sit inside a VM's downtime.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
-        }
-    });
-    axum::serve(listener, api::router(state)).await?;
+    // (TCP_NODELAY on every connection: small answers, a handoff's
+    // "loaded", a commit, sit inside a VM's downtime.)
+    let listener = cloudlet_trust::tls::ServeListener::new(listener, tls)?;
+    axum::serve(
+        listener,
+        api::router(state).into_make_service_with_connect_info::<cloudlet_trust::tls::PeerAddr>(),
+    )
+    .await?;
     Ok(())
 }

@@ -7,6 +7,8 @@ mod dashboard;
 mod events;
 #[path = "handoff/safety.rs"]
 mod safety;
+#[path = "handoff/tls.rs"]
+mod tls;
 #[path = "handoff/wan.rs"]
 mod wan;
 

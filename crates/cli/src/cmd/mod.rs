@@ -4,5 +4,6 @@ pub mod discover;
 pub mod doctor;
 pub mod follow;
 pub mod overlay;
+pub mod pki;
 pub mod registry;
 pub mod remote;

@@ -42,6 +42,9 @@ pub struct AppState<C> {
     pub tokens: Vec<String>,
     /// Where uploads are spooled.
     pub spool: std::path::PathBuf,
+    /// The handoff endpoints take only callers that showed a certificate
+    /// of the fleet CA (the API serves TLS).
+    pub fleet_only_handoffs: bool,
 }
 
 pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
@@ -51,6 +54,10 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
     // 401 (the public methods of a path are added after the layer).
     let auth = axum::middleware::from_fn_with_state(state.clone(), require_token::<C>);
     let guard = |m: MethodRouter<Arc<AppState<C>>>| m.route_layer(auth.clone());
+    // A handoff's calls: the credential, and (with TLS) a fleet member's
+    // certificate (checked first).
+    let fleet = axum::middleware::from_fn_with_state(state.clone(), require_fleet_member::<C>);
+    let peer = |m: MethodRouter<Arc<AppState<C>>>| guard(m).route_layer(fleet.clone());
     Router::new()
         .route("/v1/cloudlet", get(cloudlet::cloudlet_info::<C>))
         .route("/v1/ping", get(cloudlet::ping))
@@ -77,23 +84,23 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
         .route("/v1/vms/{id}/handoff", guard(post(vms::handoff_vm::<C>)))
         .route(
             "/v1/handoff/prepare",
-            guard(post(handoff::handoff_prepare::<C>)),
+            peer(post(handoff::handoff_prepare::<C>)),
         )
         .route(
             "/v1/handoff/{hid}/stream",
-            guard(post(handoff::handoff_stream::<C>)),
+            peer(post(handoff::handoff_stream::<C>)),
         )
         .route(
             "/v1/handoff/{hid}/commit",
-            guard(post(handoff::handoff_commit::<C>)),
+            peer(post(handoff::handoff_commit::<C>)),
         )
         .route(
             "/v1/handoff/{hid}/abort",
-            guard(post(handoff::handoff_abort::<C>)),
+            peer(post(handoff::handoff_abort::<C>)),
         )
         .route(
             "/v1/handoff/{hid}",
-            guard(get(handoff::handoff_arrival::<C>)),
+            peer(get(handoff::handoff_arrival::<C>)),
         )
         .route("/v1/events", get(vms::events::<C>))
         .route("/v1/handoffs", get(history::list_handoffs::<C>))
@@ -120,6 +127,28 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
             )
         })
         .with_state(state)
+}
+
+async fn require_fleet_member<C: CloudletOps>(
+    State(st): State<Arc<AppState<C>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if st.fleet_only_handoffs {
+        let member = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<cloudlet_trust::tls::PeerAddr>>()
+            .is_some_and(|c| c.0.fleet_member);
+        if !member {
+            return ApiFailure::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "A handoff comes only from a cloudlet of this fleet: its client certificate from the fleet CA (mutual TLS)",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn require_token<C: CloudletOps>(

@@ -29,12 +29,38 @@ pub struct Peer {
     hid: String,
 }
 
+/// This cloudlet's fleet identity for calls to peers (set at start when
+/// the API serves TLS): the fleet CA, the only one trusted, and its own
+/// certificate, shown to the destination (mutual TLS).
+static FLEET_TLS: std::sync::OnceLock<(reqwest::Certificate, reqwest::Identity)> =
+    std::sync::OnceLock::new();
+
+/// Call peers as a member of the fleet of `tls` (once, at start, before
+/// any handoff).
+pub fn use_fleet_tls(tls: &cloudlet_trust::tls::TlsConfig) -> anyhow::Result<()> {
+    let ca = std::fs::read(&tls.ca)
+        .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", tls.ca.display()))?;
+    let ca = reqwest::Certificate::from_pem(&ca)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tls.ca.display()))?;
+    let id = reqwest::Identity::from_pem(&cloudlet_trust::tls::identity_pem(tls)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tls.cert.display()))?;
+    let _ = FLEET_TLS.set((ca, id));
+    Ok(())
+}
+
 /// A client for calls to destinations: no Nagle (small answers sit inside
 /// a VM's downtime); `idle`: how long an idle connection is kept.
 fn build_client(idle: Option<Duration>) -> reqwest::Client {
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
+    if let Some((ca, id)) = FLEET_TLS.get() {
+        b = b
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone())
+            .identity(id.clone());
+    }
     if let Some(idle) = idle {
         b = b.pool_idle_timeout(idle);
     }

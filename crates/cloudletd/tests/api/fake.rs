@@ -183,6 +183,7 @@ async fn serve() -> String {
         ops: Fake,
         tokens: vec![TOKEN.into()],
         spool,
+        fleet_only_handoffs: false,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -45,6 +45,8 @@ pub struct Daemon {
     pub vm_dir: PathBuf,
     pub addr: SocketAddr,
     pub config: PathBuf,
+    /// The fleet CA, when the daemon serves TLS (its config's `[tls]`).
+    pub ca: Option<PathBuf>,
     child: Option<Child>,
     _dir: tempfile::TempDir,
     _run: tempfile::TempDir,
@@ -86,11 +88,16 @@ impl Daemon {
             ),
         )
         .unwrap();
+        let ca = extra_config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("ca = \""))
+            .map(|v| PathBuf::from(v.trim_end_matches('"')));
         let mut d = Daemon {
             home,
             vm_dir,
             addr,
             config,
+            ca,
             child: None,
             _dir: dir,
             _run: run,
@@ -186,11 +193,15 @@ impl Daemon {
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&format!("http://{}", self.addr), Some(TOKEN.into()))
+        match &self.ca {
+            None => Client::new(&self.url(), Some(TOKEN.into())),
+            Some(ca) => Client::with_http(&self.url(), Some(TOKEN.into()), trusting(ca)),
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn log(&self) -> String {
@@ -333,4 +344,14 @@ pub fn cloudlet_bin() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// A client that trusts only the CA in PEM file `ca`.
+pub fn trusting(ca: &Path) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap())
+        .build()
+        .unwrap()
 }
