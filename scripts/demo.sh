@@ -116,7 +116,7 @@ cl registry push "$WORK/translator.signed.overlay" --registry "http://$REG" --na
 if cl registry push "$WORK/translator.overlay" --registry "http://$REG" --name unsigned --registry-token-file "$TOKEN_FILE" >"$WORK/unsigned-push.log" 2>&1; then
   echo "an unsigned overlay was accepted by a registry that requires signatures"; exit 1
 fi
-echo "   (the unsigned one is refused: $(tail -1 "$WORK/unsigned-push.log"))"
+echo "   (the unsigned one is refused: $(head -1 "$WORK/unsigned-push.log"))"
 OVERLAY=http://$REG/v1/overlays/translator
 
 echo "== 4. a phone near CMU finds its cloudlet through the directory and asks it for its translator"
