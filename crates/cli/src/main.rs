@@ -85,8 +85,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let home = cli.home.unwrap_or_else(cloudlet_base::default_home);
     if let Some(ca) = &cli.ca {
-        // Before any thread starts: every client of this run reads it.
-        std::env::set_var(cloudlet_client::FLEET_CA_ENV, ca);
+        // Every client of this run trusts it (and no other CA).
+        cloudlet_trust::tls::trust_fleet_ca(ca)?;
     }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

@@ -134,7 +134,7 @@ impl DirectoryClient {
     /// first). `token`: the cloudlet's credential, or a device's (none:
     /// anonymous search, where the directory allows it).
     pub fn new(urls: &[String], token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
+        let http = cloudlet_trust::tls::client_builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
             .build()
@@ -349,7 +349,7 @@ pub async fn probe_rtt(
     samples: usize,
     timeout: Duration,
 ) -> Result<Vec<Duration>, String> {
-    let http = reqwest::Client::builder()
+    let http = cloudlet_trust::tls::client_builder()
         .connect_timeout(timeout)
         .timeout(timeout)
         .pool_max_idle_per_host(1)

@@ -9,10 +9,6 @@ use serde::de::DeserializeOwned;
 
 use crate::ClientError;
 
-/// The environment variable naming the fleet CA's certificate (PEM) that
-/// clients trust for `https://` cloudlets.
-pub const FLEET_CA_ENV: &str = "CLOUDLET_CA";
-
 #[derive(Debug, Clone)]
 pub(crate) struct Http {
     pub(crate) base: String,
@@ -46,25 +42,13 @@ impl Http {
     }
 
     /// A reqwest client with the connect timeout every call uses; it
-    /// trusts the fleet CA in `$CLOUDLET_CA` (a PEM file) when set, and then
-    /// no other.
+    /// trusts the fleet CA only, when one is set
+    /// (`cloudlet_trust::tls::fleet_ca`: `--ca`, `$CLOUDLET_CA`).
     pub(crate) fn default_client() -> reqwest::Client {
-        let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
-        if let Some(path) = std::env::var_os(FLEET_CA_ENV) {
-            match std::fs::read(&path).map(|pem| reqwest::Certificate::from_pem(&pem)) {
-                Ok(Ok(ca)) => {
-                    b = b
-                        .use_rustls_tls()
-                        .tls_built_in_root_certs(false)
-                        .add_root_certificate(ca);
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!("{}: not a CA certificate: {e}", path.to_string_lossy())
-                }
-                Err(e) => tracing::warn!("{}: {e}", path.to_string_lossy()),
-            }
-        }
-        b.build().unwrap_or_default()
+        cloudlet_trust::tls::client_builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default()
     }
 
     pub(crate) fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {

@@ -27,7 +27,6 @@ pub mod session;
 
 pub use directory::{Choice, DirectoryClient, Discovery, Probe, ProbeOptions};
 pub use events::Events;
-pub use http::FLEET_CA_ENV;
 use http::{chain, Http};
 
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,6 @@
 //! | `GET /ui` | operators | the fleet view (a page built into the binary) |
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -185,7 +184,7 @@ pub async fn deregister(
         (status = 401, body = ApiError)))]
 pub async fn search(
     State(dir): Shared,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<cloudlet_trust::tls::PeerAddr>,
     headers: HeaderMap,
     q: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SearchAnswer>, Failure> {
@@ -196,7 +195,11 @@ pub async fn search(
             format!("invalid query: {}", e.body_text()),
         )
     })?;
-    Ok(Json(dir.search(bearer(&headers), &q, Some(peer.ip()))?))
+    Ok(Json(dir.search(
+        bearer(&headers),
+        &q,
+        Some(peer.remote.ip()),
+    )?))
 }
 
 /// Every live cloudlet (no peer tokens), how long its lease still runs,

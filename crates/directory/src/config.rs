@@ -33,6 +33,8 @@ pub struct DirectoryConfig {
     pub device_tokens: Vec<String>,
     /// Searches and watches without a token.
     pub anonymous_search: bool,
+    /// Serve HTTPS only, with these files (`cloudlet pki issue`).
+    pub tls: Option<cloudlet_trust::tls::TlsConfig>,
 }
 
 /// A cloudlet allowed to register, with its credential.
@@ -59,6 +61,7 @@ impl Default for DirectoryConfig {
             open_enrollment: true,
             device_tokens: vec![],
             anonymous_search: true,
+            tls: None,
         }
     }
 }

@@ -91,10 +91,19 @@ impl Serving {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let app =
-            api::router(self.directory.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        tracing::info!(addr = %self.addr, store = self.directory.store.kind(), "directory serving");
-        let served = axum::serve(self.listener, app)
+        let app = api::router(self.directory.clone())
+            .into_make_service_with_connect_info::<cloudlet_trust::tls::PeerAddr>();
+        let tls = match &self.directory.config.tls {
+            Some(t) => Some(
+                cloudlet_trust::tls::server_config(t)
+                    .map_err(|e| ServeError::Serve(e.to_string()))?,
+            ),
+            None => None,
+        };
+        tracing::info!(addr = %self.addr, store = self.directory.store.kind(), tls = tls.is_some(), "directory serving");
+        let listener = cloudlet_trust::tls::ServeListener::new(self.listener, tls)
+            .map_err(|e| ServeError::Serve(e.to_string()))?;
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| ServeError::Serve(e.to_string()));

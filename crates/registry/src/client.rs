@@ -98,7 +98,9 @@ pub async fn push_overlay(
     let body =
         reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 << 10));
     let url = format!("{}/{name}", overlays_url(registry_url));
-    let response = reqwest::Client::new()
+    let response = cloudlet_trust::tls::client_builder()
+        .build()
+        .unwrap_or_default()
         .put(&url)
         .bearer_auth(token)
         .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -127,7 +129,11 @@ pub async fn push_overlay(
 /// Lists the overlays of the registry at `registry_url`, sorted by name.
 pub async fn list_overlays(registry_url: &str) -> Result<Vec<OverlayEntry>, ListOverlaysError> {
     let url = overlays_url(registry_url);
-    let response = reqwest::get(&url)
+    let response = cloudlet_trust::tls::client_builder()
+        .build()
+        .unwrap_or_default()
+        .get(&url)
+        .send()
         .await
         .map_err(|source| ListOverlaysError::Request {
             url: url.clone(),

@@ -37,6 +37,8 @@ pub struct RegistryConfig {
     /// What a push must carry of a signature (default: a signed overlay
     /// must verify and be unexpired; unsigned ones are taken).
     pub signatures: SignaturePolicy,
+    /// Serve HTTPS only, with these files (`cloudlet pki issue`).
+    pub tls: Option<cloudlet_trust::tls::TlsConfig>,
 }
 
 impl RegistryConfig {
@@ -47,6 +49,7 @@ impl RegistryConfig {
             storage,
             push_tokens: Vec::new(),
             signatures: SignaturePolicy::default(),
+            tls: None,
         }
     }
 }
@@ -214,8 +217,14 @@ pub async fn serve(config: RegistryConfig) -> anyhow::Result<()> {
     tracing::info!(
         listen = %listener.local_addr()?,
         storage = %config.storage,
+        tls = config.tls.is_some(),
         "Overlay registry listening"
     );
+    let tls = match &config.tls {
+        Some(t) => Some(cloudlet_trust::tls::server_config(t)?),
+        None => None,
+    };
+    let listener = cloudlet_trust::tls::ServeListener::new(listener, tls)?;
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

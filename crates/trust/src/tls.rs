@@ -216,6 +216,53 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Serv
     }
 }
 
+/// The environment variable naming the fleet CA's certificate (PEM) that
+/// this process's clients trust (when [`trust_fleet_ca`] was not called).
+pub const FLEET_CA_ENV: &str = "CLOUDLET_CA";
+
+static FLEET_CA: std::sync::OnceLock<reqwest::Certificate> = std::sync::OnceLock::new();
+
+/// Trust the fleet CA in `path` (PEM) for every client this process makes
+/// from now on with [`client_builder`], and no other CA.
+pub fn trust_fleet_ca(path: &Path) -> Result<(), TlsError> {
+    let pem = read(path)?;
+    let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| TlsError::Read {
+        path: path.to_path_buf(),
+        detail: format!("not a certificate (PEM): {e}"),
+    })?;
+    let _ = FLEET_CA.set(ca);
+    Ok(())
+}
+
+/// The fleet CA this process trusts: set by [`trust_fleet_ca`], else read
+/// from `$CLOUDLET_CA` (a warning when that cannot be read), else none.
+pub fn fleet_ca() -> Option<reqwest::Certificate> {
+    if let Some(c) = FLEET_CA.get() {
+        return Some(c.clone());
+    }
+    let path = std::env::var_os(FLEET_CA_ENV)?;
+    match trust_fleet_ca(Path::new(&path)) {
+        Ok(()) => FLEET_CA.get().cloned(),
+        Err(e) => {
+            tracing::warn!("${FLEET_CA_ENV}: {e}");
+            None
+        }
+    }
+}
+
+/// A client builder for the fleet's services: with a fleet CA
+/// ([`fleet_ca`]), that CA is the only one trusted for `https://`.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let b = reqwest::Client::builder();
+    match fleet_ca() {
+        Some(ca) => b
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca),
+        None => b,
+    }
+}
+
 /// A PEM bundle for a client's identity (its certificate, then its key),
 /// as `reqwest::Identity::from_pem` takes it.
 pub fn identity_pem(c: &TlsConfig) -> Result<Vec<u8>, TlsError> {

@@ -35,6 +35,8 @@ pub enum DirectoryCommand {
         /// How long an entry lives after a heartbeat, ms (default 12000).
         #[arg(long)]
         lease_ms: Option<u64>,
+        #[command(flatten)]
+        tls: super::pki::TlsArgs,
     },
 }
 
@@ -52,6 +54,7 @@ pub async fn run(
             etcd_prefix,
             heartbeat_ms,
             lease_ms,
+            tls,
         } => {
             let mut c = match &config {
                 Some(p) => DirectoryConfig::load(p)?,
@@ -77,6 +80,9 @@ pub async fn run(
             }
             if let Some(l) = lease_ms {
                 c.lease_ms = l;
+            }
+            if let Some(t) = tls.config() {
+                c.tls = Some(t);
             }
             let serving = Serving::bind(c).await?;
             println!("directory listening on http://{}", serving.addr);

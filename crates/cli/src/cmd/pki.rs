@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use cloudlet_trust::pki;
 
 use crate::Output;
@@ -75,4 +75,28 @@ pub fn run(cmd: PkiCommand, output: Output) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A service's TLS files (all three, or none: plain HTTP).
+#[derive(Args, Clone, Default)]
+pub struct TlsArgs {
+    /// Serve HTTPS with this certificate (`cloudlet pki issue`).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (mode 0600).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The fleet CA (client certificates are checked against it).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn config(&self) -> Option<cloudlet_trust::tls::TlsConfig> {
+        Some(cloudlet_trust::tls::TlsConfig {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_ca.clone()?,
+        })
+    }
 }

@@ -32,6 +32,8 @@ pub enum RegistryCommand {
         /// Refuse unsigned pushes (needs --trusted-key).
         #[arg(long, requires = "trusted_keys")]
         require_signed: bool,
+        #[command(flatten)]
+        tls: super::pki::TlsArgs,
     },
     /// Push an overlay file to a registry.
     Push {
@@ -69,6 +71,7 @@ pub async fn run(cmd: RegistryCommand, output: Output) -> anyhow::Result<()> {
             token_files,
             trusted_keys,
             require_signed,
+            tls,
         } => {
             let storage: StorageLocation = storage.parse()?;
             let mut config = RegistryConfig::new(listen, storage);
@@ -81,6 +84,7 @@ pub async fn run(cmd: RegistryCommand, output: Output) -> anyhow::Result<()> {
                     .extend(credential_from(None, REGISTRY_TOKEN)?);
             }
             config.signatures.required = require_signed;
+            config.tls = tls.config();
             for f in &trusted_keys {
                 let line = std::fs::read_to_string(f)
                     .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", f.display()))?;

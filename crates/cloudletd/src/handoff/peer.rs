@@ -29,37 +29,29 @@ pub struct Peer {
     hid: String,
 }
 
-/// This cloudlet's fleet identity for calls to peers (set at start when
-/// the API serves TLS): the fleet CA, the only one trusted, and its own
-/// certificate, shown to the destination (mutual TLS).
-static FLEET_TLS: std::sync::OnceLock<(reqwest::Certificate, reqwest::Identity)> =
-    std::sync::OnceLock::new();
+/// This cloudlet's certificate, shown to the destinations it calls
+/// (mutual TLS; set at start when the API serves TLS).
+static FLEET_IDENTITY: std::sync::OnceLock<reqwest::Identity> = std::sync::OnceLock::new();
 
-/// Call peers as a member of the fleet of `tls` (once, at start, before
-/// any handoff).
+/// Call peers as a member of the fleet of `tls`: trusting only its CA,
+/// showing this cloudlet's certificate (once, at start, before any
+/// handoff).
 pub fn use_fleet_tls(tls: &cloudlet_trust::tls::TlsConfig) -> anyhow::Result<()> {
-    let ca = std::fs::read(&tls.ca)
-        .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", tls.ca.display()))?;
-    let ca = reqwest::Certificate::from_pem(&ca)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tls.ca.display()))?;
+    cloudlet_trust::tls::trust_fleet_ca(&tls.ca)?;
     let id = reqwest::Identity::from_pem(&cloudlet_trust::tls::identity_pem(tls)?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", tls.cert.display()))?;
-    let _ = FLEET_TLS.set((ca, id));
+    let _ = FLEET_IDENTITY.set(id);
     Ok(())
 }
 
 /// A client for calls to destinations: no Nagle (small answers sit inside
 /// a VM's downtime); `idle`: how long an idle connection is kept.
 fn build_client(idle: Option<Duration>) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
+    let mut b = cloudlet_trust::tls::client_builder()
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true);
-    if let Some((ca, id)) = FLEET_TLS.get() {
-        b = b
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca.clone())
-            .identity(id.clone());
+    if let Some(id) = FLEET_IDENTITY.get() {
+        b = b.identity(id.clone());
     }
     if let Some(idle) = idle {
         b = b.pool_idle_timeout(idle);

@@ -56,7 +56,7 @@ pub enum FetchOverlayError {
 fn overlay_client() -> &'static reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
+        cloudlet_trust::tls::client_builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .unwrap_or_default()
