@@ -85,48 +85,62 @@ REG=$WAN_ADDR_A:7460
 DIR=$WAN_ADDR_A:7470
 API=$WAN_ADDR_B:7450
 API2=$WAN_ADDR_B1:7450
+# The fleet's own CA, made for this run, and a certificate for each
+# service: every call below is HTTPS, and a handoff mutual TLS.
+rm -rf "$WORK/pki"
+$BIN/cloudlet pki init --dir "$WORK/pki" --name demo >/dev/null
+$BIN/cloudlet pki issue cloud-tier --host "$WAN_ADDR_A" --dir "$WORK/pki" >/dev/null
+$BIN/cloudlet pki issue edge-1 --host "$WAN_ADDR_B" --dir "$WORK/pki" >/dev/null
+$BIN/cloudlet pki issue edge-2 --host "$WAN_ADDR_B1" --dir "$WORK/pki" >/dev/null
+CA=$WORK/pki/ca.pem
+export CLOUDLET_CA=$CA
+tls_of() { echo "--tls-cert $WORK/pki/$1.pem --tls-key $WORK/pki/$1.key --tls-ca $CA"; }
+for e in edge-1 edge-2; do
+  { cat "$WORK/edge.toml"; printf '[tls]\ncert = "%s"\nkey = "%s"\nca = "%s"\n' "$WORK/pki/$e.pem" "$WORK/pki/$e.key" "$CA"; } >"$WORK/$e.toml"
+done
+echo "   a fleet CA for this run ($CA): HTTPS everywhere, mutual TLS between the cloudlets"
 rm -rf "$WORK/registry" "$WORK/directory.redb"
 bg_in "$WAN_NS_A" $BIN/cloudlet registry serve "$WORK/registry" --listen "0.0.0.0:${REG##*:}" \
-  --push-token-file "$TOKEN_FILE" --trusted-key "$WORK/developer.key.pub" --require-signed >"$WORK/registry.log" 2>&1
+  --push-token-file "$TOKEN_FILE" --trusted-key "$WORK/developer.key.pub" --require-signed $(tls_of cloud-tier) >"$WORK/registry.log" 2>&1
 bg_in "$WAN_NS_A" $BIN/cloudlet directory serve --listen "0.0.0.0:${DIR##*:}" --store "$WORK/directory.redb" \
-  --heartbeat-ms 1000 --lease-ms 3000 >"$WORK/directory.log" 2>&1
+  --heartbeat-ms 1000 --lease-ms 3000 $(tls_of cloud-tier) >"$WORK/directory.log" 2>&1
 # Two cloudlets 4 km apart in Pittsburgh (same base VMs).
-bg_in "$WAN_NS_B" $BIN/cloudletd --config "$WORK/edge.toml" --listen "$API" --public-host "$WAN_ADDR_B" --token-file "$TOKEN_FILE" \
-  --name edge-1 --directory "http://$DIR" --location "40.4433,-79.9436,CMU campus" >"$WORK/cloudletd.log" 2>&1
+bg_in "$WAN_NS_B" $BIN/cloudletd --config "$WORK/edge-1.toml" --listen "$API" --public-host "$WAN_ADDR_B" --token-file "$TOKEN_FILE" \
+  --name edge-1 --directory "https://$DIR" --location "40.4433,-79.9436,CMU campus" >"$WORK/cloudletd.log" 2>&1
 mkdir -p "$WORK/home2" && ln -sfn "$CLOUDLET_HOME/bases" "$WORK/home2/bases"
-bg_in "$WAN_NS_B1" $BIN/cloudletd --config "$WORK/edge.toml" --listen "$API2" --public-host "$WAN_ADDR_B1" --token-file "$TOKEN_FILE" \
-  --name edge-2 --home "$WORK/home2" --vm-dir /dev/shm/cloudlet-edge-2 --directory "http://$DIR" \
+bg_in "$WAN_NS_B1" $BIN/cloudletd --config "$WORK/edge-2.toml" --listen "$API2" --public-host "$WAN_ADDR_B1" --token-file "$TOKEN_FILE" \
+  --name edge-2 --home "$WORK/home2" --vm-dir /dev/shm/cloudlet-edge-2 --directory "https://$DIR" \
   --location "40.4406,-79.9959,Downtown" >"$WORK/cloudletd2.log" 2>&1
 up() {
-  phone curl -sf "http://$API/health" >/dev/null && phone curl -sf "http://$API2/health" >/dev/null \
-    && phone curl -sf "http://$REG/health" >/dev/null && phone curl -sf "http://$DIR/v1/health" >/dev/null
+  phone curl --cacert "$CA" -sf "https://$API/health" >/dev/null && phone curl --cacert "$CA" -sf "https://$API2/health" >/dev/null \
+    && phone curl --cacert "$CA" -sf "https://$REG/health" >/dev/null && phone curl --cacert "$CA" -sf "https://$DIR/v1/health" >/dev/null
 }
 until_ok 200 up || { tail -5 "$WORK"/*.log; exit 1; }
 # Both registered (they do so as they start).
-registered() { [ "$(phone curl -sf "http://$DIR/v1/health" | sed -n 's/.*"registered":\([0-9]*\).*/\1/p')" = 2 ]; }
+registered() { [ "$(phone curl --cacert "$CA" -sf "https://$DIR/v1/health" | sed -n 's/.*"registered":\([0-9]*\).*/\1/p')" = 2 ]; }
 until_ok 50 registered
-echo "   dashboards (from the phone's network, e.g. ip netns exec $WAN_NS_A chromium URL): http://$API/ui and http://$API2/ui (each cloudlet, #token=TOKEN), http://$DIR/ui (the fleet)"
-export CLOUDLET_URL=http://$API CLOUDLET_TOKEN=$TOKEN
+echo "   dashboards (from the phone's network, e.g. ip netns exec $WAN_NS_A chromium URL): https://$API/ui and https://$API2/ui (each cloudlet, #token=TOKEN), https://$DIR/ui (the fleet)"
+export CLOUDLET_URL=https://$API CLOUDLET_TOKEN=$TOKEN
 cl() { phone $BIN/cloudlet "$@"; }
 # Leftovers of an interrupted earlier run (daemons re-adopt running VMs).
 cl vm delete translator >/dev/null 2>&1 || true
-cl --cloudlet "http://$API2" vm delete translator >/dev/null 2>&1 || true
+cl --cloudlet "https://$API2" vm delete translator >/dev/null 2>&1 || true
 cl info
-cl registry push "$WORK/translator.signed.overlay" --registry "http://$REG" --name translator --registry-token-file "$TOKEN_FILE"
-if cl registry push "$WORK/translator.overlay" --registry "http://$REG" --name unsigned --registry-token-file "$TOKEN_FILE" >"$WORK/unsigned-push.log" 2>&1; then
+cl registry push "$WORK/translator.signed.overlay" --registry "https://$REG" --name translator --registry-token-file "$TOKEN_FILE"
+if cl registry push "$WORK/translator.overlay" --registry "https://$REG" --name unsigned --registry-token-file "$TOKEN_FILE" >"$WORK/unsigned-push.log" 2>&1; then
   echo "an unsigned overlay was accepted by a registry that requires signatures"; exit 1
 fi
 echo "   (the unsigned one is refused: $(head -1 "$WORK/unsigned-push.log"))"
-OVERLAY=http://$REG/v1/overlays/translator
+OVERLAY=https://$REG/v1/overlays/translator
 
 echo "== 4. a phone near CMU finds its cloudlet through the directory and asks it for its translator"
 t=$(now)
-cl synthesize "$OVERLAY" --name translator --directory "http://$DIR" --near 40.4442,-79.9420
+cl synthesize "$OVERLAY" --name translator --directory "https://$DIR" --near 40.4442,-79.9420
 # Where it landed (the directory's choice), and the other cloudlet.
-if cl --cloudlet "http://$API" vm show translator >/dev/null 2>&1; then
-  here=http://$API; there=edge-2; there_url=http://$API2
+if cl --cloudlet "https://$API" vm show translator >/dev/null 2>&1; then
+  here=https://$API; there=edge-2; there_url=https://$API2
 else
-  here=http://$API2; there=edge-1; there_url=http://$API
+  here=https://$API2; there=edge-1; there_url=https://$API
 fi
 export CLOUDLET_URL=$here
 endpoint=$(cl vm show translator --output json | sed -n 's/.*"endpoint": "\(.*\)".*/\1/p' | head -1)
@@ -147,7 +161,7 @@ echo "== 6. follow me: the phone starts a session, then walks to edge-2 and back
 # The session: the nearest cloudlet by RTT, a local address that reaches
 # the translator wherever it runs, a move when another cloudlet is better
 # by 30% and 5 ms for 3 probes in a row (at most one move in 10 s here).
-bg_in "$WAN_NS_A" $BIN/cloudlet follow "$OVERLAY" --directory "http://$DIR" --forward 127.0.0.1:8088:8080 \
+bg_in "$WAN_NS_A" $BIN/cloudlet follow "$OVERLAY" --directory "https://$DIR" --forward 127.0.0.1:8088:8080 \
   --probe-every-ms 1000 --min-interval-s 10 --state "$WORK/session.json" --events 127.0.0.1:8089 \
   >"$WORK/follow.log" 2>&1
 follow_pid=$last
@@ -199,6 +213,6 @@ echo "   the session (kept in $WORK/session.json: resume it with cloudlet follow
 echo "== 7. clean up"
 cl --cloudlet "$now_at" vm delete "$vm_id"
 # The records of the moves on the cloudlets it left.
-cl --cloudlet "http://$API" vm delete "$vm_id" >/dev/null 2>&1 || true
-cl --cloudlet "http://$API2" vm delete "$vm_id" >/dev/null 2>&1 || true
+cl --cloudlet "https://$API" vm delete "$vm_id" >/dev/null 2>&1 || true
+cl --cloudlet "https://$API2" vm delete "$vm_id" >/dev/null 2>&1 || true
 echo "done"

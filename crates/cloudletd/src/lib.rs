@@ -58,10 +58,8 @@ pub async fn serve(
     cloudlet: Arc<Cloudlet>,
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
-    if !cloudlet.config.directory.is_empty() {
-        let url = cloudlet.config.api_url(listener.local_addr()?);
-        tokio::spawn(directory::run(cloudlet.clone(), url));
-    }
+    // The fleet's trust first: every client made from here on (the
+    // directory's, the overlay fetch, the peers') trusts only its CA.
     let tls = match &cloudlet.config.tls {
         Some(t) => {
             handoff::peer::use_fleet_tls(t)?;
@@ -69,6 +67,10 @@ pub async fn serve(
         }
         None => None,
     };
+    if !cloudlet.config.directory.is_empty() {
+        let url = cloudlet.config.api_url(listener.local_addr()?);
+        tokio::spawn(directory::run(cloudlet.clone(), url));
+    }
     let state = Arc::new(api::AppState {
         tokens: cloudlet.config.tokens.clone(),
         spool: cloudlet.config.home.join("spool"),
