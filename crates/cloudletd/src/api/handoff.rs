@@ -16,7 +16,7 @@ use crate::commands::CloudletOps;
 
 /// Cloudlet to cloudlet: offer a VM; the destination prepares to receive it.
 #[utoipa::path(post, path = "/v1/handoff/prepare", request_body = cloudlet_api::HandoffOffer, security(("bearer" = [])),
-    responses((status = 201, body = cloudlet_api::HandoffPrepared), (status = 400, body = ApiError), (status = 409, body = ApiError),
+    responses((status = 403, description = "With TLS: the caller showed no certificate of the fleet CA (mutual TLS)", body = ApiError), (status = 201, body = cloudlet_api::HandoffPrepared), (status = 400, body = ApiError), (status = 409, body = ApiError),
         (status = 413, body = ApiError), (status = 415, body = ApiError), (status = 422, body = ApiError), (status = 503, body = ApiError)))]
 pub(super) async fn handoff_prepare<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
@@ -30,7 +30,7 @@ pub(super) async fn handoff_prepare<C: CloudletOps>(
 
 /// Cloudlet to cloudlet: the session stream (disk chunks, migration stream).
 #[utoipa::path(post, path = "/v1/handoff/{hid}/stream", request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    security(("bearer" = [])), responses((status = 200, body = cloudlet_api::HandoffLoaded), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+    security(("bearer" = [])), responses((status = 403, description = "With TLS: the caller showed no certificate of the fleet CA (mutual TLS)", body = ApiError), (status = 200, body = cloudlet_api::HandoffLoaded), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn handoff_stream<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     super::error::PathParam(hid): super::error::PathParam<String>,
@@ -54,7 +54,7 @@ pub(super) async fn handoff_stream<C: CloudletOps>(
 /// (404 unknown handoff, 409 `memory_differs` with the repair report or
 /// `not_committed`); a 5xx or no answer says nothing.
 #[utoipa::path(post, path = "/v1/handoff/{hid}/commit", security(("bearer" = [])),
-    responses((status = 200, body = cloudlet_api::HandoffCommitted), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+    responses((status = 403, description = "With TLS: the caller showed no certificate of the fleet CA (mutual TLS)", body = ApiError), (status = 200, body = cloudlet_api::HandoffCommitted), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn handoff_commit<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     super::error::PathParam(hid): super::error::PathParam<String>,
@@ -64,7 +64,7 @@ pub(super) async fn handoff_commit<C: CloudletOps>(
 
 /// Cloudlet to cloudlet: how much of the session stream has arrived.
 #[utoipa::path(get, path = "/v1/handoff/{hid}", security(("bearer" = [])),
-    responses((status = 200, body = cloudlet_api::HandoffArrival), (status = 404, body = ApiError)))]
+    responses((status = 403, description = "With TLS: the caller showed no certificate of the fleet CA (mutual TLS)", body = ApiError), (status = 200, body = cloudlet_api::HandoffArrival), (status = 404, body = ApiError)))]
 pub(super) async fn handoff_arrival<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     super::error::PathParam(hid): super::error::PathParam<String>,
@@ -74,7 +74,7 @@ pub(super) async fn handoff_arrival<C: CloudletOps>(
 
 /// Cloudlet to cloudlet: discard an arrival that was not committed.
 #[utoipa::path(post, path = "/v1/handoff/{hid}/abort", security(("bearer" = [])),
-    responses((status = 204), (status = 404, body = ApiError)))]
+    responses((status = 403, description = "With TLS: the caller showed no certificate of the fleet CA (mutual TLS)", body = ApiError), (status = 204), (status = 404, body = ApiError)))]
 pub(super) async fn handoff_abort<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     super::error::PathParam(hid): super::error::PathParam<String>,
