@@ -314,10 +314,20 @@ async fn a_memory_difference_without_repair_keeps_the_vm_here() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("differs"), "{err}");
+    // The destination said so in its log (read until it is there: the
+    // answer may reach the source before the line reaches the file).
+    let mut said = false;
+    for _ in 0..50 {
+        if b.log().contains("the moved memory differs from the source's") {
+            said = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert!(
-        b.log()
-            .contains("the moved memory differs from the source's"),
-        "{}",
+        said,
+        "{err}\n--- source\n{}\n--- destination\n{}",
+        a.log(),
         b.log()
     );
     let v = a.client().get_vm("differ").await.unwrap();

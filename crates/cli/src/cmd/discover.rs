@@ -115,7 +115,7 @@ pub async fn discover(args: DiscoverArgs, output: Output) -> anyhow::Result<()> 
 /// range requests; a file: its first bytes).
 pub async fn overlay_base_id(overlay: &str) -> anyhow::Result<String> {
     let prefix = if overlay.starts_with("http://") || overlay.starts_with("https://") {
-        let http = reqwest::Client::new();
+        let http = cloudlet_trust::tls::client_builder().build()?;
         let get = |end: usize| {
             let http = http.clone();
             async move {
