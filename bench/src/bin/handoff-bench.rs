@@ -128,7 +128,7 @@ impl NsDaemon {
         cloudlet_testkit::write_private(
             &config,
             format!(
-                "name = \"bench-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [21000, 21099]\nadvertise_url = \"http://{addr}\"\nverify_memory = {}\nhandoff_rate_cap = {}\n",
+                "name = \"bench-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [21000, 21099]\nadvertise_url = \"http://{addr}\"\nplain_http = true\nverify_memory = {}\nhandoff_rate_cap = {}\n",
                 home.display(),
                 vm_dir.display(),
                 !args.no_verify_memory,

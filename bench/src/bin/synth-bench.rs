@@ -585,6 +585,7 @@ impl Edge {
             .arg(&storage)
             .arg("--listen")
             .arg(format!("{}:{}", edge.wan().a_addr(), REGISTRY_PORT))
+            .arg("--plain-http")
             .env("CLOUDLET_REGISTRY_TOKEN", &edge.push_token)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -147,11 +147,16 @@ pub struct HandoffRecord {
     #[serde(default)]
     pub switchover_ms: Option<u64>,
     pub samples: Vec<HandoffSample>,
+    /// The tenant that owns the VM (none: the operator's): a tenant lists
+    /// only its own VMs' handoffs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// Version of a [`HandoffRecord`] line in `handoffs.jsonl`.
 ///
-/// - 1: the first (session 12).
+/// - 1: the first (session 12). `tenant` added in session 14 (absent:
+///   the operator's VM), still version 1.
 pub const HANDOFF_HISTORY_VERSION: u32 = 1;
 
 /// One event of `GET /v1/events`, as a watcher reads it.

@@ -218,6 +218,10 @@ pub struct VmInfo {
     /// the cloudlet (only its digest): keep it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_token: Option<String>,
+    /// The tenant that owns the VM (none: the operator's). Each tenant
+    /// sees only its own VMs; the operator sees every VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// `GET /v1/events` (server-sent events, one JSON `VmEvent` per `data:`
@@ -246,6 +250,10 @@ pub struct VmEvent {
     /// MOVEOUT_TRIGGERED / COMPLETED / FAILED), none for other changes.
     #[serde(default)]
     pub mobility: Option<Mobility>,
+    /// The tenant that owns the VM (none: the operator's): a tenant's
+    /// watch sees only its own VMs' events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A move as a VM's events tell it (see [`Mobility::of`]).
@@ -382,6 +390,10 @@ pub struct HandoffOffer {
     /// the same credential for the VM (none: the VM has no session).
     #[serde(default)]
     pub session_hash: Option<String>,
+    /// The tenant that owns the VM (none: the operator's): the destination
+    /// records it as that tenant's, within that tenant's quota there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// The destination's answer to an offer.

@@ -17,6 +17,7 @@ use crate::core::cloudlet::{
 };
 use crate::core::lifecycle::VmLifecycle;
 use crate::core::store::{NewVmRecord, VmRecord};
+pub use crate::core::tenants::Caller;
 use crate::core::{kill_pid, qemu_alive};
 use crate::drain::DrainError;
 use crate::handoff::destination::{self, Arrivals};
@@ -39,17 +40,26 @@ pub trait CloudletOps: Send + Sync + 'static {
         file: PathBuf,
     ) -> impl Future<Output = Result<BaseVmInfo, BaseOpError>> + Send;
     fn delete_base(&self, name: &str) -> Result<(), BaseOpError>;
-    fn list_vms(&self) -> Vec<VmInfo>;
-    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError>;
+    /// The VMs `caller` sees (a tenant: its own).
+    fn list_vms(&self, caller: &Caller) -> Vec<VmInfo>;
+    /// One VM `caller` sees (another tenant's is not found).
+    fn get_vm(&self, caller: &Caller, id: &str) -> Result<VmInfo, VmOpError>;
+    /// Synthesize a VM that belongs to `caller`'s tenant.
     fn create_vm(
         &self,
+        caller: &Caller,
         req: CreateVmRequest,
         source: OverlaySource,
     ) -> impl Future<Output = Result<VmInfo, CreateVmError>> + Send;
-    fn delete_vm(&self, id: &str) -> impl Future<Output = Result<(), VmOpError>> + Send;
+    fn delete_vm(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> impl Future<Output = Result<(), VmOpError>> + Send;
     fn metrics(&self) -> String;
     fn handoff_vm(
         &self,
+        caller: &Caller,
         id: &str,
         req: cloudlet_api::HandoffRequest,
     ) -> impl Future<Output = Result<cloudlet_api::HandoffReport, HandoffError>> + Send;
@@ -77,10 +87,18 @@ pub trait CloudletOps: Send + Sync + 'static {
     /// Every change of a VM's state and the progress of what runs, from
     /// now on (`GET /v1/events`).
     fn events(&self) -> tokio::sync::broadcast::Receiver<cloudlet_api::events::CloudletEvent>;
-    /// The handoffs out of here, the newest first, at most `limit`.
-    fn handoffs(&self, limit: usize) -> Vec<cloudlet_api::events::HandoffRecord>;
+    /// Does `caller` see the VM `vm_id` (its events)?
+    fn sees(&self, caller: &Caller, vm_id: &str) -> bool;
+    /// The handoffs out of here of VMs `caller` sees, the newest first, at
+    /// most `limit`.
+    fn handoffs(&self, caller: &Caller, limit: usize)
+        -> Vec<cloudlet_api::events::HandoffRecord>;
     /// One handoff out of here.
-    fn handoff(&self, handoff_id: &str) -> Option<cloudlet_api::events::HandoffRecord>;
+    fn handoff(
+        &self,
+        caller: &Caller,
+        handoff_id: &str,
+    ) -> Option<cloudlet_api::events::HandoffRecord>;
     /// Does `token` open the session of VM `id` (id or name)?
     fn session_opens(&self, id: &str, token: &str) -> bool;
     /// Maintenance: no new work, every VM handed to a neighbour.
@@ -193,20 +211,21 @@ impl CloudletOps for Daemon {
         Ok(())
     }
 
-    fn list_vms(&self) -> Vec<VmInfo> {
+    fn list_vms(&self, caller: &Caller) -> Vec<VmInfo> {
         let mut v: Vec<VmInfo> = self
             .cloudlet
             .registry()
             .values()
+            .filter(|e| caller.sees(&e.record))
             .map(Cloudlet::view)
             .collect();
         v.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
         v
     }
 
-    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError> {
+    fn get_vm(&self, caller: &Caller, id: &str) -> Result<VmInfo, VmOpError> {
         let m = self.cloudlet.registry();
-        key_of(&m, id)
+        visible(&m, caller, id)
             .and_then(|k| m.get(&k))
             .map(Cloudlet::view)
             .ok_or_else(|| VmOpError::NotFound(id.into()))
@@ -214,6 +233,7 @@ impl CloudletOps for Daemon {
 
     async fn create_vm(
         &self,
+        caller: &Caller,
         req: CreateVmRequest,
         source: OverlaySource,
     ) -> Result<VmInfo, CreateVmError> {
@@ -263,6 +283,7 @@ impl CloudletOps for Daemon {
             app: app.clone(),
         });
         rec.session_hash = Some(crate::core::store::session_hash(&session_token));
+        rec.tenant = caller.tenant().map(str::to_string);
         let (progress, ports) = self.cloudlet.reserve(rec)?;
         self.cloudlet.metrics.synthesis_started();
         tracing::info!(vm_id = %id, overlay = %source.describe(), "synthesis started");
@@ -352,10 +373,10 @@ impl CloudletOps for Daemon {
         }
     }
 
-    async fn delete_vm(&self, id: &str) -> Result<(), VmOpError> {
+    async fn delete_vm(&self, caller: &Caller, id: &str) -> Result<(), VmOpError> {
         let (id, vm, rec) = {
             let mut m = self.cloudlet.registry();
-            let key = key_of(&m, id).ok_or_else(|| VmOpError::NotFound(id.into()))?;
+            let key = visible(&m, caller, id).ok_or_else(|| VmOpError::NotFound(id.into()))?;
             let e = m
                 .get_mut(&key)
                 .ok_or_else(|| VmOpError::NotFound(id.into()))?;
@@ -386,10 +407,13 @@ impl CloudletOps for Daemon {
 
     async fn handoff_vm(
         &self,
+        caller: &Caller,
         id: &str,
         req: cloudlet_api::HandoffRequest,
     ) -> Result<cloudlet_api::HandoffReport, HandoffError> {
-        crate::handoff::source::handoff_vm_recorded(&self.cloudlet, id, req).await
+        let key = visible(&self.cloudlet.registry(), caller, id)
+            .ok_or_else(|| HandoffError::NotFound(id.into()))?;
+        crate::handoff::source::handoff_vm_recorded(&self.cloudlet, &key, req).await
     }
 
     async fn prepare_incoming(
@@ -441,12 +465,26 @@ impl CloudletOps for Daemon {
         self.cloudlet.store.events()
     }
 
-    fn handoffs(&self, limit: usize) -> Vec<cloudlet_api::events::HandoffRecord> {
-        self.cloudlet.handoffs.list(limit)
+    fn sees(&self, caller: &Caller, vm_id: &str) -> bool {
+        visible(&self.cloudlet.registry(), caller, vm_id).is_some()
     }
 
-    fn handoff(&self, handoff_id: &str) -> Option<cloudlet_api::events::HandoffRecord> {
-        self.cloudlet.handoffs.get(handoff_id)
+    fn handoffs(&self, caller: &Caller, limit: usize) -> Vec<cloudlet_api::events::HandoffRecord> {
+        let mut all = self.cloudlet.handoffs.list(usize::MAX);
+        all.retain(|r| history_seen_by(caller, r));
+        all.truncate(limit);
+        all
+    }
+
+    fn handoff(
+        &self,
+        caller: &Caller,
+        handoff_id: &str,
+    ) -> Option<cloudlet_api::events::HandoffRecord> {
+        self.cloudlet
+            .handoffs
+            .get(handoff_id)
+            .filter(|r| history_seen_by(caller, r))
     }
 
     fn session_opens(&self, id: &str, token: &str) -> bool {
@@ -482,5 +520,25 @@ impl CloudletOps for Daemon {
         self.cloudlet
             .metrics
             .render(running, used, self.cloudlet.config.capacity)
+    }
+}
+
+/// The id of the VM named by `id` (id or name) if `caller` sees it: a VM
+/// it does not see is not there for it.
+fn visible(
+    m: &std::collections::HashMap<String, Entry>,
+    caller: &Caller,
+    id: &str,
+) -> Option<String> {
+    key_of(m, id).filter(|k| m.get(k).is_some_and(|e| caller.sees(&e.record)))
+}
+
+/// A handoff in the history is seen by the operator, and by the tenant
+/// whose VM moved (not by a session: its VM's history is the VM's record).
+fn history_seen_by(caller: &Caller, r: &cloudlet_api::events::HandoffRecord) -> bool {
+    match caller {
+        Caller::Operator => true,
+        Caller::Tenant(t) => r.tenant.as_deref() == Some(t.as_str()),
+        Caller::Session(_) => false,
     }
 }

@@ -25,8 +25,12 @@ pub struct CloudletConfig {
     pub capacity: Resources,
     pub flavors: Vec<Flavor>,
     pub default_flavor: String,
-    /// Bearer tokens accepted for calls that change something.
+    /// The operator's bearer tokens: every call, every VM.
     pub tokens: Vec<String>,
+    /// Tenants: each holds credentials of its own and sees, moves and
+    /// deletes only its own VMs (another tenant's VM is not found), within
+    /// its quota. A VM created with an operator token belongs to no tenant.
+    pub tenants: Vec<Tenant>,
     /// Host ports handed to VM port forwards: `[first, last]`.
     pub host_ports: [u16; 2],
     /// The host address VM port forwards listen on: where the apps'
@@ -106,6 +110,34 @@ pub struct CloudletConfig {
     /// cloudlets), and this cloudlet calls its peers with its own
     /// certificate, trusting only the fleet CA.
     pub tls: Option<cloudlet_trust::tls::TlsConfig>,
+    /// Serve plain HTTP on an address other than loopback (no `tls`):
+    /// credentials and overlays then cross the network in the clear. Off by
+    /// default: such a listener refuses to start without it. A listener on
+    /// loopback (the default, `127.0.0.1:7450`) serves plain HTTP anyway.
+    pub plain_http: bool,
+}
+
+/// A tenant of the cloudlet (`[[tenants]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    /// Its name, as VMs record it (1-63 letters, digits, '-' or '_').
+    pub name: String,
+    /// Its bearer tokens (several, for rotation).
+    pub tokens: Vec<String>,
+    /// What its VMs may hold together on this cloudlet.
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+/// A tenant's limits on one cloudlet (each unset: only the cloudlet's
+/// capacity limits it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub vms: Option<u32>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
 }
 
 /// Another cloudlet.
@@ -148,6 +180,7 @@ impl Default for CloudletConfig {
             ],
             default_flavor: "small".into(),
             tokens: vec![],
+            tenants: vec![],
             host_ports: [20000, 29999],
             vm_port_bind: None,
             peers: vec![],
@@ -166,6 +199,7 @@ impl Default for CloudletConfig {
             trusted_keys: vec![],
             require_signed_overlays: false,
             tls: None,
+            plain_http: false,
         }
     }
 }
@@ -201,6 +235,8 @@ impl CloudletConfig {
         if c.holds_credentials() {
             cloudlet_trust::secrets::check_private(path)?;
         }
+        c.check_tenants()
+            .map_err(|e| anyhow::anyhow!("Invalid config {}: {e}", path.display()))?;
         if c.require_signed_overlays && c.trusted_keys.is_empty() {
             anyhow::bail!(
                 "Invalid config {}: require_signed_overlays needs trusted_keys (the .pub lines of `cloudlet overlay keygen`): every overlay would be refused",
@@ -218,9 +254,65 @@ impl CloudletConfig {
         }
     }
 
-    /// Tokens of its own or of its peers, or a directory credential.
+    /// Tokens of its own, its tenants' or its peers', or a directory
+    /// credential.
     pub fn holds_credentials(&self) -> bool {
-        !self.tokens.is_empty() || !self.peers.is_empty() || self.directory_token.is_some()
+        !self.tokens.is_empty()
+            || !self.tenants.is_empty()
+            || !self.peers.is_empty()
+            || self.directory_token.is_some()
+    }
+
+    /// Tenants have valid, distinct names and tokens of their own: a token
+    /// means one caller (an operator's token or another tenant's would make
+    /// whose VMs it sees depend on the order of a list).
+    pub fn check_tenants(&self) -> Result<(), String> {
+        let mut seen: std::collections::HashSet<&str> =
+            self.tokens.iter().map(String::as_str).collect();
+        let mut names = std::collections::HashSet::new();
+        for t in &self.tenants {
+            if !crate::core::cloudlet::valid_name(&t.name) {
+                return Err(format!(
+                    "tenant name {:?}: use 1-63 letters, digits, '-' or '_'",
+                    t.name
+                ));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("tenant {:?} is given twice", t.name));
+            }
+            if t.tokens.is_empty() {
+                return Err(format!("tenant {:?} has no tokens", t.name));
+            }
+            for k in &t.tokens {
+                if k.len() < 16 {
+                    return Err(format!(
+                        "a token of tenant {:?} is shorter than 16 characters",
+                        t.name
+                    ));
+                }
+                if !seen.insert(k.as_str()) {
+                    return Err(format!(
+                        "a token of tenant {:?} is also another caller's",
+                        t.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tenant named `name`.
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+
+    /// Plain HTTP only where nobody else listens in (loopback) or where
+    /// the operator said so (`plain_http`).
+    pub fn check_transport(
+        &self,
+        listen: SocketAddr,
+    ) -> Result<(), cloudlet_trust::tls::PlainHttpRefused> {
+        cloudlet_trust::tls::check_plain_http(listen, self.tls.is_some(), self.plain_http)
     }
 
     /// This cloudlet's API URL as others reach it: `advertise_url`, else

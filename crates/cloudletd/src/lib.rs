@@ -73,6 +73,12 @@ pub async fn serve(
     }
     let state = Arc::new(api::AppState {
         tokens: cloudlet.config.tokens.clone(),
+        tenant_tokens: cloudlet
+            .config
+            .tenants
+            .iter()
+            .flat_map(|t| t.tokens.iter().map(|k| (t.name.clone(), k.clone())))
+            .collect(),
         spool: cloudlet.config.home.join("spool"),
         fleet_only_handoffs: tls.is_some(),
         ops: Daemon::new(cloudlet),

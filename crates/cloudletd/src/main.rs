@@ -126,6 +126,9 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("no token configured: using the one in {}", path.display());
         config.tokens.push(token);
     }
+    config
+        .check_transport(config.listen)
+        .context("Refusing to start")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("Cannot listen on {}", config.listen))?;

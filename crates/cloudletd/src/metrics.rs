@@ -466,6 +466,7 @@ mod tests {
                 error: None,
                 moved_to: None,
                 session_token: None,
+                tenant: None,
             },
             total_ms: 2000,
             source_stop_us: 1_000_000,

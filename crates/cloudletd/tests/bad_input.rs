@@ -399,3 +399,100 @@ async fn a_token_file_lets_in_its_holder_only() {
     );
     let _ = d.kill().await;
 }
+
+/// Plain HTTP only on loopback, or where the operator says so: the
+/// daemon, the registry and the directory each refuse to listen on a
+/// network address without TLS (before they bind), and say how to go on.
+#[test]
+fn plain_http_off_loopback_is_refused_unless_said() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (home, vm_dir) = (dir.path().join("home"), dir.path().join("vms"));
+    let config = |extra: &str| {
+        let p = dir.path().join(format!("c{}.toml", extra.len()));
+        std::fs::write(
+            &p,
+            format!(
+                "listen = \"0.0.0.0:0\"\nhome = \"{}\"\nvm_dir = \"{}\"\n{extra}",
+                home.display(),
+                vm_dir.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let said = |out: std::process::Output| {
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let refused = |(ok, said): (bool, String)| {
+        assert!(!ok, "plain HTTP on 0.0.0.0 started: {said}");
+        assert!(
+            said.contains("not a loopback address and there is no TLS")
+                && said.contains("plain_http"),
+            "{said}"
+        );
+    };
+    let daemon = |cfg: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+            .arg("--config")
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    refused(said(daemon(&config(""))));
+    // Said so: the same config starts (and is stopped at once).
+    let mut d = Command::new(env!("CARGO_BIN_EXE_cloudletd"))
+        .arg("--config")
+        .arg(config("plain_http = true\n"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = d.stdout.take().unwrap();
+    let mut seen = String::new();
+    let start = std::time::Instant::now();
+    while !seen.contains("cloudletd ready") {
+        let mut buf = [0u8; 4096];
+        let n = std::io::Read::read(&mut out, &mut buf).unwrap();
+        assert!(n > 0 && start.elapsed().as_secs() < 60, "{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let _ = d.kill();
+    let _ = d.wait();
+
+    let cli = common::cloudlet_bin();
+    let store = dir.path().join("registry");
+    let run = |args: &[&str]| {
+        Command::new(&cli)
+            .args(args)
+            .env("CLOUDLET_REGISTRY_TOKEN", "a-push-token-of-some-length")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    refused(said(run(&[
+        "registry",
+        "serve",
+        store.to_str().unwrap(),
+        "--listen",
+        "0.0.0.0:0",
+    ])));
+    let redb = dir.path().join("d.redb");
+    refused(said(run(&[
+        "directory",
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--store",
+        redb.to_str().unwrap(),
+    ])));
+}

@@ -35,6 +35,9 @@ pub struct DirectoryConfig {
     pub anonymous_search: bool,
     /// Serve HTTPS only, with these files (`cloudlet pki issue`).
     pub tls: Option<cloudlet_trust::tls::TlsConfig>,
+    /// Without `tls`, serve plain HTTP on an address other than loopback
+    /// anyway (refused otherwise).
+    pub plain_http: bool,
 }
 
 /// A cloudlet allowed to register, with its credential.
@@ -62,6 +65,7 @@ impl Default for DirectoryConfig {
             device_tokens: vec![],
             anonymous_search: true,
             tls: None,
+            plain_http: false,
         }
     }
 }
@@ -103,6 +107,8 @@ impl DirectoryConfig {
         if self.heartbeat_ms == 0 {
             return Err(ConfigError::Invalid("heartbeat_ms must be above 0".into()));
         }
+        cloudlet_trust::tls::check_plain_http(self.listen, self.tls.is_some(), self.plain_http)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.lease_ms <= self.heartbeat_ms {
             return Err(ConfigError::Invalid(format!(
                 "lease_ms ({}) must be longer than heartbeat_ms ({}): every entry would expire between heartbeats",

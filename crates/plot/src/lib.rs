@@ -274,6 +274,7 @@ mod tests {
                 sample(2500, "switchover", 2_500_000),
                 sample(3000, "moved", 3_000_000),
             ],
+            tenant: None,
         };
         let svg = handoff(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

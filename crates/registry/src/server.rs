@@ -39,6 +39,9 @@ pub struct RegistryConfig {
     pub signatures: SignaturePolicy,
     /// Serve HTTPS only, with these files (`cloudlet pki issue`).
     pub tls: Option<cloudlet_trust::tls::TlsConfig>,
+    /// Without `tls`, serve plain HTTP on an address other than loopback
+    /// anyway (refused otherwise).
+    pub plain_http: bool,
 }
 
 impl RegistryConfig {
@@ -50,6 +53,7 @@ impl RegistryConfig {
             push_tokens: Vec::new(),
             signatures: SignaturePolicy::default(),
             tls: None,
+            plain_http: false,
         }
     }
 }
@@ -206,6 +210,7 @@ pub fn router(state: RegistryState) -> Router {
 /// Runs a registry until Ctrl-C.
 pub async fn serve(config: RegistryConfig) -> anyhow::Result<()> {
     use anyhow::Context;
+    cloudlet_trust::tls::check_plain_http(config.listen, config.tls.is_some(), config.plain_http)?;
     let state = RegistryState::open(&config)
         .with_context(|| format!("Cannot open the storage {}", config.storage))?;
     let listener = TcpListener::bind(config.listen)

@@ -119,6 +119,27 @@ pub fn server_config(c: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsErro
     Ok(Arc::new(config))
 }
 
+/// A listener that would serve plain HTTP where others can listen in.
+#[derive(Debug, thiserror::Error)]
+#[error("{listen} is not a loopback address and there is no TLS: give the service a certificate (cloudlet pki issue; [tls] or --tls-cert/--tls-key/--tls-ca), or say plain HTTP on purpose (plain_http = true, --plain-http): credentials and overlays would cross the network in the clear")]
+pub struct PlainHttpRefused {
+    pub listen: SocketAddr,
+}
+
+/// Every service serves plain HTTP only on loopback, unless told so
+/// (`plain_http`): with `tls` it serves HTTPS anyway.
+pub fn check_plain_http(
+    listen: SocketAddr,
+    tls: bool,
+    plain_http: bool,
+) -> Result<(), PlainHttpRefused> {
+    if tls || plain_http || listen.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(PlainHttpRefused { listen })
+    }
+}
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr {

@@ -156,13 +156,14 @@ impl World {
             .arg(format!("0.0.0.0:{DIR_PORT}"))
             .arg("--store")
             .arg(work.join("directory.redb"))
-            .args(["--heartbeat-ms", "1000", "--lease-ms", "2500"]);
+            .args(["--heartbeat-ms", "1000", "--lease-ms", "2500", "--plain-http"]);
         self.spawn_logged(0, Side::A, c, &work.join("directory.log"))?;
         let mut c = Command::new(&bins.cloudlet);
         c.args(["registry", "serve"])
             .arg(work.join("registry"))
             .arg("--listen")
             .arg(format!("0.0.0.0:{REG_PORT}"))
+            .arg("--plain-http")
             .env("CLOUDLET_REGISTRY_TOKEN", TOKEN);
         self.spawn_logged(0, Side::A, c, &work.join("registry.log"))?;
         let hub_ip = cloudlet_wan::A_ADDR;
@@ -233,7 +234,7 @@ impl World {
         cloudlet_testkit::write_private(
             &config,
             format!(
-                "name = \"{name}\"\nlisten = \"{leaf}:{API_PORT}\"\npublic_host = \"{leaf}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [{first}, {}]\n{directory}{location}",
+                "name = \"{name}\"\nlisten = \"{leaf}:{API_PORT}\"\npublic_host = \"{leaf}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [{first}, {}]\nplain_http = true\n{directory}{location}",
                 home.display(),
                 vm_dir.display(),
                 first + 99,

@@ -84,6 +84,7 @@ pub async fn run(
             if let Some(t) = tls.config() {
                 c.tls = Some(t);
             }
+            c.plain_http |= tls.plain_http;
             let serving = Serving::bind(c).await?;
             println!("directory listening on http://{}", serving.addr);
             serving

@@ -89,6 +89,11 @@ pub struct TlsArgs {
     /// The fleet CA (client certificates are checked against it).
     #[arg(long, requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+    /// Without TLS, serve plain HTTP on an address other than loopback
+    /// anyway (refused otherwise: credentials and overlays would cross the
+    /// network in the clear).
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub plain_http: bool,
 }
 
 impl TlsArgs {

@@ -85,6 +85,7 @@ pub async fn run(cmd: RegistryCommand, output: Output) -> anyhow::Result<()> {
             }
             config.signatures.required = require_signed;
             config.tls = tls.config();
+            config.plain_http = tls.plain_http;
             for f in &trusted_keys {
                 let line = std::fs::read_to_string(f)
                     .map_err(|e| anyhow::anyhow!("Cannot read {}: {e}", f.display()))?;

@@ -171,6 +171,10 @@ fn create_vm_status(e: &CreateVmError) -> (StatusCode, &'static str) {
                 (StatusCode::SERVICE_UNAVAILABLE, "over_capacity")
             }
             E::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+            // The tenant's own limit, not the cloudlet's: the same call
+            // fails until it frees something (Kubernetes' quotas: 403).
+            E::OverQuota { .. } => (StatusCode::FORBIDDEN, "quota_exceeded"),
+            E::UnknownTenant(_) => (StatusCode::FORBIDDEN, "unknown_tenant"),
             E::Synthesis(s) => match s {
                 crate::synth::SynthesizeError::Apply(_)
                 | crate::synth::SynthesizeError::Fetch(FetchOverlayError::Format(_))

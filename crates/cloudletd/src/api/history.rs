@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use cloudlet_api::events::HandoffRecord;
 use cloudlet_api::ApiError;
 use serde::Deserialize;
 
 use super::error::{ApiFailure, ApiResult, PathParam, QueryParams};
 use super::AppState;
-use crate::commands::CloudletOps;
+use crate::commands::{Caller, CloudletOps};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -28,6 +28,7 @@ pub(super) struct HistoryParams {
     responses((status = 200, body = Vec<HandoffRecord>), (status = 400, body = ApiError)))]
 pub(super) async fn list_handoffs<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
+    Extension(caller): Extension<Caller>,
     QueryParams(p): QueryParams<HistoryParams>,
 ) -> ApiResult<Json<Vec<HandoffRecord>>> {
     let limit = p.limit.unwrap_or(100);
@@ -38,7 +39,7 @@ pub(super) async fn list_handoffs<C: CloudletOps>(
             format!("limit {limit}: from 1 to 100"),
         ));
     }
-    Ok(Json(st.ops.handoffs(limit as usize)))
+    Ok(Json(st.ops.handoffs(&caller, limit as usize)))
 }
 
 /// One handoff out of this cloudlet.
@@ -46,9 +47,10 @@ pub(super) async fn list_handoffs<C: CloudletOps>(
     responses((status = 200, body = HandoffRecord), (status = 404, body = ApiError)))]
 pub(super) async fn get_handoff<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
+    Extension(caller): Extension<Caller>,
     PathParam(id): PathParam<String>,
 ) -> ApiResult<Json<HandoffRecord>> {
-    st.ops.handoff(&id).map(Json).ok_or_else(|| {
+    st.ops.handoff(&caller, &id).map(Json).ok_or_else(|| {
         ApiFailure::new(
             StatusCode::NOT_FOUND,
             "not_found",

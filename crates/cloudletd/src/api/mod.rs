@@ -1,8 +1,12 @@
 //! The REST API: parse and validate, call [`CloudletOps`], map errors to
-//! status codes in one place ([`error::ApiFailure`]). Calls that change
-//! something need `Authorization: Bearer <token>`: an operator token, or
-//! for moving and deleting one VM, that VM's session credential (given in
-//! the answer that created it).
+//! status codes in one place ([`error::ApiFailure`]). Every call but the
+//! liveness probes (`/health`, `/v1/ping`), the OpenAPI document and the
+//! dashboard's page needs `Authorization: Bearer <token>`, and the caller
+//! it names ([`Caller`]) decides what it sees: an operator's token every
+//! VM and every call; a tenant's token its own VMs (another tenant's VM is
+//! a 404) and no call that changes the cloudlet (403); a VM's session
+//! credential (given in the answer that created it) reads, moves and
+//! deletes that VM only.
 //!
 //! - this module: the router, authentication, uploads spooled to files;
 //! - one module per resource: [`cloudlet`] (info, metrics), [`bases`],
@@ -34,12 +38,15 @@ use axum::Router;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use crate::commands::CloudletOps;
+use crate::commands::{Caller, CloudletOps};
 
 /// Shared state of the HTTP layer.
 pub struct AppState<C> {
     pub ops: C,
+    /// The operator's tokens.
     pub tokens: Vec<String>,
+    /// Each tenant's tokens: `(tenant, token)`.
+    pub tenant_tokens: Vec<(String, String)>,
     /// Where uploads are spooled.
     pub spool: std::path::PathBuf,
     /// The handoff endpoints take only callers that showed a certificate
@@ -52,34 +59,39 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
     // The credential is checked on the protected methods alone (a layer
     // on each), so that a method no route has is a 405 for everyone, not a
     // 401 (the public methods of a path are added after the layer).
-    let auth = axum::middleware::from_fn_with_state(state.clone(), require_token::<C>);
+    let auth = axum::middleware::from_fn_with_state(state.clone(), authenticate::<C>);
     let guard = |m: MethodRouter<Arc<AppState<C>>>| m.route_layer(auth.clone());
-    // A handoff's calls: the credential, and (with TLS) a fleet member's
-    // certificate (checked first).
+    // Calls that change the cloudlet itself: an operator's (checked after
+    // the credential).
+    let operator = |m: MethodRouter<Arc<AppState<C>>>| {
+        guard(m.route_layer(axum::middleware::from_fn(operator_only)))
+    };
+    // A handoff's calls: an operator's credential (a peer's), and (with
+    // TLS) a fleet member's certificate (checked first).
     let fleet = axum::middleware::from_fn_with_state(state.clone(), require_fleet_member::<C>);
-    let peer = |m: MethodRouter<Arc<AppState<C>>>| guard(m).route_layer(fleet.clone());
+    let peer = |m: MethodRouter<Arc<AppState<C>>>| operator(m).route_layer(fleet.clone());
     Router::new()
-        .route("/v1/cloudlet", get(cloudlet::cloudlet_info::<C>))
+        .route("/v1/cloudlet", guard(get(cloudlet::cloudlet_info::<C>)))
         .route("/v1/ping", get(cloudlet::ping))
         .route(
             "/v1/base-vms",
-            guard(post(bases::import_base::<C>)).get(bases::list_bases::<C>),
+            operator(post(bases::import_base::<C>)).merge(guard(get(bases::list_bases::<C>))),
         )
         .route(
             "/v1/base-vms/{name}",
-            guard(delete(bases::delete_base::<C>)),
+            operator(delete(bases::delete_base::<C>)),
         )
         .route(
             "/v1/drain",
-            guard(post(cloudlet::drain::<C>).delete(cloudlet::resume::<C>)),
+            operator(post(cloudlet::drain::<C>).delete(cloudlet::resume::<C>)),
         )
         .route(
             "/v1/vms",
-            guard(post(vms::create_vm::<C>)).get(vms::list_vms::<C>),
+            guard(post(vms::create_vm::<C>).get(vms::list_vms::<C>)),
         )
         .route(
             "/v1/vms/{id}",
-            guard(delete(vms::delete_vm::<C>)).get(vms::get_vm::<C>),
+            guard(delete(vms::delete_vm::<C>).get(vms::get_vm::<C>)),
         )
         .route("/v1/vms/{id}/handoff", guard(post(vms::handoff_vm::<C>)))
         .route(
@@ -102,10 +114,13 @@ pub fn router<C: CloudletOps + Clone>(state: Arc<AppState<C>>) -> Router {
             "/v1/handoff/{hid}",
             peer(get(handoff::handoff_arrival::<C>)),
         )
-        .route("/v1/events", get(vms::events::<C>))
-        .route("/v1/handoffs", get(history::list_handoffs::<C>))
-        .route("/v1/handoffs/{handoff_id}", get(history::get_handoff::<C>))
-        .route("/metrics", get(cloudlet::metrics::<C>))
+        .route("/v1/events", guard(get(vms::events::<C>)))
+        .route("/v1/handoffs", guard(get(history::list_handoffs::<C>)))
+        .route(
+            "/v1/handoffs/{handoff_id}",
+            guard(get(history::get_handoff::<C>)),
+        )
+        .route("/metrics", operator(get(cloudlet::metrics::<C>)))
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
@@ -151,17 +166,21 @@ async fn require_fleet_member<C: CloudletOps>(
     next.run(req).await
 }
 
-async fn require_token<C: CloudletOps>(
+/// Who calls ([`Caller`], put in the request's extensions for the
+/// handlers): an operator's token, a tenant's, or the session credential
+/// of the VM the request is about; else 401.
+async fn authenticate<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
     headers: HeaderMap,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer);
-    let who = match given {
+    let is = |k: &str, t: &str| constant_time_eq(k.as_bytes(), t.as_bytes());
+    let caller = match given {
         None => {
             return ApiFailure::new(
                 StatusCode::UNAUTHORIZED,
@@ -170,17 +189,14 @@ async fn require_token<C: CloudletOps>(
             )
             .into_response()
         }
-        Some(t)
-            if st
-                .tokens
-                .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) =>
-        {
-            "operator".to_string()
+        Some(t) if st.tokens.iter().any(|k| is(k, t)) => Caller::Operator,
+        Some(t) if st.tenant_tokens.iter().any(|(_, k)| is(k, t)) => {
+            let (tenant, _) = st.tenant_tokens.iter().find(|(_, k)| is(k, t)).unwrap();
+            Caller::Tenant(tenant.clone())
         }
-        // A VM's session credential: moves and deletes that VM only.
+        // A VM's session credential: reads, moves and deletes that VM only.
         Some(t) if session_vm(&req).is_some_and(|id| st.ops.session_opens(id, t)) => {
-            format!("session of VM {}", session_vm(&req).unwrap_or_default())
+            Caller::Session(session_vm(&req).unwrap_or_default().to_string())
         }
         Some(_) => {
             tracing::warn!(method = %req.method(), path = %req.uri().path(), "refused: wrong bearer token");
@@ -192,11 +208,32 @@ async fn require_token<C: CloudletOps>(
             .into_response();
         }
     };
-    // Every change is logged with who made it, and how it ended.
+    // Every change is logged with who made it, and how it ended (reads at
+    // debug: the dashboards poll).
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let who = caller.describe();
+    req.extensions_mut().insert(caller);
     let resp = next.run(req).await;
-    tracing::info!(%method, %path, by = %who, status = resp.status().as_u16(), "api call");
+    if method == axum::http::Method::GET {
+        tracing::debug!(%method, %path, by = %who, status = resp.status().as_u16(), "api call");
+    } else {
+        tracing::info!(%method, %path, by = %who, status = resp.status().as_u16(), "api call");
+    }
     resp
+}
+
+/// Calls that change the cloudlet itself (base VMs, maintenance, metrics,
+/// handoffs from peers) are an operator's: a tenant's token is a 403.
+async fn operator_only(req: Request, next: Next) -> Response {
+    match req.extensions().get::<Caller>() {
+        Some(Caller::Operator) => next.run(req).await,
+        _ => ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Only an operator's token may do this (a tenant's or a VM's credential may not)",
+        )
+        .into_response(),
+    }
 }
 
 /// The credential of an `Authorization: Bearer ...` header (the scheme is
@@ -210,12 +247,12 @@ fn bearer(value: &str) -> Option<&str> {
 }
 
 /// The VM a session credential may act on in this request:
-/// `POST /v1/vms/{id}/handoff` and `DELETE /v1/vms/{id}`.
+/// `POST /v1/vms/{id}/handoff`, `GET` and `DELETE /v1/vms/{id}`.
 fn session_vm(req: &Request) -> Option<&str> {
     let rest = req.uri().path().strip_prefix("/v1/vms/")?;
     match (req.method().as_str(), rest.split_once('/')) {
         ("POST", Some((id, "handoff"))) => Some(id),
-        ("DELETE", None) if !rest.is_empty() => Some(rest),
+        ("DELETE" | "GET", None) if !rest.is_empty() => Some(rest),
         _ => None,
     }
 }

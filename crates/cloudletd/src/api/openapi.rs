@@ -3,7 +3,9 @@
 //! The handlers' annotations say what each operation takes and answers;
 //! [`Complete`] then adds what holds for all of them alike, so that no
 //! operation can forget it: every path parameter of a path's template, the
-//! 401 of every operation that needs a credential, and the links from the
+//! credential every operation but [`PUBLIC`] needs and its 401, the 403 of
+//! the [`OPERATOR_ONLY`] ones, the 404 of every operation on one VM
+//! (another tenant's VM is not found), and the links from the
 //! answer that creates a resource to the operations on it (what a client
 //! generator, or schemathesis' stateful phase, follows).
 
@@ -93,6 +95,25 @@ fn put_right(doc: &mut serde_json::Value) {
 /// What every operation of the document says alike (see the module doc).
 pub struct Complete;
 
+/// The operations anyone may call (liveness): every other one needs a
+/// credential.
+pub const PUBLIC: &[&str] = &["ping"];
+
+/// The operations only an operator's credential may call: the cloudlet's
+/// own state and the handoffs from peers.
+pub const OPERATOR_ONLY: &[&str] = &[
+    "import_base",
+    "delete_base",
+    "drain",
+    "resume",
+    "metrics",
+    "handoff_prepare",
+    "handoff_stream",
+    "handoff_commit",
+    "handoff_abort",
+    "handoff_arrival",
+];
+
 /// What each path parameter names.
 fn parameter_doc(name: &str) -> &'static str {
     match name {
@@ -148,11 +169,35 @@ impl utoipa::Modify for Complete {
             ];
             for op in ops.into_iter().flatten() {
                 declare_path_parameters(op, &params);
+                let id = op.operation_id.clone().unwrap_or_default();
+                if !PUBLIC.contains(&id.as_str()) && op.security.is_none() {
+                    op.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+                        "bearer",
+                        Vec::<String>::new(),
+                    )]);
+                }
                 if op.security.is_some() {
                     op.responses
                         .responses
                         .entry("401".into())
                         .or_insert_with(|| error_response("No credential, or a wrong one"));
+                }
+                if OPERATOR_ONLY.contains(&id.as_str()) {
+                    let said = "Not an operator's credential (a tenant's or a VM's session)";
+                    match op.responses.responses.get_mut("403") {
+                        Some(RefOr::T(r)) => r.description = format!("{said}; {}", r.description),
+                        _ => {
+                            op.responses
+                                .responses
+                                .insert("403".into(), error_response(said));
+                        }
+                    }
+                }
+                if params.contains(&"id") {
+                    op.responses.responses.insert(
+                        "404".into(),
+                        error_response("No such VM here, or another tenant's (not told apart)"),
+                    );
                 }
                 add_links(op);
             }

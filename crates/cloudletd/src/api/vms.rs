@@ -5,28 +5,30 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::Json;
+use axum::{Extension, Json};
 use cloudlet_api::{ApiError, CreateVmRequest, VmInfo};
 use serde::Deserialize;
 
 use super::error::{ApiFailure, ApiResult};
 use super::{spool, AppState};
-use crate::commands::CloudletOps;
+use crate::commands::{Caller, CloudletOps};
 use crate::synth::fetch::OverlaySource;
 
 #[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = Vec<VmInfo>)))]
 pub(super) async fn list_vms<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
+    Extension(caller): Extension<Caller>,
 ) -> Json<Vec<VmInfo>> {
-    Json(st.ops.list_vms())
+    Json(st.ops.list_vms(&caller))
 }
 
 #[utoipa::path(get, path = "/v1/vms/{id}", responses((status = 200, body = VmInfo), (status = 404, body = ApiError)))]
 pub(super) async fn get_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
+    Extension(caller): Extension<Caller>,
     super::error::PathParam(id): super::error::PathParam<String>,
 ) -> ApiResult<Json<VmInfo>> {
-    Ok(Json(st.ops.get_vm(&id)?))
+    Ok(Json(st.ops.get_vm(&caller, &id)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +47,7 @@ pub(super) struct UploadParams {
         (status = 409, body = ApiError), (status = 413, body = ApiError), (status = 422, body = ApiError), (status = 502, body = ApiError), (status = 503, body = ApiError)))]
 pub(super) async fn create_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
+    Extension(caller): Extension<Caller>,
     super::error::QueryParams(params): super::error::QueryParams<UploadParams>,
     headers: HeaderMap,
     body: Body,
@@ -77,7 +80,7 @@ pub(super) async fn create_vm<C: CloudletOps>(
         let source = OverlaySource::Url(req.overlay.clone());
         (req, source, None)
     };
-    let r = st.ops.create_vm(req, source).await;
+    let r = st.ops.create_vm(&caller, req, source).await;
     if let Some(f) = upload {
         let _ = std::fs::remove_file(f);
     }
@@ -88,9 +91,10 @@ pub(super) async fn create_vm<C: CloudletOps>(
     responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub(super) async fn delete_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
+    Extension(caller): Extension<Caller>,
     super::error::PathParam(id): super::error::PathParam<String>,
 ) -> ApiResult<StatusCode> {
-    st.ops.delete_vm(&id).await?;
+    st.ops.delete_vm(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -101,10 +105,11 @@ pub(super) async fn delete_vm<C: CloudletOps>(
         (status = 502, body = ApiError)))]
 pub(super) async fn handoff_vm<C: CloudletOps>(
     State(st): State<Arc<AppState<C>>>,
+    Extension(caller): Extension<Caller>,
     super::error::PathParam(id): super::error::PathParam<String>,
     super::error::JsonBody(req): super::error::JsonBody<cloudlet_api::HandoffRequest>,
 ) -> ApiResult<Json<cloudlet_api::HandoffReport>> {
-    Ok(Json(st.ops.handoff_vm(&id, req).await?))
+    Ok(Json(st.ops.handoff_vm(&caller, &id, req).await?))
 }
 
 /// What happens on this cloudlet, from the moment of the call, as
@@ -115,27 +120,43 @@ pub(super) async fn handoff_vm<C: CloudletOps>(
 #[utoipa::path(get, path = "/v1/events",
     responses((status = 200, description = "text/event-stream: VmEvent (default event), ProgressEvent (event: progress), lagged (event: lagged, data: a count)",
         content_type = "text/event-stream", body = cloudlet_api::VmEvent)))]
-pub(super) async fn events<C: CloudletOps>(
+pub(super) async fn events<C: CloudletOps + Clone>(
     State(st): State<Arc<AppState<C>>>,
+    Extension(caller): Extension<Caller>,
 ) -> axum::response::sse::Sse<
     impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
 > {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use cloudlet_api::events::CloudletEvent;
     let rx = st.ops.events();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let ev = match rx.recv().await {
-            Ok(e) => e,
-            // A watcher that fell behind is told, and goes on.
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => CloudletEvent::Lagged(n),
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+    let ops = st.ops.clone();
+    let stream = futures::stream::unfold((rx, ops, caller), |(mut rx, ops, caller)| async move {
+        let ev = loop {
+            let ev = match rx.recv().await {
+                Ok(e) => e,
+                // A watcher that fell behind is told, and goes on.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    CloudletEvent::Lagged(n)
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            // A tenant watches its own VMs alone.
+            let seen = match (&ev, &caller) {
+                (_, Caller::Operator) | (CloudletEvent::Lagged(_), _) => true,
+                (CloudletEvent::Vm(e), Caller::Tenant(t)) => e.tenant.as_deref() == Some(t.as_str()),
+                (CloudletEvent::Vm(e), Caller::Session(v)) => e.vm_id == *v || e.name == *v,
+                (CloudletEvent::Progress(p), c) => ops.sees(c, &p.vm_id),
+            };
+            if seen {
+                break ev;
+            }
         };
         let sse = Event::default().data(ev.data());
         let sse = match ev.sse_name() {
             Some(name) => sse.event(name),
             None => sse,
         };
-        Some((Ok(sse), rx))
+        Some((Ok(sse), (rx, ops, caller)))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

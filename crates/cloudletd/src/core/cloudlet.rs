@@ -41,6 +41,10 @@ pub enum CreateVmError {
     },
     #[error("Over capacity: {detail}")]
     OverCapacity { detail: String },
+    #[error("Over the quota of tenant {tenant}: {detail}")]
+    OverQuota { tenant: String, detail: String },
+    #[error("Tenant {0} is not a tenant of this cloudlet")]
+    UnknownTenant(String),
     #[error("This cloudlet is draining (maintenance): it takes no new VMs and no moves in")]
     Draining,
     #[error("No free host port in {0}-{1}")]
@@ -349,18 +353,44 @@ impl Cloudlet {
         &self,
         mut rec: VmRecord,
     ) -> Result<(Arc<LiveProgress>, Vec<PortForward>), CreateVmError> {
+        let quota = match &rec.tenant {
+            Some(t) => Some(
+                self.config
+                    .tenant(t)
+                    .ok_or_else(|| CreateVmError::UnknownTenant(t.clone()))?
+                    .quota,
+            ),
+            None => None,
+        };
         let mut m = self.registry();
         let mut used = Resources::default();
+        let mut tenant_used = Resources::default();
         for e in m.values().filter(|e| holds_resources(e.record.state)) {
             used.vcpus += e.record.vcpus;
             used.memory_mib += e.record.memory_mib;
             used.vms += 1;
+            if e.record.tenant.is_some() && e.record.tenant == rec.tenant {
+                tenant_used.vcpus += e.record.vcpus;
+                tenant_used.memory_mib += e.record.memory_mib;
+                tenant_used.vms += 1;
+            }
             if e.record.name == rec.name {
                 return Err(CreateVmError::NameTaken(rec.name.clone()));
             }
         }
         if self.draining() {
             return Err(CreateVmError::Draining);
+        }
+        let asked = Resources {
+            vms: 1,
+            vcpus: rec.vcpus,
+            memory_mib: rec.memory_mib,
+        };
+        if let Some(detail) = quota.and_then(|q| crate::core::tenants::quota_left(&q, tenant_used, asked)) {
+            return Err(CreateVmError::OverQuota {
+                tenant: rec.tenant.clone().unwrap_or_default(),
+                detail,
+            });
         }
         let cap = self.config.capacity;
         let detail = if used.vms + 1 > cap.vms {

@@ -132,6 +132,7 @@ mod tests {
             phases: vec![],
             switchover_ms: None,
             samples: vec![],
+            tenant: None,
         }
     }
 

@@ -20,7 +20,8 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 /// - 2: a record of its own, flat ([`VmRecord`]); the REST model is made
 ///   from it ([`VmRecord::info`]). Format 1 records are read and upgraded.
 ///   Fields added within format 2 have defaults (`session_hash`, session
-///   9: none for a record written before).
+///   9, and `tenant`, session 14: none for a record written before, i.e.
+///   the operator's).
 pub const RECORD_FORMAT: u32 = 2;
 
 /// What the daemon keeps about one VM: its persisted state (format
@@ -62,6 +63,10 @@ pub struct VmRecord {
     /// moves and deletes the VM with it); carried on every move.
     #[serde(default)]
     pub session_hash: Option<String>,
+    /// The tenant that owns the VM (none: the operator's); carried on every
+    /// move.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// What a new record is made of ([`VmRecord::new`]).
@@ -106,6 +111,7 @@ impl VmRecord {
             memory_mib: n.flavor.memory_mib,
             committed_handoff: None,
             session_hash: None,
+            tenant: None,
         }
     }
 
@@ -130,6 +136,7 @@ impl VmRecord {
             error: self.error.clone(),
             moved_to: self.moved_to.clone(),
             session_token: None,
+            tenant: self.tenant.clone(),
         }
     }
 
@@ -203,6 +210,7 @@ impl VmRecordV1 {
             memory_mib: self.memory_mib,
             committed_handoff: self.committed_handoff,
             session_hash: None,
+            tenant: None,
         }
     }
 }
@@ -231,8 +239,9 @@ pub struct Store {
     /// Every change of a VM's state, as stored, and the progress of what
     /// runs (`GET /v1/events`).
     events: tokio::sync::broadcast::Sender<CloudletEvent>,
-    /// The state each VM was last stored with.
-    last: std::sync::Mutex<std::collections::HashMap<String, VmState>>,
+    /// The state each VM was last stored with, and its tenant (told with
+    /// its deletion too).
+    last: std::sync::Mutex<std::collections::HashMap<String, (VmState, Option<String>)>>,
 }
 
 impl Store {
@@ -270,10 +279,15 @@ impl Store {
     fn changed(&self, id: &str, rec: Option<&VmRecord>) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let now = rec.map(|r| r.state);
-        let from = match now {
-            Some(s) => last.insert(id.to_string(), s),
+        let before = match rec {
+            Some(r) => last.insert(id.to_string(), (r.state, r.tenant.clone())),
             None => last.remove(id),
         };
+        let tenant = rec.map_or_else(
+            || before.as_ref().and_then(|b| b.1.clone()),
+            |r| r.tenant.clone(),
+        );
+        let from = before.map(|b| b.0);
         if from == now {
             return;
         }
@@ -289,6 +303,7 @@ impl Store {
             error: rec.and_then(|r| r.error.clone()),
             unix_ms,
             mobility: cloudlet_api::Mobility::of(from, now),
+            tenant,
         }));
     }
 
@@ -327,7 +342,7 @@ impl Store {
         // What is stored now is no change to tell (after a restart).
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         for r in &out {
-            last.insert(r.id.clone(), r.state);
+            last.insert(r.id.clone(), (r.state, r.tenant.clone()));
         }
         Ok(out)
     }
@@ -365,6 +380,7 @@ mod tests {
             memory_mib: 512,
             committed_handoff: None,
             session_hash: None,
+            tenant: None,
         }
     }
 

@@ -187,6 +187,8 @@ impl ReceiveHandoffError {
                 | R::Create(
                     crate::core::cloudlet::CreateVmError::Draining
                         | crate::core::cloudlet::CreateVmError::OverCapacity { .. }
+                        | crate::core::cloudlet::CreateVmError::OverQuota { .. }
+                        | crate::core::cloudlet::CreateVmError::UnknownTenant(_)
                 )
                 | R::Exists(_)
                 | R::Protocol { .. }

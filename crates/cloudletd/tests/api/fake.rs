@@ -13,6 +13,7 @@ use cloudlet_handoff::memcheck::DiffReport;
 use cloudletd::commands::ByteStream;
 use cloudletd::core::cloudlet::{BaseOpError, CreateVmError, VmOpError};
 use cloudletd::handoff::{HandoffError, ReceiveHandoffError};
+use cloudletd::commands::Caller;
 use cloudletd::CloudletOps;
 use futures::StreamExt;
 
@@ -52,10 +53,10 @@ impl CloudletOps for Fake {
             vms: vec!["one (1)".into(), "two (2)".into()],
         })
     }
-    fn list_vms(&self) -> Vec<VmInfo> {
+    fn list_vms(&self, _caller: &Caller) -> Vec<VmInfo> {
         Vec::new()
     }
-    fn get_vm(&self, id: &str) -> Result<VmInfo, VmOpError> {
+    fn get_vm(&self, _caller: &Caller, id: &str) -> Result<VmInfo, VmOpError> {
         Err(match id {
             "moving" => VmOpError::Busy {
                 id: id.into(),
@@ -67,6 +68,7 @@ impl CloudletOps for Fake {
     }
     async fn create_vm(
         &self,
+        _caller: &Caller,
         _req: CreateVmRequest,
         _source: cloudletd::synth::fetch::OverlaySource,
     ) -> Result<VmInfo, CreateVmError> {
@@ -74,7 +76,7 @@ impl CloudletOps for Fake {
             detail: "full".into(),
         })
     }
-    async fn delete_vm(&self, id: &str) -> Result<(), VmOpError> {
+    async fn delete_vm(&self, _caller: &Caller, id: &str) -> Result<(), VmOpError> {
         Err(VmOpError::Busy {
             id: id.into(),
             state: VmState::HandingOff,
@@ -86,6 +88,7 @@ impl CloudletOps for Fake {
     }
     async fn handoff_vm(
         &self,
+        _caller: &Caller,
         id: &str,
         _req: HandoffRequest,
     ) -> Result<HandoffReport, HandoffError> {
@@ -153,11 +156,23 @@ impl CloudletOps for Fake {
         tokio::sync::broadcast::channel(1).1
     }
 
-    fn handoffs(&self, _limit: usize) -> Vec<cloudlet_api::events::HandoffRecord> {
+    fn sees(&self, _caller: &Caller, _vm_id: &str) -> bool {
+        true
+    }
+
+    fn handoffs(
+        &self,
+        _caller: &Caller,
+        _limit: usize,
+    ) -> Vec<cloudlet_api::events::HandoffRecord> {
         Vec::new()
     }
 
-    fn handoff(&self, _id: &str) -> Option<cloudlet_api::events::HandoffRecord> {
+    fn handoff(
+        &self,
+        _caller: &Caller,
+        _id: &str,
+    ) -> Option<cloudlet_api::events::HandoffRecord> {
         None
     }
 
@@ -182,6 +197,7 @@ async fn serve() -> String {
     let state = Arc::new(cloudletd::api::AppState {
         ops: Fake,
         tokens: vec![TOKEN.into()],
+        tenant_tokens: vec![],
         spool,
         fleet_only_handoffs: false,
     });

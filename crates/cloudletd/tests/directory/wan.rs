@@ -62,7 +62,7 @@ fn start_cloudlet(
     cloudlet_testkit::write_private(
         &config,
         format!(
-            "name = \"{name}\"\nlisten = \"{addr}\"\npublic_host = \"{}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [{first}, {}]\ndirectory = [\"http://{}:{DIR_PORT}\"]\n{extra}",
+            "name = \"{name}\"\nlisten = \"{addr}\"\npublic_host = \"{}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nhost_ports = [{first}, {}]\ndirectory = [\"http://{}:{DIR_PORT}\"]\nplain_http = true\n{extra}",
             link.addr(Side::B),
             home.display(),
             vm_dir.display(),
@@ -138,7 +138,7 @@ async fn cloud_tier(
         .arg(format!("0.0.0.0:{DIR_PORT}"))
         .arg("--store")
         .arg(dir.join("directory.redb"))
-        .args(["--heartbeat-ms", "1000", "--lease-ms", "2500"])
+        .args(["--heartbeat-ms", "1000", "--lease-ms", "2500", "--plain-http"])
         .stdout(out)
         .stderr(err);
     procs.children.push(hub.spawn_in(Side::A, c).unwrap());
@@ -148,6 +148,7 @@ async fn cloud_tier(
         .arg(dir.join("registry"))
         .arg("--listen")
         .arg(format!("0.0.0.0:{REG_PORT}"))
+        .arg("--plain-http")
         .arg("--push-token-file")
         .arg(&token_file)
         .stdout(out)

@@ -176,6 +176,7 @@ async fn a_vm_moves_back_and_forth_and_a_stale_generation_is_refused() {
         overlay: vm.overlay.clone(),
         source: "http://old-copy".into(),
         session_hash: None,
+        tenant: None,
     };
     let prepare = |url: String, offer: HandoffOffer| async move {
         let r = reqwest::Client::new()

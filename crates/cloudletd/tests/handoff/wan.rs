@@ -44,7 +44,7 @@ impl NsDaemon {
         cloudlet_testkit::write_private(
             &config,
             format!(
-                "name = \"wan-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nverify_memory = true\nhost_ports = [{first}, {}]\nadvertise_url = \"http://{addr}\"\n{extra_config}",
+                "name = \"wan-{side:?}\"\nlisten = \"{addr}\"\nhome = \"{}\"\nvm_dir = \"{}\"\ntokens = [\"{TOKEN}\"]\nverify_memory = true\nhost_ports = [{first}, {}]\nadvertise_url = \"http://{addr}\"\nplain_http = true\n{extra_config}",
                 home.display(),
                 vm_dir.display(),
                 last
@@ -613,6 +613,7 @@ async fn garbage_and_wrong_tokens_are_refused_and_leave_nothing_behind() {
         overlay: "none".into(),
         source: "http://nowhere".into(),
         session_hash: None,
+        tenant: None,
     };
     let dest = rig.b.url.clone();
     let statuses = {

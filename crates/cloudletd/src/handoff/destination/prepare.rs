@@ -56,6 +56,8 @@ pub async fn prepare_incoming(
     });
     let mut rec = rec;
     rec.session_hash = offer.session_hash.clone();
+    // The tenant's VM here too, within its quota here.
+    rec.tenant = offer.tenant.clone();
     // Over the earlier record, if any (a refusal here leaves it as it was).
     let (_progress, ports) = c.reserve(rec)?;
     let started = start_incoming(&base, &offer.vm_id, &paths, ports).await;

@@ -124,7 +124,7 @@ pub async fn handoff_vm(
     let (dest, known) = c.peer_for(&req.destination);
     let handoff_id = hex::encode(rand::random::<[u8; 8]>());
     let (id, vm, rec, progress) = claim(c, id, &handoff_id, &dest)?;
-    let name = rec.name.clone();
+    let (name, tenant) = (rec.name.clone(), rec.tenant.clone());
     let result = hand_off(
         c,
         (start, &handoff_id),
@@ -176,6 +176,7 @@ pub async fn handoff_vm(
             .find(|s| s.stage == "switchover")
             .map(|s| s.t_ms),
         samples,
+        tenant,
     });
     result
 }
@@ -364,6 +365,7 @@ impl Source {
                 .clone()
                 .unwrap_or_else(|| c.config.name.clone()),
             session_hash: self.rec.session_hash.clone(),
+            tenant: self.rec.tenant.clone(),
         };
         let t = Instant::now();
         self.peer.prepare(&offer).await?;
