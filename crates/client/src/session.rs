@@ -258,8 +258,12 @@ impl Session {
         state: SessionState,
     ) -> Result<Session, SessionError> {
         let mut state = state;
-        let get =
-            |url: String, id: String| async move { Client::new(&url, None).get_vm(&id).await };
+        // (The session's own credential reads its VM, wherever it runs.)
+        let token = state.session_token.clone();
+        let get = |url: String, id: String| {
+            let token = token.clone();
+            async move { Client::new(&url, Some(token)).get_vm(&id).await }
+        };
         let mut vm = get(state.api_url.clone(), state.vm_id.clone())
             .await
             .map_err(|error| SessionError::Cloudlet {

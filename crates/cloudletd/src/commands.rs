@@ -91,8 +91,7 @@ pub trait CloudletOps: Send + Sync + 'static {
     fn sees(&self, caller: &Caller, vm_id: &str) -> bool;
     /// The handoffs out of here of VMs `caller` sees, the newest first, at
     /// most `limit`.
-    fn handoffs(&self, caller: &Caller, limit: usize)
-        -> Vec<cloudlet_api::events::HandoffRecord>;
+    fn handoffs(&self, caller: &Caller, limit: usize) -> Vec<cloudlet_api::events::HandoffRecord>;
     /// One handoff out of here.
     fn handoff(
         &self,

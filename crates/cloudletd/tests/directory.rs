@@ -217,8 +217,7 @@ async fn cloudlets_join_move_through_and_leave_the_directory() {
     // Both cloudlets' event streams, followed through the move.
     let follow = |url: String| {
         tokio::spawn(async move {
-            // Reads need no credential.
-            let mut events = cloudlet_client::Client::new(&url, None)
+            let mut events = cloudlet_client::Client::new(&url, Some(common::TOKEN.into()))
                 .events()
                 .await
                 .unwrap();

@@ -318,7 +318,9 @@ async fn a_memory_difference_without_repair_keeps_the_vm_here() {
     // answer may reach the source before the line reaches the file).
     let mut said = false;
     for _ in 0..50 {
-        if b.log().contains("the moved memory differs from the source's") {
+        if b.log()
+            .contains("the moved memory differs from the source's")
+        {
             said = true;
             break;
         }

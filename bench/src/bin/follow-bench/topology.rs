@@ -156,7 +156,13 @@ impl World {
             .arg(format!("0.0.0.0:{DIR_PORT}"))
             .arg("--store")
             .arg(work.join("directory.redb"))
-            .args(["--heartbeat-ms", "1000", "--lease-ms", "2500", "--plain-http"]);
+            .args([
+                "--heartbeat-ms",
+                "1000",
+                "--lease-ms",
+                "2500",
+                "--plain-http",
+            ]);
         self.spawn_logged(0, Side::A, c, &work.join("directory.log"))?;
         let mut c = Command::new(&bins.cloudlet);
         c.args(["registry", "serve"])
@@ -258,7 +264,7 @@ impl World {
                 let start = Instant::now();
                 while start.elapsed() < Duration::from_secs(60) {
                     let registered = client.health().await.is_ok_and(|h| h.registered == 3);
-                    let cloud_up = cloudlet_client::Client::new(&cloud, None)
+                    let cloud_up = cloudlet_client::Client::new(&cloud, Some(TOKEN.into()))
                         .info()
                         .await
                         .is_ok();

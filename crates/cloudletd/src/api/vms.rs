@@ -143,7 +143,9 @@ pub(super) async fn events<C: CloudletOps + Clone>(
             // A tenant watches its own VMs alone.
             let seen = match (&ev, &caller) {
                 (_, Caller::Operator) | (CloudletEvent::Lagged(_), _) => true,
-                (CloudletEvent::Vm(e), Caller::Tenant(t)) => e.tenant.as_deref() == Some(t.as_str()),
+                (CloudletEvent::Vm(e), Caller::Tenant(t)) => {
+                    e.tenant.as_deref() == Some(t.as_str())
+                }
                 (CloudletEvent::Vm(e), Caller::Session(v)) => e.vm_id == *v || e.name == *v,
                 (CloudletEvent::Progress(p), c) => ops.sees(c, &p.vm_id),
             };

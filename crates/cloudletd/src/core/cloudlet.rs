@@ -386,7 +386,9 @@ impl Cloudlet {
             vcpus: rec.vcpus,
             memory_mib: rec.memory_mib,
         };
-        if let Some(detail) = quota.and_then(|q| crate::core::tenants::quota_left(&q, tenant_used, asked)) {
+        if let Some(detail) =
+            quota.and_then(|q| crate::core::tenants::quota_left(&q, tenant_used, asked))
+        {
             return Err(CreateVmError::OverQuota {
                 tenant: rec.tenant.clone().unwrap_or_default(),
                 detail,

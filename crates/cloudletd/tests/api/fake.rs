@@ -11,9 +11,9 @@ use cloudlet_api::{
 };
 use cloudlet_handoff::memcheck::DiffReport;
 use cloudletd::commands::ByteStream;
+use cloudletd::commands::Caller;
 use cloudletd::core::cloudlet::{BaseOpError, CreateVmError, VmOpError};
 use cloudletd::handoff::{HandoffError, ReceiveHandoffError};
-use cloudletd::commands::Caller;
 use cloudletd::CloudletOps;
 use futures::StreamExt;
 
@@ -168,11 +168,7 @@ impl CloudletOps for Fake {
         Vec::new()
     }
 
-    fn handoff(
-        &self,
-        _caller: &Caller,
-        _id: &str,
-    ) -> Option<cloudlet_api::events::HandoffRecord> {
+    fn handoff(&self, _caller: &Caller, _id: &str) -> Option<cloudlet_api::events::HandoffRecord> {
         None
     }
 

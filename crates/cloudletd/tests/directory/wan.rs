@@ -138,7 +138,13 @@ async fn cloud_tier(
         .arg(format!("0.0.0.0:{DIR_PORT}"))
         .arg("--store")
         .arg(dir.join("directory.redb"))
-        .args(["--heartbeat-ms", "1000", "--lease-ms", "2500", "--plain-http"])
+        .args([
+            "--heartbeat-ms",
+            "1000",
+            "--lease-ms",
+            "2500",
+            "--plain-http",
+        ])
         .stdout(out)
         .stderr(err);
     procs.children.push(hub.spawn_in(Side::A, c).unwrap());
