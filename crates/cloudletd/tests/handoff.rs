@@ -7,6 +7,8 @@ mod dashboard;
 mod events;
 #[path = "handoff/safety.rs"]
 mod safety;
+#[path = "handoff/tenants.rs"]
+mod tenants;
 #[path = "handoff/tls.rs"]
 mod tls;
 #[path = "handoff/wan.rs"]
