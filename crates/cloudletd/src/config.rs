@@ -117,6 +117,14 @@ pub struct CloudletConfig {
     pub plain_http: bool,
 }
 
+/// A name of a VM or a tenant: 1-63 letters, digits, '-' or '_'.
+pub fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// A tenant of the cloudlet (`[[tenants]]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,7 +279,7 @@ impl CloudletConfig {
             self.tokens.iter().map(String::as_str).collect();
         let mut names = std::collections::HashSet::new();
         for t in &self.tenants {
-            if !crate::core::cloudlet::valid_name(&t.name) {
+            if !valid_name(&t.name) {
                 return Err(format!(
                     "tenant name {:?}: use 1-63 letters, digits, '-' or '_'",
                     t.name

@@ -497,12 +497,7 @@ impl Cloudlet {
     }
 }
 
-pub(crate) fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 63
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
+pub(crate) use crate::config::valid_name;
 
 /// The id of the VM named by `id_or_name`.
 pub(crate) fn key_of(m: &HashMap<String, Entry>, id_or_name: &str) -> Option<String> {
