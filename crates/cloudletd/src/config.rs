@@ -106,6 +106,77 @@ pub struct CloudletConfig {
     /// cloudlets), and this cloudlet calls its peers with its own
     /// certificate, trusting only the fleet CA.
     pub tls: Option<cloudlet_trust::tls::TlsConfig>,
+    /// QEMU confined (`cloudlet_qemu::confine`): `[confine]`.
+    pub confine: ConfineConfig,
+}
+
+/// Each VM's QEMU under a uid of its own, in a cgroup of its own with the
+/// flavor's limits, under QEMU's seccomp sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfineConfig {
+    /// On or off; unset: on when the daemon runs as root (only root can
+    /// give QEMU another uid; a non-root daemon runs it unconfined, said in
+    /// the log at start).
+    pub enabled: Option<bool>,
+    /// The uids (and gids) VMs' QEMUs run under: `[first, last]`. No passwd
+    /// entries needed; keep the range free of other users.
+    pub uids: [u32; 2],
+    /// Where uid claims are kept (shared by the cloudlets of a host).
+    pub claims_dir: PathBuf,
+    /// Memory allowed beyond the flavor's, for QEMU itself.
+    pub memory_overhead_mib: u64,
+}
+
+impl Default for ConfineConfig {
+    fn default() -> Self {
+        ConfineConfig {
+            enabled: None,
+            uids: [200_000, 200_999],
+            claims_dir: PathBuf::from(cloudlet_qemu::confine::DEFAULT_CLAIMS_DIR),
+            memory_overhead_mib: cloudlet_qemu::confine::DEFAULT_MEMORY_OVERHEAD_MIB,
+        }
+    }
+}
+
+impl ConfineConfig {
+    /// Whether VMs are confined: asked for (or by default) and possible.
+    pub fn active(&self) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        self.enabled.unwrap_or(root) && root
+    }
+
+    /// What a VM of `flavor` is confined by, when confinement is active.
+    pub fn for_flavor(&self, flavor: &Flavor) -> Option<cloudlet_qemu::confine::Confinement> {
+        self.active().then(|| cloudlet_qemu::confine::Confinement {
+            uid: None,
+            uids: self.uids,
+            claims: self.claims_dir.clone(),
+            memory_mib: flavor.memory_mib,
+            overhead_mib: self.memory_overhead_mib,
+            vcpus: flavor.vcpus,
+        })
+    }
+
+    /// What is in effect, for the start log.
+    pub fn describe(&self) -> String {
+        if self.active() {
+            let cg = match cloudlet_qemu::confine::Cgroups::host() {
+                Some(cloudlet_qemu::confine::Cgroups::V2 { .. }) => "cgroup v2",
+                Some(cloudlet_qemu::confine::Cgroups::V1 { .. }) => "cgroup v1",
+                None => "no cgroup with memory and cpu: no limits",
+            };
+            format!(
+                "on: a uid of [{}, {}] per VM, {cg}, seccomp sandbox",
+                self.uids[0], self.uids[1]
+            )
+        } else if self.enabled == Some(true) {
+            "off: the daemon is not root and cannot give QEMU another uid".into()
+        } else {
+            "off".into()
+        }
+    }
 }
 
 /// Another cloudlet.
@@ -166,6 +237,7 @@ impl Default for CloudletConfig {
             trusted_keys: vec![],
             require_signed_overlays: false,
             tls: None,
+            confine: ConfineConfig::default(),
         }
     }
 }

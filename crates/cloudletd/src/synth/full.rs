@@ -34,6 +34,7 @@ pub(crate) async fn synthesize_full(
     let mut timings = Vec::new();
     let start = Instant::now();
     req.paths.create()?;
+    let spec = vm_spec(&req);
 
     // Fetch -> apply, overlapped.
     progress.set_stage("fetching");
@@ -67,7 +68,7 @@ pub(crate) async fn synthesize_full(
     progress.set_stage("restoring");
     let t = Instant::now();
     let vm = Vm::restore(
-        vm_spec(req.vm_id, req.base, req.paths, req.ports.clone()),
+        spec,
         &req.paths.state(),
     )
     .await?;
