@@ -281,6 +281,7 @@ async fn capture_booted_state(
         lazy_disk: None,
         ports: vec![],
         run_dir: work.join("run"),
+        confine: None,
     };
     tracing::info!("booting the base VM");
     let vm = Vm::boot(spec).await?;

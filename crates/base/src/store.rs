@@ -267,6 +267,7 @@ impl BaseVm {
             lazy_disk: None,
             ports,
             run_dir: run_dir.to_path_buf(),
+            confine: None,
         }
     }
 

@@ -298,6 +298,7 @@ impl CloudletOps for Daemon {
                 ports,
                 app: &app,
                 spares: Some(&self.cloudlet.spares),
+                confine: self.cloudlet.config.confine.for_flavor(&flavor),
             },
             &progress,
             self.cloudlet.config.early_start,

@@ -140,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         "cloudletd ready"
     );
+    tracing::info!("QEMU confinement {}", cloudlet.config.confine.describe());
     tokio::select! {
         r = cloudletd::serve(cloudlet.clone(), listener) => r,
         sig = shutdown_signal() => {

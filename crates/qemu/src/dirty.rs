@@ -155,6 +155,9 @@ pub struct DirtyExportConfig {
     pub scratch: PathBuf,
     /// How long the copy may take.
     pub timeout: Duration,
+    /// The uid a confined QEMU runs under: the scratch image is made its
+    /// (QEMU opens it for writing).
+    pub owner: Option<u32>,
 }
 
 /// The node (and job) name of the scratch image while it is attached.
@@ -284,12 +287,19 @@ impl QmpClient {
             .map(|i| i.virtual_size)
             .ok_or_else(|| E::NoNode(cfg.node.clone()))?;
         let scratch = cfg.scratch.clone();
+        let owner = cfg.owner;
         blocking(move || {
             let _ = std::fs::remove_file(&scratch);
-            image::create_qcow2(&scratch, size).map_err(|source| E::Scratch {
-                path: scratch,
-                source,
-            })
+            image::create_qcow2(&scratch, size)
+                .and_then(|()| match owner {
+                    Some(uid) => std::os::unix::fs::chown(&scratch, Some(uid), Some(uid))
+                        .map_err(ImageError::Chown),
+                    None => Ok(()),
+                })
+                .map_err(|source| E::Scratch {
+                    path: scratch,
+                    source,
+                })
         })
         .await?;
         let copied = self.backup_into_scratch(cfg).await;

@@ -8,6 +8,8 @@ use std::process::Command;
 pub enum ImageError {
     #[error("Cannot run qemu-img: {0}")]
     Spawn(std::io::Error),
+    #[error("Cannot give the image to the confined QEMU's uid: {0}")]
+    Chown(std::io::Error),
     #[error("qemu-img {op} on {path} failed: {detail}")]
     Failed {
         op: &'static str,

@@ -11,10 +11,12 @@
 //!   guest already runs (we are the postcopy migration source);
 //! - [`snapshot`]: saved VMs on disk (device state + RAM file + disk top);
 //! - [`agent`]: the host side of the guest agent protocol;
+//! - [`confine`]: each QEMU under its own uid and cgroup, sandboxed;
 //! - [`accel`]: KVM where a probe boot shows it works, else TCG.
 
 pub mod accel;
 pub mod agent;
+pub mod confine;
 pub mod dirty;
 pub mod files;
 pub mod image;

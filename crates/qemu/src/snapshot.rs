@@ -145,6 +145,7 @@ pub async fn restore_snapshot(dir: &Path, target: RestoreTarget) -> Result<Vm, S
         lazy_disk: None,
         ports: target.ports,
         run_dir: target.run_dir,
+        confine: None,
     };
     match Vm::restore(spec, &dir.join("state")).await {
         Ok(vm) => Ok(vm),

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::confine::Confinement;
+
 /// Which accelerator runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -108,6 +110,10 @@ pub struct VmSpec {
     pub ports: Vec<PortForward>,
     /// Where QEMU's sockets, pid file and logs go.
     pub run_dir: PathBuf,
+    /// Run QEMU confined ([`crate::confine`]): its own uid and cgroup, the
+    /// seccomp sandbox. None: as the daemon's user, unconfined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confine: Option<Confinement>,
 }
 
 impl VmSpec {
@@ -240,6 +246,9 @@ impl VmSpec {
             "-pidfile",
             &path_arg(&self.pid_file()),
         ]);
+        if self.confine.is_some() {
+            push(&["-sandbox", crate::confine::SANDBOX]);
+        }
         if incoming {
             // -S: the caller decides when the restored guest runs.
             push(&["-S", "-incoming", "defer"]);
@@ -280,6 +289,7 @@ mod tests {
                 bind: None,
             }],
             run_dir: "/run/vm".into(),
+            confine: None,
         }
     }
 
@@ -298,6 +308,7 @@ mod tests {
         assert!(a.contains("node-name=disk0,discard=unmap,"), "{a}");
         assert!(a.contains("-accel tcg"));
         assert!(!a.contains("-incoming"));
+        assert!(!a.contains("-sandbox"));
         assert!(spec()
             .to_args(true)
             .join(" ")

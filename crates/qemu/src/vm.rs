@@ -9,6 +9,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::agent::{AgentClient, AgentError};
+use crate::confine::{self, ConfineError};
 use crate::qmp::{QmpClient, QmpError};
 use crate::spec::VmSpec;
 
@@ -56,6 +57,8 @@ pub enum StartVmError {
     NoQmp(Duration),
     #[error("QMP: {0}")]
     Qmp(#[from] QmpError),
+    #[error("Confining QEMU: {0}")]
+    Confine(#[from] ConfineError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +75,6 @@ pub enum RestoreVmError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SaveVmError {
-    #[error("Path {0} cannot be used as a save target (quote characters)")]
-    BadPath(PathBuf),
     #[error("Pausing the VM failed: {0}")]
     Pause(QmpError),
     #[error("Saving device state failed: {0}")]
@@ -142,12 +143,21 @@ impl Vm {
             vm.qmp
                 .set_migration_capabilities(&[("x-ignore-shared", true)])
                 .await?;
+            // QEMU listens, we stream the file in: no `exec:` (the
+            // sandbox denies QEMU fork and exec).
+            let sock = vm.spec.socket_dir().join("restore.sock");
+            let _ = std::fs::remove_file(&sock);
             vm.qmp
                 .execute(
                     "migrate-incoming",
-                    Some(json!({ "uri": format!("exec:cat {}", shell_quote(state)) })),
+                    Some(json!({ "uri": format!("unix:{}", sock.display()) })),
                 )
                 .await?;
+            let mut conn = tokio::net::UnixStream::connect(&sock).await?;
+            let _ = std::fs::remove_file(&sock);
+            let mut file = tokio::fs::File::open(state).await?;
+            tokio::io::copy(&mut file, &mut conn).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut conn).await?;
             vm.qmp.wait_migration(MIGRATE_TIMEOUT).await
         }
         .await;
@@ -215,6 +225,7 @@ impl Vm {
         let qmp = QmpClient::connect(&spec.qmp_socket()).await?;
         let (tx, exit) = watch::channel(None);
         let q = qmp.clone();
+        let held = confine::adopted(&spec);
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -223,6 +234,7 @@ impl Vm {
                 }
                 // SAFETY: signal 0 only checks the pid.
                 if unsafe { libc::kill(pid as i32, 0) } != 0 || is_zombie(pid) {
+                    release_confinement(held).await;
                     let _ = tx.send(Some(VmExit::Vanished));
                     return;
                 }
@@ -278,10 +290,6 @@ impl Vm {
     /// the RAM file) to `path`. The VM stays paused (`postmigrate`), and can
     /// be resumed with [`Vm::resume`].
     pub async fn save_device_state(&self, path: &Path) -> Result<(), SaveVmError> {
-        let s = path.display().to_string();
-        if s.contains('\'') {
-            return Err(SaveVmError::BadPath(path.to_path_buf()));
-        }
         let tmp = path.with_extension("partial");
         self.qmp
             .execute("stop", None)
@@ -291,12 +299,25 @@ impl Vm {
             self.qmp
                 .set_migration_capabilities(&[("x-ignore-shared", true)])
                 .await?;
+            // QEMU writes into our socket, we into the file: no `exec:`.
+            let sock = self.spec.socket_dir().join("save.sock");
+            let _ = std::fs::remove_file(&sock);
+            let listener = tokio::net::UnixListener::bind(&sock)?;
+            confine::hand_over(&self.spec, &sock)?;
             self.qmp
                 .execute(
                     "migrate",
-                    Some(json!({ "uri": format!("exec:cat > {}", shell_quote(&tmp)) })),
+                    Some(json!({ "uri": format!("unix:{}", sock.display()) })),
                 )
                 .await?;
+            let accepted = tokio::time::timeout(Duration::from_secs(10), listener.accept()).await;
+            let _ = std::fs::remove_file(&sock);
+            let (mut conn, _) = accepted.map_err(|_| QmpError::Timeout {
+                command: "migrate (connect)".into(),
+                timeout: Duration::from_secs(10),
+            })??;
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            tokio::io::copy(&mut conn, &mut file).await?;
             self.qmp.wait_migration(MIGRATE_TIMEOUT).await
         };
         if let Err(e) = run.await {
@@ -398,6 +419,14 @@ async fn start(spec: VmSpec, incoming: bool) -> Result<Vm, StartVmError> {
         path: spec.qemu_log(),
         source,
     })?;
+    let mut spec = spec;
+    let confined = match confine::confine(&mut spec) {
+        Ok(c) => c,
+        Err(e) => {
+            cleanup(&spec);
+            return Err(e.into());
+        }
+    };
     let binary = qemu_binary();
     let mut cmd = tokio::process::Command::new(&binary);
     cmd.args(spec.to_args(incoming))
@@ -407,11 +436,18 @@ async fn start(spec: VmSpec, incoming: bool) -> Result<Vm, StartVmError> {
         // Own process group: QEMU outlives a daemon killed with its group.
         .process_group(0)
         .kill_on_drop(false);
-    tracing::debug!(name = %spec.name, args = ?spec.to_args(incoming), "starting QEMU");
+    let held = confined.map(|(held, jail)| {
+        // SAFETY: `enter` makes async-signal-safe calls only, on data
+        // prepared before the fork.
+        unsafe { cmd.pre_exec(move || jail.enter()) };
+        held
+    });
+    tracing::debug!(name = %spec.name, args = ?spec.to_args(incoming), uid = ?held.as_ref().map(|h| h.uid()), "starting QEMU");
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(source) => {
             cleanup(&spec);
+            release_confinement(held).await;
             return Err(StartVmError::Spawn { binary, source });
         }
     };
@@ -422,6 +458,7 @@ async fn start(spec: VmSpec, incoming: bool) -> Result<Vm, StartVmError> {
         let status = child.wait().await;
         let code = status.as_ref().ok().and_then(|s| s.code());
         tracing::info!(vm = %name, pid, ?code, "QEMU exited");
+        release_confinement(held).await;
         let _ = tx.send(Some(VmExit::Exited { code }));
     });
 
@@ -461,6 +498,13 @@ async fn start(spec: VmSpec, incoming: bool) -> Result<Vm, StartVmError> {
     })
 }
 
+/// Gives up a confined QEMU's cgroup and uid once it has exited.
+async fn release_confinement(held: Option<confine::Held>) {
+    if let Some(h) = held {
+        let _ = tokio::task::spawn_blocking(move || h.release()).await;
+    }
+}
+
 async fn kill_pid(pid: u32, exit: &watch::Receiver<Option<VmExit>>) {
     // SAFETY: signalling the QEMU we spawned.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -490,10 +534,6 @@ pub fn log_tail(path: &Path) -> String {
     } else {
         tail
     }
-}
-
-fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
 /// Switches the disk of a VM started with [`VmSpec::lazy_disk`] from the NBD

@@ -132,6 +132,7 @@ async fn typed_migration_and_dirty_tracking_on_a_running_guest() {
             bitmap: "t".into(),
             scratch: d.join("dirty.qcow2"),
             timeout: Duration::from_secs(60),
+            owner: None,
         })
         .await
         .expect("export dirty extents");

@@ -34,6 +34,7 @@ pub(crate) async fn synthesize_full(
     let mut timings = Vec::new();
     let start = Instant::now();
     req.paths.create()?;
+    let spec = vm_spec(&req);
 
     // Fetch -> apply, overlapped.
     progress.set_stage("fetching");
@@ -66,11 +67,7 @@ pub(crate) async fn synthesize_full(
     // Restore and hand the guest its identity.
     progress.set_stage("restoring");
     let t = Instant::now();
-    let vm = Vm::restore(
-        vm_spec(req.vm_id, req.base, req.paths, req.ports.clone()),
-        &req.paths.state(),
-    )
-    .await?;
+    let vm = Vm::restore(spec, &req.paths.state()).await?;
     timings.push(stage("restore", t));
     if let Err(e) = app_ready(&vm, (req.vm_id, req.name, req.app), &mut timings).await {
         vm.kill().await;

@@ -125,6 +125,8 @@ pub struct SynthRequest<'a> {
     pub base: &'a BaseVm,
     pub paths: &'a VmPaths,
     pub ports: Vec<PortForward>,
+    /// How its QEMU is confined (none: unconfined).
+    pub confine: Option<cloudlet_qemu::confine::Confinement>,
     pub app: &'a AppInfo,
     /// Ready copies of the base disks (early start takes one if there is).
     pub spares: Option<&'a spares::Spares>,
@@ -161,7 +163,16 @@ pub async fn synthesize(
     progress: &Arc<LiveProgress>,
     early_start: bool,
 ) -> Result<Synthesized, SynthesizeError> {
-    if early_start && on_tmpfs(&req.paths.run) {
+    // QEMU 7.2 asks for a userfaultfd without UFFD_USER_MODE_ONLY: an
+    // unprivileged (confined) QEMU gets one only where the host allows it.
+    let uffd = req.confine.is_none() || unprivileged_userfaultfd();
+    if early_start && !uffd {
+        tracing::info!(
+            vm_id = req.vm_id,
+            "no early start: a confined QEMU cannot use userfaultfd (vm.unprivileged_userfaultfd = 0)"
+        );
+    }
+    if early_start && uffd && on_tmpfs(&req.paths.run) {
         match LaunchPlan::new(&req.manifest) {
             Ok(plan) => return synthesize_early(req, progress, plan).await,
             Err(e) => tracing::info!(vm_id = req.vm_id, "no early start: {e}"),
@@ -176,6 +187,11 @@ pub async fn synthesize(
         })
 }
 
+/// Whether processes without privileges may use userfaultfd (postcopy).
+fn unprivileged_userfaultfd() -> bool {
+    std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").is_ok_and(|s| s.trim() == "1")
+}
+
 fn on_tmpfs(dir: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
@@ -188,14 +204,17 @@ fn on_tmpfs(dir: &Path) -> bool {
 }
 
 /// The new VM's QEMU spec: the base's machine on this VM's files.
-pub(crate) fn vm_spec(
-    vm_id: &str,
-    base: &BaseVm,
-    paths: &VmPaths,
-    ports: Vec<PortForward>,
-) -> VmSpec {
-    let mut spec = base.spec(vm_id, &paths.ram(), &paths.disk(), &paths.run_dir(), ports);
+pub(crate) fn vm_spec(req: &SynthRequest<'_>) -> VmSpec {
+    let paths = req.paths;
+    let mut spec = req.base.spec(
+        req.vm_id,
+        &paths.ram(),
+        &paths.disk(),
+        &paths.run_dir(),
+        req.ports.clone(),
+    );
     spec.disk_format = DiskFormat::Raw;
+    spec.confine = req.confine.clone();
     spec
 }
 

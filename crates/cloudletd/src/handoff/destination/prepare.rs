@@ -60,7 +60,8 @@ pub async fn prepare_incoming(
     rec.tenant = offer.tenant.clone();
     // Over the earlier record, if any (a refusal here leaves it as it was).
     let (_progress, ports) = c.reserve(rec)?;
-    let started = start_incoming(&base, &offer.vm_id, &paths, ports).await;
+    let confine = c.config.confine.for_flavor(&flavor);
+    let started = start_incoming(&base, &offer.vm_id, &paths, ports, confine).await;
     let vm = match started {
         Ok(vm) => Arc::new(vm),
         Err(e) => {
@@ -131,6 +132,7 @@ async fn start_incoming(
     vm_id: &str,
     paths: &VmPaths,
     ports: Vec<cloudlet_qemu::PortForward>,
+    confine: Option<cloudlet_qemu::confine::Confinement>,
 ) -> Result<Vm, ReceiveHandoffError> {
     std::fs::create_dir_all(&paths.dir)?;
     std::fs::create_dir_all(&paths.run)?;
@@ -141,6 +143,7 @@ async fn start_incoming(
     drop(ram);
     let mut spec = base.spec(vm_id, &paths.ram(), &paths.disk(), &paths.run_dir(), ports);
     spec.disk_format = DiskFormat::Raw;
+    spec.confine = confine;
     let vm = Vm::start_incoming(spec).await?;
     let sock = vm.spec().socket_dir().join("migrate-in.sock");
     vm.qmp()

@@ -127,6 +127,7 @@ pub(super) async fn dirty_extents(q: &QmpClient, vm: &Vm) -> Result<Vec<(u64, u6
         bitmap: DIRTY_BITMAP.into(),
         scratch: vm.spec().socket_dir().join("handoff-dirty.qcow2"),
         timeout: Duration::from_secs(30),
+        owner: vm.spec().confine.as_ref().and_then(|c| c.uid),
     })
     .await
     .map_err(|e| crate::error_chain(&e))

@@ -408,6 +408,8 @@ impl Source {
         let sock = self.vm.spec().socket_dir().join("migrate-out.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)?;
+        // A confined QEMU connects as its own uid.
+        cloudlet_qemu::confine::hand_over(self.vm.spec(), &sock)?;
         q.set_migration_capabilities(&[
             ("x-ignore-shared", false),
             ("pause-before-switchover", true),

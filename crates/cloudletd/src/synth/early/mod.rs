@@ -192,7 +192,7 @@ async fn start_incoming(
     disk_sock: PathBuf,
     parts: &Parts,
 ) -> Result<(Vm, UnixStream), SynthesizeError> {
-    let mut spec = vm_spec(req.vm_id, req.base, req.paths, req.ports.clone());
+    let mut spec = vm_spec(req);
     spec.lazy_disk = Some(disk_sock);
     let sock = req.paths.run.join("postcopy.sock");
     let vm = match Vm::start_postcopy(spec, &sock).await {
