@@ -29,8 +29,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::VmSpec;
-
 /// QEMU's `-sandbox` argument for a confined VM. `spawn=deny` is why save
 /// and restore stream device state through sockets, not `exec:`.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
@@ -208,44 +206,43 @@ impl Held {
     }
 }
 
-/// Confines `spec`'s QEMU-to-be, if its spec asks for it: claims a uid
-/// (recorded in `spec.confine.uid`), gives it the VM's files
-/// ([`prepare_files`]) and makes its cgroup with the limits. Returns what
-/// the child must do before exec, and what to give up after QEMU exits.
-pub fn confine(spec: &mut VmSpec) -> Result<Option<(Held, Jail)>, ConfineError> {
-    let Some(c) = spec.confine.clone() else {
-        return Ok(None);
-    };
-    let owner = spec.run_dir.clone();
-    let uid = claim(&c, &owner)?;
+/// Confines the QEMU-to-be of the VM `name` whose run directory is
+/// `owner`: claims a uid, lets `prepare` give it the VM's files (see
+/// [`prepare_files`]) and makes its cgroup with the limits for
+/// `memory_mib` of guest RAM. Returns what to give up after QEMU exits,
+/// and what the child must do before exec. A VM spec calls it through
+/// `VmSpec::confine_qemu`.
+pub fn enter(
+    c: &Confinement,
+    name: &str,
+    owner: &Path,
+    memory_mib: u64,
+    prepare: impl FnOnce(u32) -> Result<(), ConfineError>,
+) -> Result<(Held, Jail), ConfineError> {
+    let uid = claim(c, owner)?;
     let held = Held {
         conf: c.clone(),
         uid,
-        owner,
+        owner: owner.to_path_buf(),
         cgroups: Cgroups::host(),
     };
     let jail = (|| {
-        prepare_files(spec, uid)?;
+        prepare(uid)?;
         let procs = match &held.cgroups {
             Some(cg) => cg.create(
                 &Confinement::cgroup_name(uid),
-                c.memory_limit(spec.machine.memory_mib),
+                c.memory_limit(memory_mib),
                 c.vcpus,
             )?,
             None => {
-                tracing::warn!(vm = %spec.name, "no cgroup with memory and cpu: QEMU runs without limits");
+                tracing::warn!(vm = %name, "no cgroup with memory and cpu: QEMU runs without limits");
                 Vec::new()
             }
         };
         Jail::new(&procs, uid)
     })();
     match jail {
-        Ok(jail) => {
-            if let Some(c) = spec.confine.as_mut() {
-                c.uid = Some(uid);
-            }
-            Ok(Some((held, jail)))
-        }
+        Ok(jail) => Ok((held, jail)),
         Err(e) => {
             held.release();
             Err(e)
@@ -253,17 +250,17 @@ pub fn confine(spec: &mut VmSpec) -> Result<Option<(Held, Jail)>, ConfineError> 
     }
 }
 
-/// What an adopted confined QEMU holds (its claim renewed).
-pub fn adopted(spec: &VmSpec) -> Option<Held> {
-    let c = spec.confine.clone()?;
+/// What an adopted confined QEMU (the VM `name`, run directory `owner`,
+/// started under `c` with its uid) holds: its claim renewed.
+pub fn adopted(c: &Confinement, name: &str, owner: &Path) -> Option<Held> {
     let uid = c.uid?;
-    if let Err(e) = claim(&c, &spec.run_dir) {
-        tracing::warn!(vm = %spec.name, "renewing the uid claim: {e}");
+    if let Err(e) = claim(c, owner) {
+        tracing::warn!(vm = %name, "renewing the uid claim: {e}");
     }
     Some(Held {
-        conf: c,
+        conf: c.clone(),
         uid,
-        owner: spec.run_dir.clone(),
+        owner: owner.to_path_buf(),
         cgroups: Cgroups::host(),
     })
 }
@@ -420,15 +417,16 @@ impl Jail {
     }
 }
 
-/// Makes the VM's files its uid's, before QEMU starts: the directories of
-/// its RAM file and disk, its run and socket directories (all the VM's
-/// own: the daemon gives each VM its own), and what is in them; the
-/// directories above made traversable (search, not list) by others; the
-/// kernel and initrd readable by others.
-pub fn prepare_files(spec: &VmSpec, uid: u32) -> Result<(), ConfineError> {
-    let mut own: Vec<PathBuf> = vec![spec.run_dir.clone(), spec.socket_dir()];
-    own.extend(spec.ram_path.parent().map(Path::to_path_buf));
-    own.extend(spec.disk_path.parent().map(Path::to_path_buf));
+/// Makes the VM's files its uid's, before QEMU starts: `own`, the VM's
+/// own directories (the directories of its RAM file and disk, its run and
+/// socket directories: the daemon gives each VM its own), and what is in
+/// them; the directories above made traversable (search, not list) by
+/// others; the shared `inputs` (kernel, initrd) readable by others.
+pub fn prepare_files(
+    mut own: Vec<PathBuf>,
+    inputs: &[&Path],
+    uid: u32,
+) -> Result<(), ConfineError> {
     own.sort();
     own.dedup();
     for dir in &own {
@@ -447,16 +445,16 @@ pub fn prepare_files(spec: &VmSpec, uid: u32) -> Result<(), ConfineError> {
         }
         traversable(dir)?;
     }
-    for input in [&spec.machine.kernel, &spec.machine.initrd] {
+    for input in inputs {
         readable(input)?;
     }
     Ok(())
 }
 
 /// Gives `path` (a file or socket the daemon made for the VM) to the VM's
-/// uid, mode `mode`; nothing when the spec is not confined.
-pub fn hand_over(spec: &VmSpec, path: &Path) -> std::io::Result<()> {
-    match spec.confine.as_ref().and_then(|c| c.uid) {
+/// uid, mode 0600; nothing when the VM is not confined (`uid` None).
+pub fn hand_over(uid: Option<u32>, path: &Path) -> std::io::Result<()> {
+    match uid {
         Some(uid) => give(path, uid, 0o600).map_err(|e| match e {
             ConfineError::Files { source, .. } => source,
             other => std::io::Error::other(other.to_string()),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::confine::Confinement;
+use crate::confine::{self, ConfineError, Confinement, Held, Jail};
 
 /// Which accelerator runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -117,6 +117,41 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
+    /// Confines this VM's QEMU-to-be, if the spec asks for it
+    /// ([`confine::enter`]): a uid (recorded in `self.confine.uid`), the
+    /// VM's files given to it, its cgroup with the limits.
+    pub fn confine_qemu(&mut self) -> Result<Option<(Held, Jail)>, ConfineError> {
+        let Some(c) = self.confine.clone() else {
+            return Ok(None);
+        };
+        let mut own = vec![self.run_dir.clone(), self.socket_dir()];
+        own.extend(self.ram_path.parent().map(Path::to_path_buf));
+        own.extend(self.disk_path.parent().map(Path::to_path_buf));
+        let inputs = [self.machine.kernel.as_path(), self.machine.initrd.as_path()];
+        let (held, jail) = confine::enter(
+            &c,
+            &self.name,
+            &self.run_dir,
+            self.machine.memory_mib,
+            |uid| confine::prepare_files(own, &inputs, uid),
+        )?;
+        if let Some(c) = self.confine.as_mut() {
+            c.uid = Some(held.uid());
+        }
+        Ok(Some((held, jail)))
+    }
+
+    /// What an adopted confined QEMU of this spec holds ([`confine::adopted`]).
+    pub fn adopted_confinement(&self) -> Option<Held> {
+        confine::adopted(self.confine.as_ref()?, &self.name, &self.run_dir)
+    }
+
+    /// Gives `path` (a file or socket made for the VM) to the VM's uid when
+    /// it is confined ([`confine::hand_over`]).
+    pub fn hand_over(&self, path: &Path) -> std::io::Result<()> {
+        confine::hand_over(self.confine.as_ref().and_then(|c| c.uid), path)
+    }
+
     /// Where the sockets go: the run directory, or, when its path is too
     /// long for a Unix socket address (108 bytes), a short directory under
     /// the system temp dir derived from it (so it is found again on adopt).
@@ -247,7 +282,7 @@ impl VmSpec {
             &path_arg(&self.pid_file()),
         ]);
         if self.confine.is_some() {
-            push(&["-sandbox", crate::confine::SANDBOX]);
+            push(&["-sandbox", confine::SANDBOX]);
         }
         if incoming {
             // -S: the caller decides when the restored guest runs.

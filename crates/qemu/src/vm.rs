@@ -225,7 +225,7 @@ impl Vm {
         let qmp = QmpClient::connect(&spec.qmp_socket()).await?;
         let (tx, exit) = watch::channel(None);
         let q = qmp.clone();
-        let held = confine::adopted(&spec);
+        let held = spec.adopted_confinement();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -303,7 +303,7 @@ impl Vm {
             let sock = self.spec.socket_dir().join("save.sock");
             let _ = std::fs::remove_file(&sock);
             let listener = tokio::net::UnixListener::bind(&sock)?;
-            confine::hand_over(&self.spec, &sock)?;
+            self.spec.hand_over(&sock)?;
             self.qmp
                 .execute(
                     "migrate",
@@ -420,7 +420,7 @@ async fn start(spec: VmSpec, incoming: bool) -> Result<Vm, StartVmError> {
         source,
     })?;
     let mut spec = spec;
-    let confined = match confine::confine(&mut spec) {
+    let confined = match spec.confine_qemu() {
         Ok(c) => c,
         Err(e) => {
             cleanup(&spec);

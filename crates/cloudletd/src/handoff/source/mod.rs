@@ -409,7 +409,7 @@ impl Source {
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)?;
         // A confined QEMU connects as its own uid.
-        cloudlet_qemu::confine::hand_over(self.vm.spec(), &sock)?;
+        self.vm.spec().hand_over(&sock)?;
         q.set_migration_capabilities(&[
             ("x-ignore-shared", false),
             ("pause-before-switchover", true),
