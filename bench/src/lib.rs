@@ -4,6 +4,8 @@ use std::time::{Duration, Instant};
 
 use cloudlet_testkit::http;
 
+pub mod tls;
+
 /// Poll `GET path` on `127.0.0.1:port` until it answers 200; the time from
 /// `start` to that answer.
 pub async fn first_response(
@@ -37,12 +39,21 @@ pub fn init_logging() {
         .init();
 }
 
-/// Median of a non-empty list of durations.
-pub fn median(mut v: Vec<Duration>) -> Duration {
+/// Median of a non-empty list (durations, byte counts).
+pub fn median<T: Ord>(mut v: Vec<T>) -> T {
     v.sort();
-    v[v.len() / 2]
+    v.swap_remove(v.len() / 2)
 }
 
 pub fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
+}
+
+/// How much longer `new` took than `base`, in percent ("+3.1 %").
+pub fn percent_more(base: Duration, new: Duration) -> String {
+    let base = base.as_secs_f64();
+    if base <= 0.0 {
+        return "-".into();
+    }
+    format!("{:+.1} %", (new.as_secs_f64() / base - 1.0) * 100.0)
 }
