@@ -73,6 +73,28 @@ pub fn distinct_modes(modes: &[TlsMode]) -> Vec<TlsMode> {
     out
 }
 
+/// The title of a table comparing `modes` (the first is the baseline).
+pub fn comparison_title(modes: &[TlsMode]) -> String {
+    let base = modes.first().map_or("the first mode", |m| m.label());
+    format!("TLS on vs off, medians over the runs that completed (n); diff = how much longer than {base}")
+}
+
+/// Column heads of a comparison table: `WHAT MODE` for each mode, each
+/// `width` wide, then with `diff` a `diff MODE` for each mode after the
+/// first (9 wide).
+pub fn mode_columns(what: &str, modes: &[TlsMode], width: usize, diff: bool) -> String {
+    let mut head = String::new();
+    for m in modes {
+        head += &format!(" {:>width$}", format!("{what} {}", m.word()));
+    }
+    if diff {
+        for m in modes.iter().skip(1) {
+            head += &format!(" {:>9}", format!("diff {}", m.word()));
+        }
+    }
+    head
+}
+
 /// A fleet CA made for one benchmark run, trusted by this process.
 pub struct Fleet {
     ca_dir: PathBuf,

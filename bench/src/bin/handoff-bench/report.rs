@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use cloudlet_api::HandoffReport;
-use cloudlet_bench::tls::TlsMode;
+use cloudlet_bench::tls::{comparison_title, mode_columns, TlsMode};
 use cloudlet_bench::{median, percent_more};
 
 use crate::ours::OurRun;
@@ -294,25 +294,16 @@ impl Medians {
 /// completed runs (n) of total time, downtime and wire bytes.
 fn print_comparison(args: &Args, ours: &[OurRun]) {
     let modes = &args.tls;
-    let base = modes[0];
     println!();
+    println!("{}", comparison_title(modes));
     println!(
-        "TLS on vs off, medians over the runs that completed (n); diff = how much longer than {}",
-        base.label()
+        "{:<20} {:>9}{}{}{}",
+        "workload",
+        "link",
+        mode_columns("total s", modes, 15, true),
+        mode_columns("downtime s", modes, 15, true),
+        mode_columns("wire", modes, 11, false)
     );
-    let mut head = format!("{:<20} {:>9}", "workload", "link");
-    for what in ["total s", "downtime s"] {
-        for m in modes {
-            head += &format!(" {:>15}", format!("{what} {}", m.word()));
-        }
-        for m in &modes[1..] {
-            head += &format!(" {:>9}", format!("diff {}", m.word()));
-        }
-    }
-    for m in modes {
-        head += &format!(" {:>11}", format!("wire {}", m.word()));
-    }
-    println!("{head}");
     for &churn in &args.workloads {
         for &rate in args.rates.iter().filter(|r| **r > 0.0) {
             let meds: Vec<Option<Medians>> = modes

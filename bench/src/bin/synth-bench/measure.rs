@@ -40,6 +40,14 @@ impl Ours {
             .find(|t| t.stage == name)
             .map(|t| Duration::from_millis(t.ms))
     }
+    /// The fetch before the restore: all of the overlay, applied
+    /// (`fetch_apply`), or with the early start up to its device state
+    /// (`device_state`; the rest streams in after the resume).
+    pub fn fetch(&self) -> Option<Duration> {
+        self.stage("fetch_apply")
+            .or_else(|| self.stage("device_state"))
+    }
+
     /// restore + identity + app_ready: what follows the last byte.
     pub fn restore_part(&self) -> Duration {
         ["restore", "identity", "app_ready"]

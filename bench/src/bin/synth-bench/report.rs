@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cloudlet_bench::tls::TlsMode;
+use cloudlet_bench::tls::{comparison_title, mode_columns, TlsMode};
 use cloudlet_bench::{median, percent_more};
 
 use crate::measure::{Prepared, Row, Table};
@@ -54,7 +54,7 @@ pub fn print_table(table: &Table, prepared: &[Prepared], runs: usize) {
         "overlay",
         "MB",
         "ours s",
-        "fetch+apply/rest/id/app s",
+        "fetch/rest/id/app s",
         "link Mb",
         "(a) s",
         "ours/a",
@@ -82,14 +82,16 @@ fn print_row(rate: f64, r: &Row, prepared: &[Prepared], runs: usize) {
     let (ours_s, stages) = match &r.ours {
         Some(o) => (
             s(o.total),
-            ["fetch_apply", "restore", "identity", "app_ready"]
-                .iter()
-                .map(|st| {
-                    o.stage(st)
-                        .map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64()))
-                })
-                .collect::<Vec<_>>()
-                .join("/"),
+            [
+                o.fetch(),
+                o.stage("restore"),
+                o.stage("identity"),
+                o.stage("app_ready"),
+            ]
+            .iter()
+            .map(|d| d.map_or("-".into(), s))
+            .collect::<Vec<_>>()
+            .join("/"),
         ),
         None => ("ERR".into(), "-".into()),
     };
@@ -171,30 +173,21 @@ fn link_mbit(r: &Row) -> Option<f64> {
 }
 
 /// The modes side by side: per rate and overlay, the median over the runs
-/// of ours (total, and its fetch+apply stage) and of the link's rate.
+/// of ours (total, and its fetch stage, `Ours::fetch`) and of the link's rate.
 pub fn print_comparison(tables: &[Table], modes: &[TlsMode]) {
     let Some(&base) = modes.first() else {
         return;
     };
     println!();
+    println!("{}", comparison_title(modes));
     println!(
-        "TLS on vs off, medians over the runs that completed (n); diff = how much longer than {}",
-        base.label()
+        "{:<9} {:<11}{}{}{}",
+        "link",
+        "overlay",
+        mode_columns("total s", modes, 14, true),
+        mode_columns("f+a s", modes, 9, false),
+        mode_columns("link Mb", modes, 11, false)
     );
-    let mut head = format!("{:<9} {:<11}", "link", "overlay");
-    for m in modes {
-        head += &format!(" {:>14}", format!("total {} s", m.word()));
-    }
-    for m in &modes[1..] {
-        head += &format!(" {:>9}", format!("diff {}", m.word()));
-    }
-    for m in modes {
-        head += &format!(" {:>9}", format!("f+a {} s", m.word()));
-    }
-    for m in modes {
-        head += &format!(" {:>11}", format!("link {} Mb", m.word()));
-    }
-    println!("{head}");
     let mut keys: Vec<(f64, &str)> = Vec::new();
     for t in tables {
         for r in &t.rows {
@@ -218,11 +211,7 @@ pub fn print_comparison(tables: &[Table], modes: &[TlsMode]) {
                 .map(|o| o.total)
                 .collect())
         };
-        let fetch = |m| {
-            med(rows(m)
-                .filter_map(|r| r.ours.as_ref()?.stage("fetch_apply"))
-                .collect())
-        };
+        let fetch = |m| med(rows(m).filter_map(|r| r.ours.as_ref()?.fetch()).collect());
         let link = |m| {
             let mut v: Vec<f64> = rows(m).filter_map(link_mbit).collect();
             v.sort_by(f64::total_cmp);
@@ -262,7 +251,7 @@ pub fn print_comparison(tables: &[Table], modes: &[TlsMode]) {
 pub fn print_legend(modes: &[TlsMode]) {
     println!();
     println!("ours    = POST /v1/vms (cloudletd fetches the overlay from the registry across the link) -> app answers on its endpoint");
-    println!("stages  = cloudletd's VmInfo.timings: fetch+apply (pipelined) / restore / identity / app_ready, seconds");
+    println!("stages  = cloudletd's VmInfo.timings: fetch+apply (pipelined; with the early start: the fetch to the device state, the rest streams after the resume) / restore / identity / app_ready, seconds (f+a in the comparison)");
     println!("link    = rate of a plain GET of the whole overlay from the registry over the same link (TCP payload), in the mode's scheme (HTTPS with TLS on)");
     println!("(a)     = overlay bytes / link + restore + identity + app_ready (ours)");
     println!("(b)     = launch disk (zstd -3) transfer + zstd -d + cold boot to first answer; the compression itself is excluded (done ahead of time; its time is in the last column)");
