@@ -39,10 +39,25 @@ pub fn init_logging() {
         .init();
 }
 
-/// Median of a non-empty list (durations, byte counts).
-pub fn median<T: Ord>(mut v: Vec<T>) -> T {
+/// Median of a non-empty list of durations (of an even count, the mean of
+/// the two in the middle: with two runs, not the slower one).
+pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
-    v.swap_remove(v.len() / 2)
+    let n = v.len();
+    match n % 2 {
+        1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2,
+    }
+}
+
+/// [`median`] of a non-empty list of counts.
+pub fn median_u64(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    let n = v.len();
+    match n % 2 {
+        1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2,
+    }
 }
 
 pub fn secs(d: Duration) -> String {
@@ -56,4 +71,18 @@ pub fn percent_more(base: Duration, new: Duration) -> String {
         return "-".into();
     }
     format!("{:+.1} %", (new.as_secs_f64() / base - 1.0) * 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        let s = Duration::from_secs;
+        assert_eq!(median(vec![s(3), s(1), s(2)]), s(2));
+        assert_eq!(median(vec![s(4), s(2)]), s(3));
+        assert_eq!(median_u64(vec![7]), 7);
+        assert_eq!(median_u64(vec![1, 2, 10, 4]), 3);
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cloudlet_api::HandoffReport;
 use cloudlet_bench::tls::{comparison_title, mode_columns, TlsMode};
-use cloudlet_bench::{median, percent_more};
+use cloudlet_bench::{median, median_u64, percent_more};
 
 use crate::ours::OurRun;
 use crate::qemu::{QemuOutcome, QemuRun};
@@ -285,7 +285,7 @@ impl Medians {
             n: runs.len(),
             total: median(runs.iter().map(|r| total(r)).collect()),
             downtime: median(runs.iter().map(|r| downtime(r)).collect()),
-            wire: median(runs.iter().map(|r| r.wire_bytes).collect()),
+            wire: median_u64(runs.iter().map(|r| r.wire_bytes).collect()),
         })
     }
 }

@@ -215,7 +215,12 @@ pub fn print_comparison(tables: &[Table], modes: &[TlsMode]) {
         let link = |m| {
             let mut v: Vec<f64> = rows(m).filter_map(link_mbit).collect();
             v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied()
+            let n = v.len();
+            match n {
+                0 => None,
+                _ if n % 2 == 1 => Some(v[n / 2]),
+                _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+            }
         };
         let mut line = format!("{:<9} {name:<11}", format!("{rate} Mb"));
         for &m in modes {
