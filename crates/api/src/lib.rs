@@ -118,7 +118,8 @@ pub struct CreateVmRequest {
     )]
     pub overlay: String,
     /// A name for the VM (default: derived from its id): letters, digits,
-    /// `-` and `_`, unique among this cloudlet's live VMs.
+    /// `-` and `_`, unique among the live VMs of its tenant on this cloudlet (another
+    /// tenant may use it too; the operator then says the VM by its id).
     #[serde(default)]
     #[schema(pattern = "^[A-Za-z0-9_-]{1,63}$", example = "kvstore-1")]
     pub name: Option<String>,

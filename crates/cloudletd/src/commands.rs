@@ -98,8 +98,8 @@ pub trait CloudletOps: Send + Sync + 'static {
         caller: &Caller,
         handoff_id: &str,
     ) -> Option<cloudlet_api::events::HandoffRecord>;
-    /// Does `token` open the session of VM `id` (id or name)?
-    fn session_opens(&self, id: &str, token: &str) -> bool;
+    /// The id of the VM `id` (id or name) whose session `token` opens.
+    fn session_opens(&self, id: &str, token: &str) -> Option<String>;
     /// Maintenance: no new work, every VM handed to a neighbour.
     fn drain(&self) -> impl Future<Output = Result<cloudlet_api::DrainReport, DrainError>> + Send;
     /// End the maintenance.
@@ -487,11 +487,9 @@ impl CloudletOps for Daemon {
             .filter(|r| history_seen_by(caller, r))
     }
 
-    fn session_opens(&self, id: &str, token: &str) -> bool {
-        self.cloudlet
-            .registry()
-            .values()
-            .any(|e| (e.record.id == id || e.record.name == id) && e.record.session_opens(token))
+    fn session_opens(&self, id: &str, token: &str) -> Option<String> {
+        let m = self.cloudlet.registry();
+        key_of(&m, id, |r| r.session_opens(token))
     }
 
     async fn drain(&self) -> Result<cloudlet_api::DrainReport, DrainError> {
@@ -523,14 +521,15 @@ impl CloudletOps for Daemon {
     }
 }
 
-/// The id of the VM named by `id` (id or name) if `caller` sees it: a VM
-/// it does not see is not there for it.
+/// The id of the VM named by `id` (id or name) among those `caller` sees:
+/// a VM it does not see is not there for it, and its name is free for
+/// another tenant.
 fn visible(
     m: &std::collections::HashMap<String, Entry>,
     caller: &Caller,
     id: &str,
 ) -> Option<String> {
-    key_of(m, id).filter(|k| m.get(k).is_some_and(|e| caller.sees(&e.record)))
+    key_of(m, id, |r| caller.sees(r))
 }
 
 /// A handoff in the history is seen by the operator, and by the tenant

@@ -155,12 +155,15 @@ pub struct Quota {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConfineConfig {
-    /// On or off (unset: off). Only a daemon running as root can give
+    /// On or off (unset: on). Only a daemon running as root can give
     /// QEMU another uid: a non-root one runs it unconfined, said in the log
-    /// at start. Off by default for now: QEMU 7.2 asks the kernel for a
-    /// userfaultfd without `UFFD_USER_MODE_ONLY`, so a confined QEMU takes
-    /// no early start (postcopy) where `vm.unprivileged_userfaultfd` is 0
-    /// (Debian's default): synthesis then waits for the whole memory.
+    /// at start. QEMU 7.2 asks the kernel for a userfaultfd without
+    /// `UFFD_USER_MODE_ONLY`, which an unprivileged process gets only where
+    /// `vm.unprivileged_userfaultfd` is 1 (`make deps` sets it, in
+    /// /etc/sysctl.d/60-cloudlet.conf): where it is 0 (Debian's default) a
+    /// confined QEMU takes no early start (postcopy) and a synthesis waits
+    /// for the whole memory, said in the log at start and by `cloudlet
+    /// doctor`.
     pub enabled: Option<bool>,
     /// The uids (and gids) VMs' QEMUs run under: `[first, last]`. No passwd
     /// entries needed; keep the range free of other users.
@@ -187,7 +190,7 @@ impl ConfineConfig {
     pub fn active(&self) -> bool {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        self.enabled.unwrap_or(false) && root
+        self.enabled.unwrap_or(true) && root
     }
 
     /// What a VM of `flavor` is confined by, when confinement is active.
@@ -210,16 +213,29 @@ impl ConfineConfig {
                 Some(cloudlet_qemu::confine::Cgroups::V1 { .. }) => "cgroup v1",
                 None => "no cgroup with memory and cpu: no limits",
             };
+            let early = if unprivileged_userfaultfd() {
+                "early start"
+            } else {
+                "NO early start (vm.unprivileged_userfaultfd = 0: run `sysctl -w vm.unprivileged_userfaultfd=1`, or make deps)"
+            };
             format!(
-                "on: a uid of [{}, {}] per VM, {cg}, seccomp sandbox",
+                "on: a uid of [{}, {}] per VM, {cg}, seccomp sandbox, {early}",
                 self.uids[0], self.uids[1]
             )
         } else if self.enabled == Some(true) {
             "off: the daemon is not root and cannot give QEMU another uid".into()
+        } else if self.enabled.is_none() {
+            "off: the daemon is not root".into()
         } else {
-            "off".into()
+            "off ([confine] enabled = false)".into()
         }
     }
+}
+
+/// Whether processes without privileges may use userfaultfd (postcopy):
+/// `vm.unprivileged_userfaultfd` is 1.
+pub fn unprivileged_userfaultfd() -> bool {
+    std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").is_ok_and(|s| s.trim() == "1")
 }
 
 /// Another cloudlet.

@@ -140,7 +140,12 @@ async fn main() -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         "cloudletd ready"
     );
-    tracing::info!("QEMU confinement {}", cloudlet.config.confine.describe());
+    let confine = &cloudlet.config.confine;
+    if confine.active() && !cloudletd::config::unprivileged_userfaultfd() {
+        tracing::warn!("QEMU confinement {}", confine.describe());
+    } else {
+        tracing::info!("QEMU confinement {}", confine.describe());
+    }
     tokio::select! {
         r = cloudletd::serve(cloudlet.clone(), listener) => r,
         sig = shutdown_signal() => {

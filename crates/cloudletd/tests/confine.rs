@@ -1,7 +1,10 @@
 //! QEMU confined (issue 15, part 4), on real QEMU: each VM's QEMU under a
 //! uid of its own, in a cgroup of its own with the flavor's limits, under
 //! the seccomp sandbox; one VM's uid cannot open another VM's RAM file.
-//! The daemon runs as root here, with `[confine] enabled = true`.
+//! The daemons run as root here, with the default `[confine]` (on). A
+//! confined VM also moves between two cloudlets: its QEMU at the
+//! destination is confined the same way, and the source's uid and cgroup
+//! are given back.
 
 mod common;
 
@@ -11,11 +14,10 @@ use std::process::Command;
 use cloudlet_api::CreateVmRequest;
 use cloudlet_qemu::confine::{Cgroups, Confinement};
 use cloudlet_testkit::http;
-use common::{kvstore_overlay, start_registry, Daemon, TOKEN};
+use common::{kvstore_overlay, qemu_running, start_registry, Daemon, TOKEN};
 
 /// Two flavors, so the two VMs' limits differ.
-const FLAVORS: &str =
-    "[confine]\nenabled = true\n\n[[flavors]]\nname = \"small\"\nvcpus = 1\nmemory_mib = 512\n\
+const FLAVORS: &str = "[[flavors]]\nname = \"small\"\nvcpus = 1\nmemory_mib = 512\n\
                        \n[[flavors]]\nname = \"duo\"\nvcpus = 2\nmemory_mib = 640\n";
 
 /// One `Key:` line of `/proc/PID/status`, its fields.
@@ -195,4 +197,68 @@ async fn each_qemu_has_its_uid_and_cgroup_and_cannot_read_another_vms_ram() {
         let claim = Path::new(cloudlet_qemu::confine::DEFAULT_CLAIMS_DIR).join(uid.to_string());
         assert!(!claim.exists(), "the uid {uid} is free again");
     }
+}
+
+/// Checks that VM `id` of `d` runs confined with the limits of a flavor of
+/// `mib` MiB and `vcpus` vCPUs; its uid.
+fn assert_confined(d: &Daemon, id: &str, mib: u64, vcpus: f64) -> u32 {
+    let cg = Cgroups::host().expect("a cgroup hierarchy with memory and cpu");
+    let pid = qemu_pid(d, id);
+    let uid = confined_uid(pid);
+    let (mem, quota, procs) = cgroup_limits(&cg, &Confinement::cgroup_name(uid));
+    let limit = (mib + cloudlet_qemu::confine::DEFAULT_MEMORY_OVERHEAD_MIB) << 20;
+    assert_eq!((mem, quota), (limit, vcpus), "the flavor's limits");
+    assert!(procs.contains(&pid), "QEMU {pid} in its cgroup: {procs:?}");
+    uid
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_confined_vm_moves_to_a_confined_qemu_and_gives_back_its_uid() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root");
+    let cg = Cgroups::host().expect("a cgroup hierarchy with memory and cpu");
+    let overlay = kvstore_overlay().await;
+    let a = Daemon::start_named("confined-a", FLAVORS).await;
+    let b = Daemon::start_named("confined-b", FLAVORS).await;
+    for d in [&a, &b] {
+        assert!(d.log().contains("QEMU confinement on"), "{}", d.log());
+    }
+    let vm = a
+        .client()
+        .create_vm_upload(&overlay, Some("mover"), Some("duo"))
+        .await
+        .unwrap_or_else(|e| panic!("synthesis: {e}\n{}", a.log()));
+    let uid_a = assert_confined(&a, &vm.id, 640, 2.0);
+    let port = vm.ports[0].host;
+    let r = http(port, "PUT", "/kv/k", Some(b"moved".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+
+    let report = a
+        .client()
+        .handoff("mover", &b.url(), Some(TOKEN))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n--- source\n{}\n--- destination\n{}", a.log(), b.log()));
+    let there = b.client().get_vm(&report.vm.id).await.unwrap();
+    assert_eq!(there.flavor, "duo");
+    let uid_b = assert_confined(&b, &there.id, 640, 2.0);
+    assert_ne!(uid_a, uid_b, "both QEMUs lived at once: two uids");
+    // The destination's files are its QEMU's, out of reach of others.
+    let ram = b.vm_dir.join(&there.id).join("ram");
+    read_as(uid_b, &ram).expect("the VM's uid reads its RAM file");
+    assert!(read_as(uid_a, &ram).is_err(), "the source's old uid cannot");
+    let port = there.ports[0].host;
+    assert_eq!(
+        http(port, "GET", "/kv/k", None).await.unwrap().text(),
+        "moved"
+    );
+
+    // The source's QEMU is gone and its confinement given back.
+    assert!(!qemu_running(&a, &vm.id), "the source's QEMU stopped");
+    for dir in cg.dirs(&Confinement::cgroup_name(uid_a)) {
+        assert!(!dir.exists(), "{} removed after the move", dir.display());
+    }
+    let claim = Path::new(cloudlet_qemu::confine::DEFAULT_CLAIMS_DIR).join(uid_a.to_string());
+    assert!(!claim.exists(), "the source's uid {uid_a} is free again");
+    b.client().delete_vm(&there.id).await.unwrap();
 }

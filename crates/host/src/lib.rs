@@ -148,6 +148,9 @@ pub async fn examine(cfg: &DoctorConfig) -> Report {
         findings.push(check_port(cfg.purpose, port));
     }
     findings.push(check_root(cfg.purpose));
+    findings.push(check_userfaultfd(
+        read_sysctl("vm/unprivileged_userfaultfd").as_deref(),
+    ));
     Report {
         purpose: cfg.purpose,
         findings,
@@ -540,6 +543,34 @@ fn check_root(purpose: Purpose) -> Finding {
     }
 }
 
+fn read_sysctl(name: &str) -> Option<String> {
+    std::fs::read_to_string(Path::new("/proc/sys").join(name))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Whether a confined QEMU (cloudletd's default as root) can take an early
+/// start: QEMU 7.2 asks for a userfaultfd without `UFFD_USER_MODE_ONLY`,
+/// which a process without privileges gets where the sysctl says 1.
+fn check_userfaultfd(sysctl: Option<&str>) -> Finding {
+    const CHECK: &str = "userfaultfd";
+    match sysctl {
+        Some("1") | None => Finding::ok(
+            CHECK,
+            "confined QEMUs may use userfaultfd: early start (postcopy) for synthesized VMs",
+        ),
+        Some(v) => Finding::bad(
+            Level::Warn,
+            CHECK,
+            format!(
+                "vm.unprivileged_userfaultfd = {v}: a confined QEMU takes no early start, \
+                 a synthesis waits for the whole memory"
+            ),
+            "make deps (or: sysctl -w vm.unprivileged_userfaultfd=1, kept in /etc/sysctl.d/60-cloudlet.conf)",
+        ),
+    }
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
@@ -547,6 +578,15 @@ fn gib(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userfaultfd_off_is_a_warning_with_its_fix() {
+        let off = check_userfaultfd(Some("0"));
+        assert_eq!(off.level, Level::Warn);
+        assert!(off.detail.contains("no early start"), "{}", off.detail);
+        assert!(off.fix.unwrap().contains("vm.unprivileged_userfaultfd=1"));
+        assert_eq!(check_userfaultfd(Some("1")).level, Level::Ok);
+    }
 
     #[test]
     fn a_port_in_use_fails_the_main_job_but_not_the_tests() {

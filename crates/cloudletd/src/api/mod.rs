@@ -195,18 +195,18 @@ async fn authenticate<C: CloudletOps>(
             Caller::Tenant(tenant.clone())
         }
         // A VM's session credential: reads, moves and deletes that VM only.
-        Some(t) if session_vm(&req).is_some_and(|id| st.ops.session_opens(id, t)) => {
-            Caller::Session(session_vm(&req).unwrap_or_default().to_string())
-        }
-        Some(_) => {
-            tracing::warn!(method = %req.method(), path = %req.uri().path(), "refused: wrong bearer token");
-            return ApiFailure::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "Wrong bearer token",
-            )
-            .into_response();
-        }
+        Some(t) => match session_vm(&req).and_then(|id| st.ops.session_opens(id, t)) {
+            Some(vm) => Caller::Session(vm),
+            None => {
+                tracing::warn!(method = %req.method(), path = %req.uri().path(), "refused: wrong bearer token");
+                return ApiFailure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "Wrong bearer token",
+                )
+                .into_response();
+            }
+        },
     };
     // Every change is logged with who made it, and how it ended (reads at
     // debug: the dashboards poll).

@@ -146,7 +146,7 @@ pub(super) async fn events<C: CloudletOps + Clone>(
                 (CloudletEvent::Vm(e), Caller::Tenant(t)) => {
                     e.tenant.as_deref() == Some(t.as_str())
                 }
-                (CloudletEvent::Vm(e), Caller::Session(v)) => e.vm_id == *v || e.name == *v,
+                (CloudletEvent::Vm(e), Caller::Session(v)) => e.vm_id == *v,
                 (CloudletEvent::Progress(p), c) => ops.sees(c, &p.vm_id),
             };
             if seen {

@@ -374,7 +374,7 @@ impl Cloudlet {
                 tenant_used.memory_mib += e.record.memory_mib;
                 tenant_used.vms += 1;
             }
-            if e.record.name == rec.name {
+            if e.record.name == rec.name && e.record.tenant == rec.tenant {
                 return Err(CreateVmError::NameTaken(rec.name.clone()));
             }
         }
@@ -422,7 +422,7 @@ impl Cloudlet {
                 endpoint: format!("{}:{}", self.config.public_host, p.host),
             })
             .collect();
-        self.release_name(&mut m, &rec.name)?;
+        self.release_name(&mut m, &rec.name, rec.tenant.as_deref())?;
         self.store.put(&rec)?;
         let progress = LiveProgress::watched(
             Watch::synthesis(&rec.id, &rec.name, self.store.event_sender()),
@@ -439,17 +439,19 @@ impl Cloudlet {
         Ok((progress, ports))
     }
 
-    /// A new VM takes `name`: the records of failed, dead or moved VMs that
-    /// still bear it are renamed to their id's default name (`vm-ID`), so
-    /// that a name always means one record and `vm delete NAME` the new VM.
+    /// A new VM of `tenant` takes `name`: the records of that tenant's
+    /// failed, dead or moved VMs that still bear it are renamed to their
+    /// id's default name (`vm-ID`), so that a name always means one record
+    /// of a tenant and `vm delete NAME` the new VM.
     pub(crate) fn release_name(
         &self,
         m: &mut HashMap<String, Entry>,
         name: &str,
+        tenant: Option<&str>,
     ) -> Result<(), StoreError> {
         for e in m.values_mut() {
             let r = &mut e.record;
-            if r.name == name && !holds_resources(r.state) {
+            if r.name == name && r.tenant.as_deref() == tenant && !holds_resources(r.state) {
                 let renamed = format!("vm-{}", r.id);
                 tracing::info!(vm_id = %r.id, state = ?r.state, from = %name, to = %renamed,
                     "record renamed: a new VM takes its name");
@@ -499,17 +501,42 @@ impl Cloudlet {
 
 pub(crate) use crate::config::valid_name;
 
-/// The id of the VM named by `id_or_name`.
-pub(crate) fn key_of(m: &HashMap<String, Entry>, id_or_name: &str) -> Option<String> {
-    if m.contains_key(id_or_name) {
+/// The id of the VM named by `id_or_name` among the records `among` takes.
+///
+/// Names are unique among one tenant's live VMs (the operator's own count
+/// as one more tenant); records of its moved or failed ones may share a
+/// name with a live one, which wins. Where the operator names a VM that
+/// several tenants have live under that name, its own wins, else none
+/// does (the operator then says the id).
+pub(crate) fn key_of(
+    m: &HashMap<String, Entry>,
+    id_or_name: &str,
+    among: impl Fn(&VmRecord) -> bool,
+) -> Option<String> {
+    if m.get(id_or_name).is_some_and(|e| among(&e.record)) {
         return Some(id_or_name.to_string());
     }
-    // Names are unique among live VMs; records of moved or failed ones may
-    // share a name with a live one, which wins.
-    let named = || m.iter().filter(|(_, e)| e.record.name == id_or_name);
+    let named = || {
+        m.iter()
+            .filter(|(_, e)| e.record.name == id_or_name && among(&e.record))
+    };
+    let live: Vec<_> = named()
+        .filter(|(_, e)| holds_resources(e.record.state))
+        .collect();
+    match live.as_slice() {
+        [(k, _)] => return Some((*k).clone()),
+        [] => {}
+        several => {
+            let own = several.iter().find(|(_, e)| e.record.tenant.is_none());
+            if own.is_none() {
+                tracing::info!(name = %id_or_name, vms = several.len(),
+                    "a name live for several tenants: say the VM's id");
+            }
+            return own.map(|(k, _)| (*k).clone());
+        }
+    }
     named()
-        .find(|(_, e)| holds_resources(e.record.state))
-        .or_else(|| named().max_by_key(|(_, e)| e.record.created_unix))
+        .max_by_key(|(_, e)| e.record.created_unix)
         .map(|(k, _)| k.clone())
 }
 

@@ -23,8 +23,8 @@ pub enum Caller {
     Operator,
     /// A tenant's token (`[[tenants]]`): its own VMs.
     Tenant(String),
-    /// A VM's session credential: that VM alone (id or name as the path
-    /// gave it), to read, move or delete it.
+    /// A VM's session credential: that VM alone (its id, found from the id
+    /// or name the path gave), to read, move or delete it.
     Session(String),
 }
 
@@ -34,7 +34,7 @@ impl Caller {
         match self {
             Caller::Operator => true,
             Caller::Tenant(t) => rec.tenant.as_deref() == Some(t.as_str()),
-            Caller::Session(vm) => rec.id == *vm || rec.name == *vm,
+            Caller::Session(vm) => rec.id == *vm,
         }
     }
 
@@ -144,7 +144,10 @@ mod tests {
         rec.tenant = Some("acme".into());
         assert!(acme.sees(&rec));
         assert!(!Caller::Tenant("other".into()).sees(&rec));
-        assert!(Caller::Session("app".into()).sees(&rec));
+        assert!(
+            !Caller::Session("app".into()).sees(&rec),
+            "a session is its VM's id (a name may be another tenant's too)"
+        );
         assert!(Caller::Session("v1".into()).sees(&rec));
         assert!(!Caller::Session("v2".into()).sees(&rec));
     }

@@ -165,7 +165,7 @@ pub async fn synthesize(
 ) -> Result<Synthesized, SynthesizeError> {
     // QEMU 7.2 asks for a userfaultfd without UFFD_USER_MODE_ONLY: an
     // unprivileged (confined) QEMU gets one only where the host allows it.
-    let uffd = req.confine.is_none() || unprivileged_userfaultfd();
+    let uffd = req.confine.is_none() || crate::config::unprivileged_userfaultfd();
     if early_start && !uffd {
         tracing::info!(
             vm_id = req.vm_id,
@@ -185,11 +185,6 @@ pub async fn synthesize(
             timings,
             tail: None,
         })
-}
-
-/// Whether processes without privileges may use userfaultfd (postcopy).
-fn unprivileged_userfaultfd() -> bool {
-    std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").is_ok_and(|s| s.trim() == "1")
 }
 
 fn on_tmpfs(dir: &Path) -> bool {

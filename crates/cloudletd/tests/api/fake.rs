@@ -172,8 +172,8 @@ impl CloudletOps for Fake {
         None
     }
 
-    fn session_opens(&self, _id: &str, _token: &str) -> bool {
-        false
+    fn session_opens(&self, _id: &str, _token: &str) -> Option<String> {
+        None
     }
 
     async fn drain(&self) -> Result<cloudlet_api::DrainReport, cloudletd::drain::DrainError> {

@@ -3,7 +3,8 @@
 //! with real VMs of two tenants: no credential and a wrong one get the
 //! documented 401, another tenant's credential the documented 403 (calls
 //! that are an operator's) or 404 (another tenant's VM), and none of it
-//! changes anything. Quotas refuse before a VM starts.
+//! changes anything. Quotas refuse before a VM starts. Names are each
+//! tenant's own.
 
 use std::time::Duration;
 
@@ -196,6 +197,38 @@ async fn every_operation_keeps_each_tenant_to_its_own_vms() {
     assert_eq!(after, bases, "the base VMs are all there");
     // Not in maintenance (its mark, `home/draining`, is not there).
     assert!(!d.home.join("draining").exists());
+    // Names are each tenant's own: globex names a VM "ac" too (acme's is
+    // not there for it, nor told by a 409), and each tenant's "ac" is its
+    // own; a name is still one VM within a tenant.
+    let (s, kind) = status(
+        globex
+            .create_vm_upload(&overlay, Some("gx"), None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((s, kind.as_str()), (409, "name_taken"));
+    let gac = globex
+        .create_vm_upload(&overlay, Some("ac"), None)
+        .await
+        .unwrap();
+    assert_ne!(gac.id, ac.id);
+    assert_eq!(globex.get_vm("ac").await.unwrap().id, gac.id);
+    assert_eq!(acme.get_vm("ac").await.unwrap().id, ac.id);
+    // The operator names a VM that two tenants have by its id.
+    assert_eq!(status(op.get_vm("ac").await.unwrap_err()).0, 404);
+    assert_eq!(
+        op.get_vm(&gac.id).await.unwrap().tenant.as_deref(),
+        Some("globex")
+    );
+    globex.delete_vm("ac").await.unwrap();
+    let v = acme.get_vm("ac").await.unwrap();
+    assert_eq!((v.id, v.state), (ac.id.clone(), VmState::Running));
+    assert_eq!(
+        op.get_vm("ac").await.unwrap().id,
+        ac.id,
+        "one left: the name is clear"
+    );
+
     // globex deletes its own VM; acme could not.
     globex.delete_vm("gx").await.unwrap();
     assert_eq!(names(op.list_vms().await.unwrap()), ["ac"]);

@@ -240,7 +240,7 @@ async fn wait_until_streamed(
     loop {
         let streaming = {
             let m = c.registry();
-            crate::core::cloudlet::key_of(&m, id)
+            crate::core::cloudlet::key_of(&m, id, |_| true)
                 .and_then(|k| m.get(&k))
                 .is_some_and(|e| e.progress.snapshot().stage == STAGE_STREAMING)
         };
@@ -263,8 +263,8 @@ fn claim(
     dest: &str,
 ) -> Result<(String, Arc<Vm>, VmRecord, Arc<LiveProgress>), HandoffError> {
     let mut m = c.registry();
-    let key =
-        crate::core::cloudlet::key_of(&m, id).ok_or_else(|| HandoffError::NotFound(id.into()))?;
+    let key = crate::core::cloudlet::key_of(&m, id, |_| true)
+        .ok_or_else(|| HandoffError::NotFound(id.into()))?;
     let e = m
         .get_mut(&key)
         .ok_or_else(|| HandoffError::NotFound(id.into()))?;
