@@ -39,25 +39,25 @@ pub fn init_logging() {
         .init();
 }
 
-/// Median of a non-empty list of durations (of an even count, the mean of
-/// the two in the middle: with two runs, not the slower one).
-pub fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    let n = v.len();
-    match n % 2 {
-        1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2,
-    }
-}
-
-/// [`median`] of a non-empty list of counts.
-pub fn median_u64(mut v: Vec<u64>) -> u64 {
+/// The middle of a non-empty list (of an even count, `mean` of the two in
+/// the middle: with two runs, not the slower one).
+fn middle<T: Ord + Copy>(mut v: Vec<T>, mean: impl Fn(T, T) -> T) -> T {
     v.sort_unstable();
     let n = v.len();
     match n % 2 {
         1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2,
+        _ => mean(v[n / 2 - 1], v[n / 2]),
     }
+}
+
+/// Median of a non-empty list of durations.
+pub fn median(v: Vec<Duration>) -> Duration {
+    middle(v, |a, b| (a + b) / 2)
+}
+
+/// [`median`] of a non-empty list of counts.
+pub fn median_u64(v: Vec<u64>) -> u64 {
+    middle(v, |a, b| (a + b) / 2)
 }
 
 pub fn secs(d: Duration) -> String {
