@@ -78,9 +78,11 @@ until_ok 100 grep -q WAN_ADDR_B1 "$WORK/wan.env" || { cat "$WORK/wan.log"; exit 
 . "$WORK/wan.env"
 echo "   phone: namespace $WAN_NS_A; edge-1: $WAN_NS_B (2 ms one way); edge-2: $WAN_NS_B1 (30 ms)"
 phone() { ip netns exec "$WAN_NS_A" "$@"; }
-# In the background, its pid kept for the clean-up (`ip netns exec` execs
-# the program: the pid is the program's).
-bg_in() { local ns=$1; shift; ip netns exec "$ns" "$@" & last=$!; pids+=($last); }
+# In the background, its pid kept for the clean-up (nsenter execs the
+# program: the pid is the program's). nsenter, not `ip netns exec`: that
+# one mounts a sysfs of its own, without /sys/fs/cgroup, and the cloudlets'
+# QEMUs would be confined without their cgroups' limits.
+bg_in() { local ns=$1; shift; nsenter --net="/run/netns/$ns" "$@" & last=$!; pids+=($last); }
 REG=$WAN_ADDR_A:7460
 DIR=$WAN_ADDR_A:7470
 API=$WAN_ADDR_B:7450
@@ -119,6 +121,8 @@ until_ok 200 up || { tail -5 "$WORK"/*.log; exit 1; }
 # Both registered (they do so as they start).
 registered() { [ "$(phone curl --cacert "$CA" -sf "https://$DIR/v1/health" | sed -n 's/.*"registered":\([0-9]*\).*/\1/p')" = 2 ]; }
 until_ok 50 registered
+# What each cloudlet's log says of its VMs' QEMUs (as root: a uid and a cgroup each).
+echo "   edge-1: $(sed -n 's/\x1b\[[0-9;]*m//g; s/.*\(QEMU confinement .*\)/\1/p' "$WORK/cloudletd.log" | head -1)"
 echo "   dashboards (from the phone's network, e.g. ip netns exec $WAN_NS_A chromium URL): https://$API/ui and https://$API2/ui (each cloudlet, #token=TOKEN), https://$DIR/ui (the fleet)"
 export CLOUDLET_URL=https://$API CLOUDLET_TOKEN=$TOKEN
 cl() { phone $BIN/cloudlet "$@"; }

@@ -211,7 +211,7 @@ impl ConfineConfig {
             let cg = match cloudlet_qemu::confine::Cgroups::host() {
                 Some(cloudlet_qemu::confine::Cgroups::V2 { .. }) => "cgroup v2",
                 Some(cloudlet_qemu::confine::Cgroups::V1 { .. }) => "cgroup v1",
-                None => "no cgroup with memory and cpu: no limits",
+                None => "NO cgroup with memory and cpu under /sys/fs/cgroup: no limits",
             };
             let early = if unprivileged_userfaultfd() {
                 "early start"

@@ -141,7 +141,10 @@ async fn main() -> anyhow::Result<()> {
         "cloudletd ready"
     );
     let confine = &cloudlet.config.confine;
-    if confine.active() && !cloudletd::config::unprivileged_userfaultfd() {
+    if confine.active()
+        && (!cloudletd::config::unprivileged_userfaultfd()
+            || cloudlet_qemu::confine::Cgroups::host().is_none())
+    {
         tracing::warn!("QEMU confinement {}", confine.describe());
     } else {
         tracing::info!("QEMU confinement {}", confine.describe());
